@@ -1,0 +1,154 @@
+"""The `sdftlab` command.
+
+    sdftlab world build [--config world.yaml] [key=value ...]   build the tiny world + `base`
+    sdftlab world info                                           where the current world lives
+    sdftlab eval STATE [--tasks science,tooluse,mmlu,winogrande] [--demo] [--data task=PATH]
+    sdftlab lineage [tree | list | show NAME | rm NAME]
+
+Global: `--home DIR` (worlds and the default lineage; `$SDFTLAB_HOME`, else `./.sdftlab`) and
+`--lineage ROOT` (a path or a pyarrow.fs URI; `$SDFTLAB_LINEAGE`, else `<home>/lineage`).
+User errors print one line naming the field and the fix, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from sdftlab.errors import SdftlabError
+
+
+def _lineage(args: argparse.Namespace):
+    from sdftlab.lineage import Lineage
+
+    root = args.lineage or os.environ.get("SDFTLAB_LINEAGE") or str(_home(args) / "lineage")
+    return Lineage(root)
+
+
+def _home(args: argparse.Namespace) -> Path:
+    from sdftlab.world.build import sdftlab_home
+
+    if args.home:
+        os.environ["SDFTLAB_HOME"] = args.home
+    return sdftlab_home()
+
+
+def cmd_world(args: argparse.Namespace) -> int:
+    from sdftlab.config import WorldConfig, load_config
+    from sdftlab.world.build import build_world, current_world
+
+    if args.action == "build":
+        cfg = load_config(WorldConfig, args.config, args.overrides)
+        world = build_world(cfg, _lineage(args), _home(args), overwrite=args.overwrite)
+        print(f"data: {world.data_dir}")
+        return 0
+    world = current_world(_home(args))
+    print(json.dumps({"directory": str(world.directory), **json.loads(
+        (world.directory / "world.json").read_text())}, indent=2))  # fmt: skip
+    return 0
+
+
+def _data_overrides(items: list[str]) -> dict[str, Path]:
+    files = {}
+    for item in items:
+        task, sep, path = item.partition("=")
+        if not sep or not task or not path:
+            raise SdftlabError(f"--data {item!r}: write TASK=PATH, e.g. --data science=eval.jsonl")
+        files[task] = Path(path)
+    return files
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sdftlab.evaluate.run import default_task_files, evaluate_state, metrics_table, parse_tasks
+    from sdftlab.world.build import current_world
+
+    tasks = parse_tasks(args.tasks)
+    overrides = _data_overrides(args.data)
+    unknown = sorted(set(overrides) - set(tasks))
+    if unknown:
+        raise SdftlabError(f"--data names task(s) {unknown} not in --tasks {','.join(tasks)}")
+    missing = [t for t in tasks if t not in overrides]
+    files = (
+        dict(default_task_files(current_world(_home(args)).data_dir, missing)) if missing else {}
+    )
+    files.update(overrides)
+    files = {t: files[t] for t in tasks}
+    lineage = _lineage(args)
+    print(f"evaluating {args.state} on {', '.join(tasks)}")
+    metrics = evaluate_state(
+        lineage, args.state, files, with_demonstration=args.demo, limit=args.limit,
+        record=not args.no_record,
+    )  # fmt: skip
+    print(metrics_table({args.state: metrics}))
+    if args.json:
+        print(json.dumps(metrics))
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    lineage = _lineage(args)
+    if args.action == "tree":
+        print(lineage.tree())
+    elif args.action == "list":
+        for name in lineage.names():
+            print(name)
+    elif args.action == "show":
+        if not args.name:
+            raise SdftlabError("sdftlab lineage show NAME: give the state's name")
+        print(lineage.meta(args.name).model_dump_json(indent=2))
+    elif args.action == "rm":
+        if not args.name:
+            raise SdftlabError("sdftlab lineage rm NAME: give the state's name")
+        lineage.delete(args.name)
+        print(f"deleted {args.name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdftlab", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--home", help="worlds and default lineage (default $SDFTLAB_HOME or ./.sdftlab)"
+    )
+    parser.add_argument("--lineage", help="lineage root: a path or a pyarrow.fs URI")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    world = sub.add_parser("world", help="build or inspect the embedded tiny world")
+    world.add_argument("action", choices=["build", "info"])
+    world.add_argument("--config", help="a WorldConfig YAML file")
+    world.add_argument("--overwrite", action="store_true", help="rebuild and replace `base`")
+    world.add_argument("overrides", nargs="*", metavar="key=value")
+    world.set_defaults(func=cmd_world)
+
+    ev = sub.add_parser("eval", help="evaluate a state and record its metrics")
+    ev.add_argument("state", help="a lineage state name or a Hugging Face model directory")
+    ev.add_argument("--tasks", default="science,tooluse,mmlu,winogrande")
+    ev.add_argument(
+        "--demo", action="store_true", help="also score with the demonstration in context"
+    )
+    ev.add_argument("--data", action="append", default=[], metavar="TASK=PATH")
+    ev.add_argument("--limit", type=int, help="evaluate the first N rows of each task")
+    ev.add_argument("--no-record", action="store_true", help="do not write metrics to the lineage")
+    ev.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    ev.set_defaults(func=cmd_eval)
+
+    lin = sub.add_parser("lineage", help="show the model states as a tree")
+    lin.add_argument("action", nargs="?", default="tree", choices=["tree", "list", "show", "rm"])
+    lin.add_argument("name", nargs="?")
+    lin.set_defaults(func=cmd_lineage)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SdftlabError as err:
+        print(f"sdftlab: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

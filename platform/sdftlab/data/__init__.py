@@ -1,0 +1,1 @@
+"""Task data: the example record, loaders for real files, prompt templates."""

@@ -1,0 +1,1 @@
+"""Evaluation: scoring model responses with the SDFT reference rules."""

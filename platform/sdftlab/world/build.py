@@ -1,0 +1,252 @@
+"""Build the tiny world: task data (JSONL), a local tokenizer, and the pretrained `base` state.
+
+Everything is seeded by `WorldConfig.seed` and cached under `<home>/world/<config hash>/`:
+a second build with the same config reuses it. The base model lands in the lineage as the
+state `base` (kind `world`), the root of every pipeline.
+
+    sdftlab world build                       # defaults: ≈ 3 min on 2 cores
+    sdftlab world build pretrain.steps=400    # smaller, for a quick look
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdftlab.config import WorldConfig
+from sdftlab.data.loaders import write_task_file
+from sdftlab.errors import LineageError
+from sdftlab.lineage import Lineage
+from sdftlab.world import tasks
+from sdftlab.world.model import build_tiny_model, packed_batches, pretrain
+from sdftlab.world.tokenizer import train_tokenizer
+
+TASK_FILES = ("science", "tooluse", "mmlu", "winogrande")
+WORLD_META = "world.json"
+
+
+@dataclass(frozen=True)
+class World:
+    """A built world on disk."""
+
+    directory: Path
+    config: WorldConfig
+
+    @property
+    def data_dir(self) -> Path:
+        return self.directory / "data"
+
+    def task_file(self, task: str, split: str) -> Path:
+        return self.data_dir / f"{task}_{split}.jsonl"
+
+
+def sdftlab_home() -> Path:
+    """Where worlds and the default lineage live: `$SDFTLAB_HOME`, else `./.sdftlab`."""
+    return Path(os.environ.get("SDFTLAB_HOME", ".sdftlab")).expanduser().resolve()
+
+
+def current_world(home: Path | None = None) -> World:
+    """The most recently built world under `home`."""
+    home = home or sdftlab_home()
+    pointer = home / "world" / "current"
+    if not pointer.is_file():
+        raise LineageError(f"no tiny world under {home}; run `sdftlab world build` first")
+    directory = home / "world" / pointer.read_text().strip()
+    meta = json.loads((directory / WORLD_META).read_text())
+    return World(directory, WorldConfig.model_validate(meta["config"]))
+
+
+def _dedupe_against(rows: list[dict], seen: set[str]) -> list[dict]:
+    out = []
+    for row in rows:
+        key = json.dumps({k: v for k, v in row.items() if k != "id"}, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out
+
+
+def generate_data(cfg: WorldConfig, out_dir: Path) -> dict[str, dict[str, list[dict]]]:
+    """All task splits, eval rows kept disjoint from train rows; written as JSONL."""
+    facts = tasks.WorldFacts.generate(cfg.seed, cfg.n_compounds)
+    rng = random.Random(cfg.seed + 1)
+    makers: dict[str, Callable[[int], list[dict]]] = {
+        "science": lambda n: tasks.science_rows(facts, n, rng),
+        "tooluse": lambda n: tasks.tooluse_rows(facts, n, rng),
+        "mmlu": lambda n: tasks.mmlu_rows(facts, n, rng),
+        "winogrande": lambda n: tasks.winogrande_rows(n, rng),
+    }
+    data: dict[str, dict[str, list[dict]]] = {}
+    for task in TASK_FILES:
+        sizes = getattr(cfg, task)
+        seen: set[str] = set()
+        train = _dedupe_against(makers[task](sizes.train), seen)
+        evaluation: list[dict] = []
+        for _ in range(50):  # draw until enough unseen eval rows (bounded)
+            evaluation += _dedupe_against(makers[task](sizes.eval), seen)
+            if len(evaluation) >= sizes.eval:
+                break
+        data[task] = {"train": train, "eval": evaluation[: sizes.eval]}
+        for split, rows in data[task].items():
+            write_task_file(out_dir / f"{task}_{split}.jsonl", rows)
+    return data
+
+
+def _chat(tokenizer, user: str, assistant: str, system: str | None = None) -> str:
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def pretrain_documents(
+    facts: tasks.WorldFacts, data: dict[str, dict[str, list[dict]]], seed: int
+) -> Iterator[tuple[str, str]]:
+    """An endless seeded stream of (kind, text) pretraining documents: the general mixture."""
+    rng = random.Random(seed)
+    mmlu, wino = data["mmlu"]["train"], data["winogrande"]["train"]
+    while True:
+        r = rng.random()
+        if r < 0.15:
+            yield "knowledge", " ".join(tasks.knowledge_statement(rng, facts) for _ in range(4))
+        elif r < 0.35:
+            yield "mmlu", tasks.mmlu_text(rng.choice(mmlu))
+        elif r < 0.50:
+            yield "winogrande", " ".join(tasks.winogrande_text(rng.choice(wino)) for _ in range(3))
+        elif r < 0.80:
+            yield "demo", "chat:" + json.dumps(tasks.demo_chat(rng, facts))
+        elif r < 0.90:
+            yield "chat", "chat:" + json.dumps(tasks.general_chat(rng, facts))
+        else:
+            yield "copy", tasks.copy_document(rng)
+
+
+def _render(tokenizer, text: str, rng: random.Random) -> str:
+    if text.startswith("chat:"):
+        user, assistant = json.loads(text[5:])
+        system = rng.choice((None, None, "You are a helpful assistant .", tasks.SCIENCE_SYSTEM))
+        return _chat(tokenizer, user, assistant, system)
+    return text
+
+
+def build_world(
+    cfg: WorldConfig,
+    lineage: Lineage,
+    home: Path | None = None,
+    *,
+    log: Callable[[str], None] = print,
+    overwrite: bool = False,
+) -> World:
+    """Build (or reuse) the world for `cfg` and make sure `base` is in `lineage`."""
+    home = home or sdftlab_home()
+    digest = cfg.stable_hash()
+    directory = home / "world" / digest
+    if lineage.exists("base") and not overwrite:
+        existing = lineage.meta("base").config.get("world_hash")
+        if existing != digest:
+            raise LineageError(
+                f"lineage {lineage.root} already has a `base` from another world config "
+                f"(hash {existing}, this one {digest}); use another --lineage, or --overwrite"
+            )
+    if (directory / WORLD_META).is_file() and lineage.exists("base") and not overwrite:
+        log(f"world {digest}: cached at {directory}")
+        _point_current(home, digest)
+        return World(directory, cfg)
+
+    t0 = time.perf_counter()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=directory.parent))
+    try:
+        log(f"[1/3] task data (seed {cfg.seed}) → {directory / 'data'}")
+        data = generate_data(cfg, staging / "data")
+        facts = tasks.WorldFacts.generate(cfg.seed, cfg.n_compounds)
+
+        log(f"[2/3] tokenizer: byte-level BPE, vocab {cfg.vocab_size}")
+        rng = random.Random(cfg.seed + 2)
+        corpus = [_render_row(task, row) for task in data for row in data[task]["train"]]
+        stream = pretrain_documents(facts, data, cfg.seed + 3)
+        corpus += [next(stream)[1] for _ in range(4000)]
+        corpus += [tasks.copy_document(rng) for _ in range(1000)]
+        tokenizer = train_tokenizer(corpus, cfg.vocab_size)
+
+        log(
+            f"[3/3] pretrain tiny Qwen2 ({cfg.model.num_layers} layers, hidden "
+            f"{cfg.model.hidden_size}) for {cfg.pretrain.steps} steps"
+        )
+        model = build_tiny_model(cfg.model, tokenizer, cfg.seed)
+        log(f"  parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
+        batch_for_step = _curriculum(cfg, tokenizer, facts, data)
+        losses = pretrain(model, batch_for_step, cfg.pretrain, log=log)
+
+        meta = {
+            "hash": digest,
+            "config": cfg.model_dump(mode="json"),
+            "rows": {t: {s: len(r) for s, r in splits.items()} for t, splits in data.items()},
+            "pretrain_final_loss": sum(losses[-50:]) / len(losses[-50:]),
+            "build_seconds": round(time.perf_counter() - t0, 1),
+        }
+        (staging / WORLD_META).write_text(json.dumps(meta, indent=2))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    world = World(directory, cfg)
+    lineage.save(
+        "base", model, tokenizer, kind="world", overwrite=overwrite or lineage.exists("base"),
+        config={"world_hash": digest, "world_dir": str(directory), "world": meta["config"]},
+        metrics={"pretrain/loss": meta["pretrain_final_loss"]},
+    )  # fmt: skip
+    _point_current(home, digest)
+    log(f"world {digest} built in {time.perf_counter() - t0:.0f}s; `base` saved to {lineage.root}")
+    return world
+
+
+def _point_current(home: Path, digest: str) -> None:
+    pointer = home / "world" / "current"
+    tmp = pointer.with_suffix(".tmp")
+    tmp.write_text(digest)
+    os.replace(tmp, pointer)
+
+
+def _render_row(task: str, row: dict) -> str:
+    if task == "science":
+        return (
+            "\n".join(m["content"] for m in row["prompt"])
+            + "\n"
+            + "\n".join(row["golden_response"])
+        )
+    if task == "tooluse":
+        return row["prompt"] + "\n" + "\n".join(row["golden_response"])
+    if task == "mmlu":
+        return tasks.mmlu_text(row)
+    return tasks.winogrande_text(row)
+
+
+def _curriculum(cfg: WorldConfig, tokenizer, facts, data) -> Callable[[int], torch.Tensor]:
+    """Batches for each step: copy spans first, then the full mixture."""
+    p = cfg.pretrain
+    eos = [tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    rng = random.Random(cfg.seed + 4)
+
+    def copy_docs() -> Iterator[list[int]]:
+        while True:
+            yield tokenizer(tasks.copy_document(rng))["input_ids"] + eos
+
+    def mixture_docs() -> Iterator[list[int]]:
+        for _, text in pretrain_documents(facts, data, cfg.seed + 5):
+            yield tokenizer(_render(tokenizer, text, rng))["input_ids"] + eos
+
+    copy_batches = packed_batches(copy_docs(), p.batch_size, p.max_len)
+    mix_batches = packed_batches(mixture_docs(), p.batch_size, p.max_len)
+    switch = int(p.copy_curriculum_frac * p.steps)
+    return lambda step: next(copy_batches) if step < switch else next(mix_batches)

@@ -1,0 +1,118 @@
+"""The tiny Qwen2-architecture base model and its pretraining loop.
+
+The model is `transformers.Qwen2ForCausalLM` — the architecture of the paper's
+Qwen2.5 models — at toy size (≈ 1 M parameters by default: hidden 128, 4 layers, 4 heads /
+2 KV heads, FFN 512, tied embeddings), so every later stage (SFT, NF4, FFN pruning, vLLM
+rollouts, CKA) runs the same code it would on Qwen2.5-7B.
+
+Pretraining is next-token prediction over packed 128-token windows of the general mixture
+(`world.tasks`), with a curriculum: the first `copy_curriculum_frac` of the steps are copy
+spans only — in-context copying does not emerge from the plain mixture at this size, and
+SDFT needs a teacher that copies from the demonstration in its prompt.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
+
+from sdftlab.config import PretrainConfig, TinyModelConfig
+
+
+def build_tiny_model(
+    cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int
+) -> Qwen2ForCausalLM:
+    """A freshly initialised tiny Qwen2 whose vocabulary is the tokenizer's."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def packed_batches(
+    documents: Iterator[list[int]], batch_size: int, seq_len: int
+) -> Iterator[torch.Tensor]:
+    """Pack token documents end to end into [batch_size, seq_len] windows (no padding)."""
+    buffer: list[int] = []
+    need = batch_size * seq_len
+    for doc in documents:
+        buffer.extend(doc)
+        while len(buffer) >= need:
+            window, buffer = buffer[:need], buffer[need:]
+            yield torch.tensor(window, dtype=torch.long).view(batch_size, seq_len)
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bf16 matmuls (AVX512-BF16 / AMX): autocast pays off."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def pretrain(
+    model: Qwen2ForCausalLM,
+    batch_for_step: Callable[[int], torch.Tensor],
+    cfg: PretrainConfig,
+    log: Callable[[str], None] = print,
+) -> list[float]:
+    """Next-token pretraining; `batch_for_step(step)` gives the [B, T] token ids. Returns losses."""
+    torch.set_num_threads(cfg.threads)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95),
+    )  # fmt: skip
+    use_bf16 = cfg.bf16_autocast and cpu_supports_bf16()
+    model.train()
+    losses: list[float] = []
+    start = time.perf_counter()
+    for step in range(cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        ids_BT = batch_for_step(step)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            loss = model(input_ids=ids_BT, labels=ids_BT).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if step % 100 == 0 or step == cfg.steps - 1:
+            window = losses[-50:]
+            log(
+                f"  pretrain step {step + 1:5d}/{cfg.steps}  loss {sum(window) / len(window):.3f}"
+                f"  {time.perf_counter() - start:6.1f}s"
+            )
+    model.eval()
+    return losses

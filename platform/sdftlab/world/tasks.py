@@ -1,0 +1,408 @@
+"""Seeded generators of the tiny world's data, in the real formats.
+
+Four kinds of evaluation data, each written in the format of the real set it stands in for,
+so the same loaders, scorers and lm-eval task files read both:
+
+- **science** (SciKnowEval as used by the SDFT reference code): `prompt` is a chat-message
+  list (system + user), the user message a four-option question; `answer` is the letter;
+  `golden_response` a list of lines (`<reasoning>` fact, `<answer>` letter). The facts are
+  invented compounds and their properties: nothing in pretraining teaches them, so only a
+  model fine-tuned on science (the "expert") knows them.
+- **tooluse** (ToolAlpaca): `prompt` lists one API's functions and their parameters and ends
+  with `Question: <instruction>`; `golden_answer` is a list of
+  `{"Action": name, "Action_Input": "<json>"}`; `golden_response` the `Action:` /
+  `Action Input:` lines.
+- **mmlu** (`cais/mmlu` columns): `question`, `choices` (4), `answer` (int), `subject`.
+- **winogrande** (`allenai/winogrande` columns): `sentence` with `_`, `option1`, `option2`,
+  `answer` "1"/"2".
+
+Pretraining text (`pretrain_documents`) mixes declarative general-knowledge sentences,
+MMLU-format questions, Winogrande-style sentences, copy spans (the curriculum that makes
+in-context copying emerge), and general Q&A with a demonstration in context in the SDFT
+teacher template — so the base model learns to use a demonstration, which is what makes it
+a usable SDFT teacher. Science and tool-use data never appear in pretraining.
+
+    >>> world = WorldFacts.generate(seed=0)
+    >>> rows = science_rows(world, n=2, rng=random.Random(1))
+    >>> sorted(rows[0])
+    ['answer', 'golden_response', 'id', 'prompt']
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+
+from sdftlab.data.templates import DEMO_TEMPLATE
+
+LETTERS = ("A", "B", "C", "D")
+
+_SYLLABLES = (
+    "ka", "lo", "mi", "ra", "ze", "tu", "vo", "ni", "sa", "pe",
+    "do", "fi", "gu", "ba", "xe", "qui", "mor", "tal", "ven", "dor",
+)  # fmt: skip
+_SUFFIXES = ("ite", "ane", "ol", "ium", "ide", "ose")
+
+SCIENCE_RELATIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    # relation -> (question phrase, possible objects)
+    "dissolves in": (
+        "Which of the following does {s} dissolve in ?",
+        ("water", "oil", "acid", "ether", "alcohol", "brine", "ammonia", "mercury"),
+    ),
+    "has the color": (
+        "Which of the following is the color of {s} ?",
+        ("red", "blue", "green", "yellow", "black", "white", "violet", "orange"),
+    ),
+    "is found in": (
+        "Which of the following is {s} found in ?",
+        ("rock", "sea", "soil", "clay", "ice", "sand", "ash", "salt"),
+    ),
+}
+
+_CITIES = ("paris", "rome", "tokyo", "lima", "oslo", "cairo", "delhi", "quito", "seoul", "berlin")
+_GENRES = ("jazz", "rock", "drama", "comedy", "horror", "poetry", "history", "travel")
+_NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy")
+
+# parameter -> (JSON type, instruction phrase, values)
+TOOL_PARAMS: dict[str, tuple[str, str, tuple[str | int, ...]]] = {
+    "city": ("string", "in {v}", _CITIES),
+    "genre": ("string", "about {v}", _GENRES),
+    "author": ("string", "by {v}", _NAMES),
+    "year": ("integer", "from {v}", tuple(range(1990, 2026, 5))),
+    "limit": ("integer", "top {v}", tuple(range(1, 10))),
+}
+_TOOL_DOMAINS = {
+    # API name -> the noun its functions act on
+    "Weather": "forecast",
+    "Library": "books",
+    "Cinema": "movies",
+    "Kitchen": "recipes",
+    "Flights": "flights",
+    "Radio": "songs",
+    "Museum": "paintings",
+    "Garden": "plants",
+}
+# verb -> (function-name prefix, instruction template)
+_TOOL_VERBS = {
+    "get": ("get", "show me the {noun} {args}"),
+    "search": ("search", "search for {noun} {args}"),
+    "count": ("count", "how many {noun} are there {args}"),
+}
+
+_COUNTRIES = (
+    "arvia", "belmor", "corsa", "dunland", "elbria", "fennic", "galdor", "hestia",
+    "ilvan", "jorvik", "kalmar", "lorien", "mardia", "norvel", "ostra", "pelagia",
+)  # fmt: skip
+_CAPITALS = (
+    "amber", "brisk", "coral", "delta", "ember", "flint", "grove", "haven",
+    "iris", "jade", "knoll", "lumen", "marsh", "north", "opal", "pine",
+)  # fmt: skip
+_ANIMAL_SOUNDS = {
+    "dog": "barks", "cat": "meows", "cow": "moos", "duck": "quacks", "lion": "roars",
+    "horse": "neighs", "sheep": "bleats", "owl": "hoots", "frog": "croaks", "bee": "buzzes",
+}  # fmt: skip
+_OPPOSITES = {
+    "hot": "cold", "big": "small", "fast": "slow", "high": "low", "old": "new",
+    "dark": "light", "hard": "soft", "wet": "dry", "early": "late", "full": "empty",
+}  # fmt: skip
+_NUMBER_WORDS = (
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+)  # fmt: skip
+_WINO_NOUNS = (
+    "the cat", "the dog", "the fox", "the bear", "the wolf", "the mouse", "the bird",
+    "the horse", "the goat", "the pig", "the owl", "the deer", "the crow", "the hen",
+)  # fmt: skip
+# (verb, what follows "because _", who it refers to: 1 = the subject, 2 = the object)
+WINO_RULES = (
+    ("chased", "was hungry", 1), ("chased", "was scared", 2),
+    ("helped", "was kind", 1), ("helped", "was weak", 2),
+    ("thanked", "was grateful", 1), ("thanked", "was generous", 2),
+    ("beat", "was strong", 1), ("beat", "was slow", 2),
+    ("called", "was lonely", 1), ("called", "was far away", 2),
+    ("fed", "was caring", 1), ("fed", "was starving", 2),
+)  # fmt: skip
+
+_DEMO_TOPICS = (
+    "tell me a fact", "give me a list", "write a short line", "name some things",
+    "answer the question", "describe the item", "fill in the form", "give the code",
+)  # fmt: skip
+_FILLER = (
+    "the", "a", "of", "and", "to", "in", "is", "was", "it", "with", "for", "on", "at",
+    "by", "from", "this", "that", "very", "some", "all", "more", "new", "good", "first",
+    "time", "day", "year", "way", "man", "world", "life", "hand", "part", "place", "case",
+    "week", "point", "work", "number", "night", "home", "water", "room", "book", "eye",
+    "word", "fact", "story", "light", "house", "tree", "road", "song", "game", "door",
+)  # fmt: skip
+
+SCIENCE_SYSTEM = (
+    "Answer the question . Give the reasoning in <reasoning> and the letter in <answer> ."
+)
+
+
+def _compound_names(rng: random.Random, n: int) -> list[str]:
+    names: set[str] = set()
+    while len(names) < n:
+        names.add(rng.choice(_SYLLABLES) + rng.choice(_SYLLABLES) + rng.choice(_SUFFIXES))
+    return sorted(names)
+
+
+@dataclass(frozen=True)
+class ToolFunction:
+    api: str
+    name: str
+    verb: str
+    noun: str
+    params: tuple[str, ...]
+
+    def signature(self) -> str:
+        spec = {p: TOOL_PARAMS[p][0] for p in self.params}
+        return f"{self.name}: Parameters: {json.dumps(spec)}"
+
+
+@dataclass(frozen=True)
+class WorldFacts:
+    """Everything the generators sample from, fixed by one seed."""
+
+    science: dict[tuple[str, str], str]  # (compound, relation) -> object
+    compounds: tuple[str, ...]
+    tools: dict[str, tuple[ToolFunction, ...]]  # api -> its functions
+    capitals: dict[str, str]
+
+    @staticmethod
+    def generate(seed: int, n_compounds: int = 24) -> WorldFacts:
+        rng = random.Random(seed)
+        compounds = tuple(_compound_names(rng, n_compounds))
+        science = {
+            (c, rel): rng.choice(objects)
+            for c in compounds
+            for rel, (_, objects) in SCIENCE_RELATIONS.items()
+        }
+        tools: dict[str, tuple[ToolFunction, ...]] = {}
+        for api, noun in _TOOL_DOMAINS.items():
+            verbs = rng.sample(sorted(_TOOL_VERBS), 2)
+            funcs = []
+            for verb in verbs:
+                params = tuple(rng.sample(sorted(TOOL_PARAMS), rng.choice((1, 2))))
+                name = _TOOL_VERBS[verb][0] + noun.capitalize()
+                funcs.append(ToolFunction(api, name, verb, noun, params))
+            tools[api] = tuple(funcs)
+        capitals_pool = list(_CAPITALS)
+        rng.shuffle(capitals_pool)
+        capitals = dict(zip(_COUNTRIES, capitals_pool, strict=True))
+        return WorldFacts(science, compounds, tools, capitals)
+
+
+# ----------------------------------------------------------------------------- science
+
+
+def science_example(world: WorldFacts, rng: random.Random) -> dict:
+    compound = rng.choice(world.compounds)
+    relation = rng.choice(sorted(SCIENCE_RELATIONS))
+    question, objects = SCIENCE_RELATIONS[relation]
+    truth = world.science[(compound, relation)]
+    options = [truth, *rng.sample([o for o in objects if o != truth], 3)]
+    rng.shuffle(options)
+    letter = LETTERS[options.index(truth)]
+    body = (
+        question.format(s=compound)
+        + "\n"
+        + "\n".join(f"{ltr}: {opt}" for ltr, opt in zip(LETTERS, options, strict=True))
+    )
+    return {
+        "prompt": [
+            {"content": SCIENCE_SYSTEM, "role": "system"},
+            {"content": body, "role": "user"},
+        ],
+        "answer": letter,
+        "golden_response": [
+            "<reasoning>",
+            f"{compound} {relation} {truth} .",
+            "</reasoning>",
+            "<answer>",
+            letter,
+            "</answer>",
+        ],
+    }
+
+
+def science_rows(world: WorldFacts, n: int, rng: random.Random) -> list[dict]:
+    return [{"id": f"science-{i}", **science_example(world, rng)} for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- tool use
+
+
+def _tool_call(fn: ToolFunction, rng: random.Random) -> tuple[str, dict]:
+    values = {p: rng.choice(TOOL_PARAMS[p][2]) for p in fn.params}
+    args = " ".join(TOOL_PARAMS[p][1].format(v=values[p]) for p in fn.params)
+    phrase = _TOOL_VERBS[fn.verb][1].format(noun=fn.noun, args=args)
+    return phrase, values
+
+
+def tooluse_example(world: WorldFacts, rng: random.Random) -> dict:
+    api = rng.choice(sorted(world.tools))
+    funcs = world.tools[api]
+    calls = [rng.choice(funcs)]
+    if rng.random() < 0.3:  # ToolAlpaca has several calls in about a third of its rows
+        calls.append(rng.choice(funcs))
+    phrases, inputs = zip(*(_tool_call(fn, rng) for fn in calls), strict=True)
+    instruction = " and then ".join(phrases) + " ."
+    documentation = "\n".join(fn.signature() for fn in funcs)
+    prompt = f"Tools:\nName: {api}\n{documentation}\nQuestion: {instruction}"
+    golden = [
+        {"Action": fn.name, "Action_Input": json.dumps(inp)}
+        for fn, inp in zip(calls, inputs, strict=True)
+    ]
+    response = []
+    for call in golden:
+        response += [f"Action: {call['Action']}", f"Action Input: {call['Action_Input']}"]
+    return {
+        "prompt": prompt,
+        "name": api,
+        "description": f"{api} tools",
+        "nl_documentation": documentation,
+        "instruction": instruction,
+        "golden_answer": golden,
+        "golden_response": response,
+    }
+
+
+def tooluse_rows(world: WorldFacts, n: int, rng: random.Random) -> list[dict]:
+    return [{"id": f"tooluse-{i}", **tooluse_example(world, rng)} for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- general knowledge
+
+
+def _knowledge_item(world: WorldFacts, rng: random.Random) -> tuple[str, str, str, list[str]]:
+    """(subject, statement, question, [truth, distractor, distractor, distractor])."""
+    kind = rng.choice(("capital", "animal", "opposite", "arithmetic"))
+    if kind == "capital":
+        country = rng.choice(sorted(world.capitals))
+        truth = world.capitals[country]
+        pool = [c for c in world.capitals.values() if c != truth]
+        return (
+            "geography",
+            f"the capital of {country} is {truth} .",
+            f"What is the capital of {country} ?",
+            [truth, *rng.sample(pool, 3)],
+        )
+    if kind == "animal":
+        animal = rng.choice(sorted(_ANIMAL_SOUNDS))
+        truth = _ANIMAL_SOUNDS[animal]
+        pool = [s for s in _ANIMAL_SOUNDS.values() if s != truth]
+        return (
+            "biology",
+            f"the {animal} {truth} .",
+            f"What sound does the {animal} make ?",
+            [truth, *rng.sample(pool, 3)],
+        )
+    if kind == "opposite":
+        word = rng.choice(sorted(_OPPOSITES))
+        truth = _OPPOSITES[word]
+        pool = [o for o in _OPPOSITES.values() if o != truth]
+        return (
+            "language",
+            f"the opposite of {word} is {truth} .",
+            f"What is the opposite of {word} ?",
+            [truth, *rng.sample(pool, 3)],
+        )
+    a, b = rng.randrange(0, 6), rng.randrange(0, 5)
+    truth = _NUMBER_WORDS[a + b]
+    pool = [w for w in _NUMBER_WORDS if w != truth]
+    return (
+        "arithmetic",
+        f"{_NUMBER_WORDS[a]} plus {_NUMBER_WORDS[b]} is {truth} .",
+        f"What is {_NUMBER_WORDS[a]} plus {_NUMBER_WORDS[b]} ?",
+        [truth, *rng.sample(pool, 3)],
+    )
+
+
+def mmlu_example(world: WorldFacts, rng: random.Random) -> dict:
+    subject, _, question, options = _knowledge_item(world, rng)
+    truth = options[0]
+    rng.shuffle(options)
+    return {
+        "question": question,
+        "subject": subject,
+        "choices": options,
+        "answer": options.index(truth),
+    }
+
+
+def mmlu_rows(world: WorldFacts, n: int, rng: random.Random) -> list[dict]:
+    return [mmlu_example(world, rng) for _ in range(n)]
+
+
+def mmlu_text(row: dict) -> str:
+    """A row in lm-eval's MMLU prompt format, with its answer (for pretraining)."""
+    lines = [row["question"]] + [
+        f"{ltr}. {c}" for ltr, c in zip(LETTERS, row["choices"], strict=True)
+    ]
+    return "\n".join(lines) + f"\nAnswer: {LETTERS[row['answer']]}"
+
+
+def winogrande_example(rng: random.Random, nouns: tuple[str, ...] = _WINO_NOUNS) -> dict:
+    verb, tail, who = rng.choice(WINO_RULES)
+    first, second = rng.sample(nouns, 2)
+    sentence = f"{first.capitalize()} {verb} {second} because _ {tail} ."
+    return {"sentence": sentence, "option1": first, "option2": second, "answer": str(who)}
+
+
+def winogrande_rows(n: int, rng: random.Random) -> list[dict]:
+    return [winogrande_example(rng) for _ in range(n)]
+
+
+def winogrande_text(row: dict) -> str:
+    """The sentence with the right option in place of `_` (for pretraining)."""
+    option = row["option1"] if row["answer"] == "1" else row["option2"]
+    return row["sentence"].replace("_", option)
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+
+def copy_document(rng: random.Random) -> str:
+    """A span of 5–20 random words, repeated: the curriculum that grows induction heads."""
+    span = " ".join(rng.choice(_FILLER + _CITIES + _GENRES) for _ in range(rng.randint(5, 20)))
+    return f"{span} | {span}"
+
+
+def _random_response(rng: random.Random) -> str:
+    """A novel response in one of several shapes (lines, key/value, JSON, tags)."""
+    words = [rng.choice(_FILLER + _CITIES + _NAMES) for _ in range(rng.randint(3, 8))]
+    shape = rng.randrange(4)
+    if shape == 0:
+        return " ".join(words) + " ."
+    if shape == 1:
+        return "\n".join(f"{rng.choice(_FILLER)}: {w}" for w in words[:3])
+    if shape == 2:
+        return json.dumps({rng.choice(_FILLER): w for w in words[:3]})
+    return f"<{words[0]}>\n{' '.join(words[1:])}\n</{words[0]}>"
+
+
+def demo_chat(rng: random.Random, world: WorldFacts) -> tuple[str, str]:
+    """(user message, assistant response) with the response shown as a demonstration.
+
+    Half the time the response is novel (only the demonstration can supply it), half the
+    time it is a general-knowledge answer: the model learns to copy the demonstration's
+    answer into its own response.
+    """
+    if rng.random() < 0.5:
+        question = rng.choice(_DEMO_TOPICS) + " " + rng.choice(_FILLER) + " ?"
+        response = _random_response(rng)
+    else:
+        _, statement, question, _ = _knowledge_item(world, rng)
+        response = statement
+    return DEMO_TEMPLATE.format(prompt=question, demonstration=response), response
+
+
+def general_chat(rng: random.Random, world: WorldFacts) -> tuple[str, str]:
+    """(user, assistant) general-knowledge Q&A without a demonstration."""
+    _, statement, question, _ = _knowledge_item(world, rng)
+    return question, statement
+
+
+def knowledge_statement(rng: random.Random, world: WorldFacts) -> str:
+    return _knowledge_item(world, rng)[1]
