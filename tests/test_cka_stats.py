@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from sdftlab.cka import CKAStats, MeanStat, Standardizer, cka, linear_cka_torch, sequence_cka
+from sdftlab.cka.stats import _hsic_debiased
 from sdftlab.errors import DataError
 
 TOL = 1e-10
@@ -23,32 +24,32 @@ TOL = 1e-10
 # ---------------------------------------------------------------- the Gram-form reference
 
 
-def gram_cka(x: np.ndarray, y: np.ndarray, debiased: bool) -> float:
-    """CKA straight from K = XXᵀ, L = YYᵀ (float64, no centering of the features).
-
-    Biased: HSIC = tr(HKH · HLH)/(n−1)². Debiased: Song et al.'s unbiased HSIC,
+def gram_hsic(k: np.ndarray, lm: np.ndarray, debiased: bool) -> float:
+    """HSIC of two n×n kernels. Biased: tr(HKH · HLH)/(n−1)². Debiased: Song et al.'s
     [tr(K̃L̃) + 1ᵀK̃1·1ᵀL̃1/((n−1)(n−2)) − 2/(n−2)·1ᵀK̃L̃1] / (n(n−3)), K̃ = K, diagonal 0.
     """
+    n = k.shape[0]
+    one = np.ones(n)
+    if debiased:
+        kt, lt = k.copy(), lm.copy()
+        np.fill_diagonal(kt, 0.0)
+        np.fill_diagonal(lt, 0.0)
+        return float(
+            np.trace(kt @ lt)
+            + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
+            - 2.0 / (n - 2) * (one @ kt @ lt @ one)
+        ) / (n * (n - 3))
+    h = np.eye(n) - np.ones((n, n)) / n
+    return float(np.trace(h @ k @ h @ h @ lm @ h)) / (n - 1) ** 2
+
+
+def gram_cka(x: np.ndarray, y: np.ndarray, debiased: bool) -> float:
+    """CKA straight from K = XXᵀ, L = YYᵀ (float64, no centering of the features)."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    n = x.shape[0]
     k, lm = x @ x.T, y @ y.T
-    one = np.ones(n)
-
-    def hsic(a: np.ndarray, b: np.ndarray) -> float:
-        if debiased:
-            at, bt = a.copy(), b.copy()
-            np.fill_diagonal(at, 0.0)
-            np.fill_diagonal(bt, 0.0)
-            return (
-                np.trace(at @ bt)
-                + (one @ at @ one) * (one @ bt @ one) / ((n - 1) * (n - 2))
-                - 2.0 / (n - 2) * (one @ at @ bt @ one)
-            ) / (n * (n - 3))
-        h = np.eye(n) - np.ones((n, n)) / n
-        return np.trace(h @ a @ h @ h @ b @ h) / (n - 1) ** 2
-
-    return float(hsic(k, lm) / np.sqrt(hsic(k, k) * hsic(lm, lm)))
+    hxy, hxx, hyy = (gram_hsic(a, b, debiased) for a, b in ((k, lm), (k, k), (lm, lm)))
+    return hxy / float(np.sqrt(hxx * hyy))
 
 
 def standardize_cols(x: np.ndarray) -> np.ndarray:
@@ -121,6 +122,25 @@ def test_standardize_drops_zero_variance_dims(debiased: bool) -> None:
     assert abs(cka(st, debiased=debiased, standardize=True) - ref) < TOL
     if debiased:
         assert st.xtx_DD.shape == (5, 5) and st.yty_EE.shape == (4, 4)
+
+
+def test_debiased_terms_from_uncentered_sums() -> None:
+    """The additive form of each unbiased-HSIC term, fed raw (uncentered, Σx ≠ 0) sums.
+
+    `cka` always evaluates it on centered statistics, where the Σx terms vanish; this checks
+    the full expansion, (X, Y) and (X, X), against the Gram form of the HSIC itself.
+    """
+    x, y = make_pair(17, 40, 6, 4, mean=1.5)
+    q, r = (x * x).sum(1), (y * y).sum(1)
+    got_xy = _hsic_debiased(
+        40, x.T @ y, x.sum(0), y.sum(0), q.sum(), r.sum(), q @ r, x.T @ r, y.T @ q
+    )
+    got_xx = _hsic_debiased(
+        40, x.T @ x, x.sum(0), x.sum(0), q.sum(), q.sum(), q @ q, x.T @ q, x.T @ q
+    )
+    k, lm = x @ x.T, y @ y.T
+    for got, ref in ((got_xy, gram_hsic(k, lm, True)), (got_xx, gram_hsic(k, k, True))):
+        assert abs(got - ref) <= 1e-9 * abs(ref), (got, ref)
 
 
 def test_large_mean_is_exact() -> None:
@@ -266,6 +286,14 @@ def test_shift_algebra_far_from_mean() -> None:
     assert isinstance(st, CKAStats)
     _assert_raw_stats(st, x, y, x.mean(0) + 3.0, y.mean(0) - np.linspace(0, 5, 6))
     _assert_raw_stats(st, x, y, np.zeros(11), np.zeros(6))
+    # From a non-centered state (Σu, Σv far from 0) every Σu/Σv term of the algebra counts.
+    far = st.with_shift(np.full(11, -4.0), np.linspace(0, 9, 6))
+    _assert_raw_stats(far, x, y, x.mean(0) + 3.0, y.mean(0) - np.linspace(0, 5, 6))
+    halves = [CKAStats.from_arrays(x[:100], y[:100]), CKAStats.from_arrays(x[100:], y[100:])]
+    far_a = halves[0].with_shift(np.full(11, 9.0), np.full(6, -1.0))
+    far_b = halves[1].with_shift(np.full(11, -2.0), np.full(6, 30.0))
+    _assert_raw_stats(far_b + far_a, x, y, x.mean(0), y.mean(0))
+    assert abs(cka(far_a + far_b, debiased=True) - gram_cka(x, y, True)) < TOL
 
 
 def test_merge_is_pure_and_empty_is_identity() -> None:
@@ -411,7 +439,7 @@ def test_constant_x_is_undefined(debiased: bool, standardize: bool) -> None:
 def test_debiased_standardized_needs_two_passes() -> None:
     x, y = make_pair(5, 40, 5, 4)
     first = stats_of(x, y)
-    with pytest.raises(DataError, match="cannot be computed exactly from one pass.*Standardizer"):
+    with pytest.raises(DataError, match=r"cannot be computed exactly from one pass.*Standardizer"):
         cka(first, debiased=True, standardize=True)
     st = Standardizer.fit(first)
     wrong = CKAStats.empty(5, 4, standardizer=st).update(x[::-1] * 1.5, y)
@@ -420,5 +448,5 @@ def test_debiased_standardized_needs_two_passes() -> None:
     partial = CKAStats.empty(5, 4, standardizer=st).update(x[:30], y[:30])
     with pytest.raises(DataError, match=r"second pass saw n=30 rows.*fitted on n=40"):
         cka(partial, debiased=True, standardize=True)
-    with pytest.raises(DataError, match="call cka\\(..., standardize=True\\)"):
+    with pytest.raises(DataError, match=r"call cka\(\.\.\., standardize=True\)"):
         cka(two_pass(x, y), debiased=True)

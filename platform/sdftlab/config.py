@@ -127,6 +127,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({err})") from err
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string; a number is meant
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _set_dotted(tree, key.strip(), value)
     return tree
 
@@ -168,7 +173,8 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
         elif problem["type"] == "missing":
             lines.append(f"{field}: required but missing in {source}. Fix: set {field}=VALUE")
         else:
-            shown = json.dumps(got) if isinstance(got, str | int | float | bool) else "…"
+            shown = json.dumps(got, default=str)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
             lines.append(
                 f"{field}: {problem['msg']} (got {shown}). "
                 f"Fix: set {field} to a valid value in {source} or with {field}=VALUE"

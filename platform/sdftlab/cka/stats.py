@@ -115,9 +115,20 @@ def _check_pair(x_ND: F64, y_NE: F64) -> None:
         )
 
 
+_ROW_BLOCK = 512  # rows per block in the d×d helpers below: temporaries stay ≤ 512·d
+
+
 def _sq(m: F64) -> float:
-    """‖m‖²_F (numpy's pairwise summation keeps the rounding small)."""
-    return float(np.sum(np.square(m)))
+    """‖m‖²_F, by row blocks (pairwise summation inside each, no d×d temporary)."""
+    return math.fsum(
+        float(np.sum(np.square(m[i : i + _ROW_BLOCK]))) for i in range(0, m.shape[0], _ROW_BLOCK)
+    )
+
+
+def _add_outer(m: F64, a: F64, b: F64) -> None:
+    """m += a bᵀ in place, by row blocks (no d×d temporary)."""
+    for i in range(0, m.shape[0], _ROW_BLOCK):
+        m[i : i + _ROW_BLOCK] += np.outer(a[i : i + _ROW_BLOCK], b)
 
 
 def _constant_mask(mean_D: F64, var_D: F64) -> NDArray[np.bool_]:
@@ -152,8 +163,9 @@ class Standardizer:
             )
         if stats.n < 2:
             raise DataError(f"a Standardizer needs at least 2 rows, got n={stats.n}")
-        mean_x_D, var_x_D = stats.mean_x, stats.var_x
-        mean_y_E, var_y_E = stats.mean_y, stats.var_y
+        c = stats.centered()  # variances from sums about the exact mean
+        mean_x_D, var_x_D = c.mean_x, c.var_x
+        mean_y_E, var_y_E = c.mean_y, c.var_y
         keep_x_D = ~_constant_mask(mean_x_D, var_x_D)
         keep_y_E = ~_constant_mask(mean_y_E, var_y_E)
         for side, keep in (("x", keep_x_D), ("y", keep_y_E)):
@@ -220,8 +232,7 @@ class Standardizer:
             raise DataError(f"Standardizer dict lacks the field {e.args[0]!r}") from None
 
 
-# Names of the statistics, with their kind: "v" a vector over x dims (D) or y dims (E),
-# "m" a matrix, "s" a scalar.
+# The statistics by kind: matrices, vectors (over x dims D or y dims E), scalars.
 _MATS = ("xtx_DD", "yty_EE", "xty_DE")
 _VECS = ("shift_x_D", "shift_y_E", "sum_x_D", "sum_y_E", "x_qx_D", "x_qy_D", "y_qx_E", "y_qy_E")
 _SCALARS = ("sum_qx_qx", "sum_qy_qy", "sum_qx_qy")
@@ -421,12 +432,12 @@ class CKAStats:
         # U'ᵀU' = UᵀU + δwᵀ + wδᵀ with w = s + nδ/2 (two rank-1 updates), U'ᵀV' likewise.
         w_D = s_D + 0.5 * n * dlt_D
         z_E = t_E + 0.5 * n * eps_E
-        self.xtx_DD += np.outer(dlt_D, w_D)
-        self.xtx_DD += np.outer(w_D, dlt_D)
-        self.yty_EE += np.outer(eps_E, z_E)
-        self.yty_EE += np.outer(z_E, eps_E)
-        self.xty_DE += np.outer(dlt_D, t_E + n * eps_E)
-        self.xty_DE += np.outer(s_D, eps_E)
+        _add_outer(self.xtx_DD, dlt_D, w_D)
+        _add_outer(self.xtx_DD, w_D, dlt_D)
+        _add_outer(self.yty_EE, eps_E, z_E)
+        _add_outer(self.yty_EE, z_E, eps_E)
+        _add_outer(self.xty_DE, dlt_D, t_E + n * eps_E)
+        _add_outer(self.xty_DE, s_D, eps_E)
         self.sum_x_D = s_D + n * dlt_D
         self.sum_y_E = t_E + n * eps_E
         self.shift_x_D = np.array(new_x_D, dtype=np.float64)
@@ -608,7 +619,9 @@ def cka(stats: CKAStats, *, debiased: bool = False, standardize: bool = False) -
             "statistics. Use two passes: st = Standardizer.fit(first_pass_stats); accumulate "
             "CKAStats.empty(dx, dy, standardizer=st) over the same rows; call cka() on that"
         )
-    c = stats.centered()  # about the exact mean: the tiny shift keeps all sums small
+    # A private copy about the exact mean (the tiny shift keeps all sums small); it briefly
+    # doubles the memory of the statistics.
+    c = stats.centered()
     mean_x_D, var_x_D = c.mean_x, c.var_x
     mean_y_E, var_y_E = c.mean_y, c.var_y
     if st is not None:
@@ -635,39 +648,11 @@ def cka(stats: CKAStats, *, debiased: bool = False, standardize: bool = False) -
 
     if debiased:
         # On standardized rows (two-pass route) this already is the standardized CKA.
-        hxy = _hsic_debiased(
-            n,
-            c.xty_DE,
-            c.sum_x_D,
-            c.sum_y_E,
-            float(np.trace(c.xtx_DD)),
-            float(np.trace(c.yty_EE)),
-            c.sum_qx_qy,
-            c.x_qy_D,
-            c.y_qx_E,
-        )
-        hxx = _hsic_debiased(
-            n,
-            c.xtx_DD,
-            c.sum_x_D,
-            c.sum_x_D,
-            float(np.trace(c.xtx_DD)),
-            float(np.trace(c.xtx_DD)),
-            c.sum_qx_qx,
-            c.x_qx_D,
-            c.x_qx_D,
-        )
-        hyy = _hsic_debiased(
-            n,
-            c.yty_EE,
-            c.sum_y_E,
-            c.sum_y_E,
-            float(np.trace(c.yty_EE)),
-            float(np.trace(c.yty_EE)),
-            c.sum_qy_qy,
-            c.y_qy_E,
-            c.y_qy_E,
-        )
+        qx, qy = float(np.trace(c.xtx_DD)), float(np.trace(c.yty_EE))  # Σ‖uᵢ‖², Σ‖vᵢ‖²
+        sx_D, sy_E = c.sum_x_D, c.sum_y_E
+        hxy = _hsic_debiased(n, c.xty_DE, sx_D, sy_E, qx, qy, c.sum_qx_qy, c.x_qy_D, c.y_qx_E)
+        hxx = _hsic_debiased(n, c.xtx_DD, sx_D, sx_D, qx, qx, c.sum_qx_qx, c.x_qx_D, c.x_qx_D)
+        hyy = _hsic_debiased(n, c.yty_EE, sy_E, sy_E, qy, qy, c.sum_qy_qy, c.y_qy_E, c.y_qy_E)
         if hxx <= 0 or hyy <= 0:
             raise DataError(
                 f"debiased HSIC(X, X)={hxx:.3g}, HSIC(Y, Y)={hyy:.3g}: a non-positive self-"
@@ -677,9 +662,11 @@ def cka(stats: CKAStats, *, debiased: bool = False, standardize: bool = False) -
         return hxy / math.sqrt(hxx * hyy)
 
     # Biased: centered cross-products X̄ᵀȲ = UᵀV − (Σu)(Σv)ᵀ/n (Σu ≈ 0 after centering).
-    cxy_DE = c.xty_DE - np.outer(c.sum_x_D, c.sum_y_E) / n
-    cxx_DD = c.xtx_DD - np.outer(c.sum_x_D, c.sum_x_D) / n
-    cyy_EE = c.yty_EE - np.outer(c.sum_y_E, c.sum_y_E) / n
+    # c is a private copy, so its matrices are centered in place.
+    cxy_DE, cxx_DD, cyy_EE = c.xty_DE, c.xtx_DD, c.yty_EE
+    _add_outer(cxy_DE, c.sum_x_D, -c.sum_y_E / n)
+    _add_outer(cxx_DD, c.sum_x_D, -c.sum_x_D / n)
+    _add_outer(cyy_EE, c.sum_y_E, -c.sum_y_E / n)
     if standardize:
         # Standardized columns: C'ᵢⱼ = Cᵢⱼ/(σᵢσⱼ) on the non-constant dimensions (the 1/n in
         # σ² = Cᵢᵢ/n is a global factor and cancels in CKA).

@@ -1,0 +1,53 @@
+"""Shared fixtures: a tokenizer trained in-process and a small tiny world built once per session."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from sdftlab.config import WorldConfig, load_config
+from sdftlab.lineage import Lineage
+from sdftlab.world import tasks
+from sdftlab.world.tokenizer import train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "sdft_reference_eval"
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    facts = tasks.WorldFacts.generate(seed=0)
+    rng = random.Random(0)
+    texts = [tasks.copy_document(rng) for _ in range(200)]
+    texts += ["\n".join(r["golden_response"]) for r in tasks.science_rows(facts, 50, rng)]
+    texts += [r["prompt"] for r in tasks.tooluse_rows(facts, 50, rng)]
+    return train_tokenizer(texts, vocab_size=400)
+
+
+# A world small enough to build in about a minute on 2 cores: the shapes and code paths of
+# the default world, not its accuracy.
+SMALL_WORLD = [
+    "science.train=200", "science.eval=24", "tooluse.train=200", "tooluse.eval=24",
+    "mmlu.train=300", "mmlu.eval=40", "winogrande.train=300", "winogrande.eval=40",
+    "vocab_size=512", "model.hidden_size=64", "model.intermediate_size=128",
+    "model.num_layers=2", "pretrain.steps=60", "pretrain.batch_size=8",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def small_world_config() -> WorldConfig:
+    return load_config(WorldConfig, None, SMALL_WORLD)
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory, small_world_config):
+    """(world, lineage, home) of a small world with `base` in its lineage."""
+    from sdftlab.world.build import build_world
+
+    home = tmp_path_factory.mktemp("home")
+    cfg = small_world_config
+    lineage = Lineage(home / "lineage")
+    world = build_world(cfg, lineage, home, log=lambda _: None)
+    return world, lineage, home

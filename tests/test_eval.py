@@ -1,0 +1,120 @@
+"""Evaluation: lm-eval scores our files as MMLU/Winogrande are scored; generation scoring; CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sdftlab.cli import main
+from sdftlab.data.loaders import load_task_file
+from sdftlab.errors import DataError
+from sdftlab.evaluate.general import general_capability
+from sdftlab.evaluate.run import parse_tasks
+from sdftlab.evaluate.tasks import task_accuracy
+
+pytestmark = pytest.mark.slow
+
+
+@torch.no_grad()
+def _logprob(model, tok, context: str, continuation: str) -> float:
+    """log p(continuation | context), tokenized the way lm-eval does (whole, then split)."""
+    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    n_cont = len(whole) - len(ctx)
+    ids = torch.tensor([whole])
+    logp_TV = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+    targets = ids[0, -n_cont:]
+    return logp_TV[-n_cont - 1 : -1].gather(-1, targets[:, None]).sum().item()
+
+
+def test_lm_eval_mmlu_and_winogrande_match_a_hand_computed_score(small_world):
+    """The harness scores our local files with MMLU's and Winogrande's own rules."""
+    world, lineage, _ = small_world
+    model, tok = lineage.load_model("base").eval(), lineage.load_tokenizer("base")
+    files = {t: world.task_file(t, "eval") for t in ("mmlu", "winogrande")}
+    got = general_capability(model, tok, files, batch_size=8)
+
+    mmlu = [json.loads(line) for line in files["mmlu"].read_text().splitlines()]
+    hits = 0
+    for row in mmlu:
+        prompt = (
+            row["question"]
+            + "".join(f"\n{ltr}. {c}" for ltr, c in zip("ABCD", row["choices"], strict=True))
+            + "\nAnswer:"
+        )
+        scores = [_logprob(model, tok, prompt, f" {ltr}") for ltr in "ABCD"]
+        hits += int(max(range(4), key=scores.__getitem__) == row["answer"])
+    assert got["mmlu/acc"] == pytest.approx(hits / len(mmlu))
+
+    wino = [json.loads(line) for line in files["winogrande"].read_text().splitlines()]
+    hits = 0
+    for row in wino:  # partial scoring: option substituted, shared continuation scored
+        i = row["sentence"].index("_")
+        tail = " " + row["sentence"][i + 1 :].strip()
+        scores = [_logprob(model, tok, row["sentence"][:i] + opt, tail)
+                  for opt in (row["option1"], row["option2"])]  # fmt: skip
+        hits += int(str(1 + max(range(2), key=scores.__getitem__)) == row["answer"])
+    assert got["winogrande/acc"] == pytest.approx(hits / len(wino))
+
+
+def test_task_accuracy_scores_generations_with_the_reference_rules(small_world):
+    world, lineage, _ = small_world
+    model, tok = lineage.load_model("base").eval(), lineage.load_tokenizer("base")
+    examples = load_task_file(world.task_file("science", "eval"), "science", limit=8)
+    result = task_accuracy(model, tok, examples, max_new_tokens=24, batch_size=4)
+    assert result.n == 8 and len(result.responses) == 8
+    from sdftlab.evaluate.scorers import score
+
+    assert result.correct == [score(e, r) for e, r in zip(examples, result.responses, strict=True)]
+    assert result.accuracy == sum(result.correct) / 8
+    # batching (left padding) does not change greedy outputs
+    single = task_accuracy(model, tok, examples[:3], max_new_tokens=24, batch_size=1)
+    assert single.responses == result.responses[:3]
+
+
+def test_cli_eval_prints_a_table_and_records_metrics(small_world, capsys):
+    world, lineage, home = small_world
+    code = main([
+        "--home", str(home), "--lineage", lineage.root, "eval", "base",
+        "--tasks", "science,tooluse,mmlu", "--demo", "--limit", "6", "--json",
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "| state | science/acc | science/acc_demo | tooluse/acc |" in out
+    printed = json.loads(out.strip().splitlines()[-1])
+    recorded = lineage.meta("base").metrics
+    for key in ("science/acc", "science/acc_demo", "tooluse/acc", "tooluse/acc_demo", "mmlu/acc"):
+        assert 0.0 <= printed[key] <= 1.0
+        assert recorded[key] == printed[key]
+
+    code = main(["--home", str(home), "--lineage", lineage.root, "lineage"])
+    assert code == 0 and "base  <world>" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line_with_the_fix(small_world, capsys):
+    _, lineage, home = small_world
+    base = ["--home", str(home), "--lineage", lineage.root]
+    assert main([*base, "eval", "nosuch", "--tasks", "science"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown state 'nosuch'" in err and "known states: base" in err
+    assert main([*base, "eval", "base", "--tasks", "science,chess"]) == 2
+    assert "unknown task(s) ['chess']" in capsys.readouterr().err
+    assert main([*base, "eval", "base", "--tasks", "science", "--data", "science"]) == 2
+    assert "write TASK=PATH" in capsys.readouterr().err
+    assert main([*base, "world", "build", "pretrain.steps=0"]) == 2
+    assert "pretrain.steps" in capsys.readouterr().err
+
+
+def test_general_task_file_errors(tmp_path):
+    bad = tmp_path / "m.jsonl"
+    bad.write_text('{"question": "q", "choices": ["a","b","c","d"]}\n')
+    with pytest.raises(DataError, match=r"m\.jsonl line 1: missing field\(s\) \['answer'\]"):
+        general_capability(None, None, {"mmlu": bad})
+    with pytest.raises(DataError, match="does not exist"):
+        general_capability(None, None, {"winogrande": tmp_path / "none.jsonl"})
+    with pytest.raises(DataError, match="unknown general task 'chess'"):
+        general_capability(None, None, {"chess": bad})
+    with pytest.raises(DataError, match="known: science, tooluse, mmlu, winogrande"):
+        parse_tasks("science,,chess")

@@ -1,0 +1,150 @@
+"""Lineage store: exact round trips, atomic saves, name resolution, metrics, the tree."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from sdftlab.errors import LineageError
+from sdftlab.lineage import META_FILE, Lineage
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_tokenizer):
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    return Qwen2ForCausalLM(config).eval(), tiny_tokenizer
+
+
+def test_save_load_round_trip_is_exact(tmp_path, tiny):
+    model, tok = tiny
+    store = Lineage(tmp_path / "lin")
+    meta = store.save("base", model, tok, kind="world", config={"seed": 0}, metrics={"x/acc": 0.5})
+    loaded = store.load_model("base")
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    ids = torch.tensor([[1, 5, 7, 9]])
+    assert torch.equal(model(ids).logits, loaded(ids).logits)
+    again = store.meta("base")
+    assert again == meta
+    assert again.metrics == {"x/acc": 0.5} and again.config == {"seed": 0}
+    assert len(again.content_hash) == 64
+    assert store.load_tokenizer("base").encode("hello world") == tok.encode("hello world")
+
+
+def test_children_record_parents_and_tree_shows_metrics(tmp_path, tiny):
+    model, tok = tiny
+    store = Lineage(tmp_path / "lin")
+    store.save("base", model, tok, kind="world")
+    store.save("expert", model, tok, kind="sft", parents=["base"], metrics={"science/acc": 0.61})
+    store.save("forgot", model, tok, kind="sft", parents=["expert"])
+    assert store.names() == ["base", "expert", "forgot"]
+    assert store.meta("forgot").parents == ["expert"]
+    tree = store.tree()
+    lines = tree.splitlines()
+    assert lines[1].endswith("base  <world>")
+    assert "expert  <sft>  [science/acc=0.610]" in lines[2]
+    assert lines[3].strip().startswith("└── forgot")
+    assert lines[3].index("forgot") > lines[2].index("expert")  # nested under its parent
+
+
+def test_unknown_names_fail_with_the_known_list(tmp_path, tiny):
+    model, tok = tiny
+    store = Lineage(tmp_path / "lin")
+    store.save("base", model, tok, kind="world")
+    store.save("expert", model, tok, kind="sft", parents=["base"])
+    with pytest.raises(LineageError, match="unknown state 'exprt'.*known states: base, expert"):
+        store.load_model("exprt")
+    with pytest.raises(LineageError, match="unknown state 'nope'"):
+        store.save("child", model, tok, kind="sft", parents=["nope"])
+    assert not store.exists("child")
+
+
+def test_existing_name_and_bad_names_are_refused(tmp_path, tiny):
+    model, tok = tiny
+    store = Lineage(tmp_path / "lin")
+    store.save("base", model, tok, kind="world")
+    with pytest.raises(LineageError, match="already exists.*overwrite"):
+        store.save("base", model, tok, kind="world")
+    with pytest.raises(LineageError, match="not allowed"):
+        store.save("../escape", model, tok, kind="world")
+    store.save("base", model, tok, kind="world", overwrite=True, metrics={"m": 1.0})
+    assert store.meta("base").metrics == {"m": 1.0}
+    assert store.names() == ["base"]
+
+
+def test_interrupted_save_leaves_no_visible_state(tmp_path, tiny, monkeypatch):
+    model, tok = tiny
+    store = Lineage(tmp_path / "lin")
+    store.save("base", model, tok, kind="world")
+
+    def crash(self, *args, **kwargs):
+        raise KeyboardInterrupt("killed while writing metadata")
+
+    monkeypatch.setattr(Lineage, "_write_meta", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.save("expert", model, tok, kind="sft", parents=["base"])
+    monkeypatch.undo()
+    assert store.names() == ["base"]
+    assert not store.exists("expert")
+    assert not (tmp_path / "lin" / "states" / "expert").exists()
+    # the name is free: a later save succeeds
+    store.save("expert", model, tok, kind="sft", parents=["base"])
+    assert store.names() == ["base", "expert"]
+
+
+def test_state_dir_without_metadata_is_not_a_state(tmp_path, tiny):
+    model, tok = tiny
+    store = Lineage(tmp_path / "lin")
+    store.save("base", model, tok, kind="world")
+    (tmp_path / "lin" / "states" / "base" / META_FILE).unlink()
+    assert store.names() == []
+    with pytest.raises(LineageError, match="unknown state 'base'"):
+        store.meta("base")
+
+
+def test_record_metrics_merges(tmp_path, tiny):
+    model, tok = tiny
+    store = Lineage(tmp_path / "lin")
+    store.save("base", model, tok, kind="world", metrics={"a": 1.0})
+    store.record_metrics("base", {"b": 2.0})
+    store.record_metrics("base", {"a": 3.0})
+    assert store.meta("base").metrics == {"a": 3.0, "b": 2.0}
+    assert not list((tmp_path / "lin" / "states" / "base").glob("*.tmp"))
+
+
+def test_pickle_weights_are_refused(tmp_path, tiny):
+    model, tok = tiny
+    src = tmp_path / "pickled"
+    model.save_pretrained(src, safe_serialization=True)
+    torch.save({}, src / "pytorch_model.bin")
+    with pytest.raises(LineageError, match="pickle-format weights"):
+        Lineage(tmp_path / "lin").save_dir("p", src, kind="import")
+
+
+def test_uri_root_round_trip(tmp_path, tiny):
+    """A pyarrow.fs URI root (file://) works like a path, loading through a verified cache."""
+    model, tok = tiny
+    store = Lineage(f"file://{tmp_path}/remote", cache_dir=str(tmp_path / "cache"))
+    store.save("base", model, tok, kind="world")
+    assert store.names() == ["base"]
+    loaded = store.load_model("base")
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_delete_refuses_parents(tmp_path, tiny):
+    model, tok = tiny
+    store = Lineage(tmp_path / "lin")
+    store.save("base", model, tok, kind="world")
+    store.save("expert", model, tok, kind="sft", parents=["base"])
+    with pytest.raises(LineageError, match="parent of expert"):
+        store.delete("base")
+    store.delete("expert")
+    assert store.names() == ["base"]

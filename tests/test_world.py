@@ -1,0 +1,117 @@
+"""The tiny world: real formats, seeded determinism, disjoint splits, tokenizer, cached build."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sdftlab.data.loaders import load_task_file
+from sdftlab.data.templates import teacher_messages
+from sdftlab.errors import LineageError
+from sdftlab.evaluate.scorers import score
+from sdftlab.lineage import Lineage
+from sdftlab.world import tasks
+from sdftlab.world.build import build_world, current_world, generate_data, pretrain_documents
+
+
+def test_generators_are_seeded():
+    a = tasks.science_rows(tasks.WorldFacts.generate(3), 20, random.Random(1))
+    b = tasks.science_rows(tasks.WorldFacts.generate(3), 20, random.Random(1))
+    c = tasks.science_rows(tasks.WorldFacts.generate(4), 20, random.Random(1))
+    assert a == b
+    assert a != c
+
+
+def test_written_files_load_in_the_real_formats_and_gold_scores_100(tmp_path, small_world_config):
+    cfg = small_world_config
+    data = generate_data(cfg, tmp_path)
+    for task in ("science", "tooluse"):
+        for split in ("train", "eval"):
+            examples = load_task_file(tmp_path / f"{task}_{split}.jsonl", task)
+            assert len(examples) == len(data[task][split]) > 0
+            assert all(score(ex, ex.demonstration) for ex in examples)
+            assert not any(score(ex, "I do not know.") for ex in examples)
+    science = json.loads((tmp_path / "science_eval.jsonl").read_text().splitlines()[0])
+    assert [m["role"] for m in science["prompt"]] == ["system", "user"]
+    assert science["answer"] in "ABCD"
+    tool = json.loads((tmp_path / "tooluse_eval.jsonl").read_text().splitlines()[0])
+    assert {"prompt", "name", "instruction", "golden_answer", "nl_documentation"} <= set(tool)
+    assert all({"Action", "Action_Input"} == set(call) for call in tool["golden_answer"])
+    mmlu = json.loads((tmp_path / "mmlu_eval.jsonl").read_text().splitlines()[0])
+    assert len(mmlu["choices"]) == 4 and mmlu["answer"] in range(4)
+    wino = json.loads((tmp_path / "winogrande_eval.jsonl").read_text().splitlines()[0])
+    assert wino["sentence"].count("_") == 1 and wino["answer"] in ("1", "2")
+
+
+def test_eval_rows_are_disjoint_from_train_rows(tmp_path, small_world_config):
+    cfg = small_world_config
+    data = generate_data(cfg, tmp_path)
+    for task, splits in data.items():
+
+        def key(row):
+            return json.dumps({k: v for k, v in row.items() if k != "id"}, sort_keys=True)
+
+        assert not {key(r) for r in splits["train"]} & {key(r) for r in splits["eval"]}, task
+
+
+def test_science_facts_never_appear_in_pretraining():
+    facts = tasks.WorldFacts.generate(0)
+    data = {
+        "mmlu": {"train": tasks.mmlu_rows(facts, 50, random.Random(0))},
+        "winogrande": {"train": tasks.winogrande_rows(50, random.Random(0))},
+    }
+    stream = pretrain_documents(facts, data, 0)
+    text = " ".join(next(stream)[1] for _ in range(2000))
+    assert not any(compound in text for compound in facts.compounds)
+    assert "This is an example for a response to the question" in text  # demo-use is taught
+
+
+def test_tokenizer_round_trips_task_text_and_has_a_chat_template(tiny_tokenizer):
+    facts = tasks.WorldFacts.generate(0)
+    row = tasks.tooluse_rows(facts, 1, random.Random(5))[0]
+    text = row["prompt"] + "\n" + "\n".join(row["golden_response"])
+    ids = tiny_tokenizer(text)["input_ids"]
+    assert tiny_tokenizer.decode(ids) == text
+    rendered = tiny_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert tiny_tokenizer.eos_token == "<|im_end|>"
+
+
+def test_teacher_prompt_wraps_the_user_message_with_the_demonstration(tmp_path, small_world_config):
+    cfg = small_world_config
+    generate_data(cfg, tmp_path)
+    ex = load_task_file(tmp_path / "science_eval.jsonl", "science")[0]
+    msgs = teacher_messages(ex)
+    assert msgs[0] == ex.messages[0]  # the system message is kept
+    assert msgs[1]["content"].startswith("\n" + ex.prompt_text + "\n\nThis is an example")
+    assert ex.demonstration in msgs[1]["content"]
+    assert ex.messages[1]["content"] == ex.prompt_text  # the example itself is not mutated
+
+
+@pytest.mark.slow
+def test_built_world_loads_with_plain_transformers_and_is_cached(small_world):
+    world, lineage, home = small_world
+    path = lineage.local_path("base")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert model.config.model_type == "qwen2"
+    assert model.config.vocab_size == len(tok)
+    assert current_world(home).directory == world.directory
+    meta = lineage.meta("base")
+    assert meta.kind == "world" and meta.config["world_hash"] == world.config.stable_hash()
+
+    logs: list[str] = []
+    again = build_world(world.config, lineage, home, log=logs.append)
+    assert again.directory == world.directory
+    assert any("cached" in line for line in logs)
+    assert lineage.meta("base").content_hash == meta.content_hash
+
+    other = world.config.model_copy(update={"seed": 9})
+    with pytest.raises(LineageError, match="already has a `base` from another world config"):
+        build_world(other, lineage, home, log=logs.append)
+    assert isinstance(lineage, Lineage)
