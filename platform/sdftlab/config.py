@@ -14,6 +14,7 @@ validation failure into one `ConfigError` that names the field, what was wrong, 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -128,10 +129,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         except yaml.YAMLError as err:
             raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({err})") from err
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string; a number is meant
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         _set_dotted(tree, key.strip(), value)
     return tree
 
@@ -189,7 +188,7 @@ def load_config(
     *,
     section: str | None = None,
 ) -> M:
-    """Build `model` from a YAML file (optionally one `section` of it) plus `key=value` overrides."""
+    """`model` from a YAML file (or one `section` of it) plus `key=value` overrides."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
