@@ -450,3 +450,12 @@ def test_debiased_standardized_needs_two_passes() -> None:
         cka(partial, debiased=True, standardize=True)
     with pytest.raises(DataError, match=r"call cka\(\.\.\., standardize=True\)"):
         cka(two_pass(x, y), debiased=True)
+
+
+def test_mean_stat_errors() -> None:
+    with pytest.raises(DataError, match="MeanStat is empty"):
+        _ = MeanStat().mean
+    with pytest.raises(DataError, match="non-finite value nan"):
+        MeanStat().add(float("nan"))
+    with pytest.raises(DataError, match="at least 2 values, got 1"):
+        _ = MeanStat().add(0.5).std_error

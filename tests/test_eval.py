@@ -53,8 +53,10 @@ def test_lm_eval_mmlu_and_winogrande_match_a_hand_computed_score(small_world):
     for row in wino:  # partial scoring: option substituted, shared continuation scored
         i = row["sentence"].index("_")
         tail = " " + row["sentence"][i + 1 :].strip()
-        scores = [_logprob(model, tok, row["sentence"][:i] + opt, tail)
-                  for opt in (row["option1"], row["option2"])]  # fmt: skip
+        scores = [
+            _logprob(model, tok, row["sentence"][:i] + opt, tail)
+            for opt in (row["option1"], row["option2"])
+        ]
         hits += int(str(1 + max(range(2), key=scores.__getitem__)) == row["answer"])
     assert got["winogrande/acc"] == pytest.approx(hits / len(wino))
 
@@ -75,11 +77,23 @@ def test_task_accuracy_scores_generations_with_the_reference_rules(small_world):
 
 
 def test_cli_eval_prints_a_table_and_records_metrics(small_world, capsys):
-    world, lineage, home = small_world
-    code = main([
-        "--home", str(home), "--lineage", lineage.root, "eval", "base",
-        "--tasks", "science,tooluse,mmlu", "--demo", "--limit", "6", "--json",
-    ])  # fmt: skip
+    _, lineage, home = small_world
+    code = main(
+        [
+            "--home",
+            str(home),
+            "--lineage",
+            lineage.root,
+            "eval",
+            "base",
+            "--tasks",
+            "science,tooluse,mmlu",
+            "--demo",
+            "--limit",
+            "6",
+            "--json",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "| state | science/acc | science/acc_demo | tooluse/acc |" in out

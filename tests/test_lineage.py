@@ -14,10 +14,14 @@ from sdftlab.lineage import META_FILE, Lineage
 def tiny(tiny_tokenizer):
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
         tie_word_embeddings=True,
-    )  # fmt: skip
+    )
     return Qwen2ForCausalLM(config).eval(), tiny_tokenizer
 
 
@@ -121,7 +125,7 @@ def test_record_metrics_merges(tmp_path, tiny):
 
 
 def test_pickle_weights_are_refused(tmp_path, tiny):
-    model, tok = tiny
+    model, _ = tiny
     src = tmp_path / "pickled"
     model.save_pretrained(src, safe_serialization=True)
     torch.save({}, src / "pytorch_model.bin")

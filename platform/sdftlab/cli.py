@@ -3,6 +3,9 @@
     sdftlab world build [--config world.yaml] [key=value ...]   build the tiny world + `base`
     sdftlab world info                                           where the current world lives
     sdftlab eval STATE [--tasks science,tooluse,mmlu,winogrande] [--demo] [--data task=PATH]
+    sdftlab degrade sft --from base --to expert --data science [--steps N] [key=value ...]
+    sdftlab degrade quantize --from expert --to nf4
+    sdftlab degrade prune --from expert --to pruned10 --ratio 0.1 [--importance taylor]
     sdftlab lineage [tree | list | show NAME | rm NAME]
 
 Global: `--home DIR` (worlds and the default lineage; `$SDFTLAB_HOME`, else `./.sdftlab`) and
@@ -46,8 +49,15 @@ def cmd_world(args: argparse.Namespace) -> int:
         print(f"data: {world.data_dir}")
         return 0
     world = current_world(_home(args))
-    print(json.dumps({"directory": str(world.directory), **json.loads(
-        (world.directory / "world.json").read_text())}, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "directory": str(world.directory),
+                **json.loads((world.directory / "world.json").read_text()),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -79,12 +89,67 @@ def cmd_eval(args: argparse.Namespace) -> int:
     lineage = _lineage(args)
     print(f"evaluating {args.state} on {', '.join(tasks)}")
     metrics = evaluate_state(
-        lineage, args.state, files, with_demonstration=args.demo, limit=args.limit,
+        lineage,
+        args.state,
+        files,
+        with_demonstration=args.demo,
+        limit=args.limit,
         record=not args.no_record,
-    )  # fmt: skip
+    )
     print(metrics_table({args.state: metrics}))
     if args.json:
         print(json.dumps(metrics))
+    return 0
+
+
+def cmd_degrade(args: argparse.Namespace) -> int:
+    from sdftlab.config import load_config
+
+    lineage = _lineage(args)
+    if args.op == "sft":
+        from sdftlab.degrade.sft import SFTConfig, run_sft
+        from sdftlab.world.build import current_world
+
+        overrides = list(args.overrides)
+        if args.data:
+            overrides.append(f"data=[{','.join(args.data.split(','))}]")
+        if args.steps:
+            overrides.append(f"steps={args.steps}")
+        if args.rounds:
+            overrides.append(f"rounds={args.rounds}")
+        cfg = load_config(SFTConfig, args.config, overrides, section="sft" if args.config else None)
+        try:
+            data_dir = current_world(_home(args)).data_dir
+        except SdftlabError:
+            data_dir = None
+        run_sft(lineage, args.src, args.dst, cfg, data_dir=data_dir, overwrite=args.overwrite)
+    elif args.op == "prune":
+        from sdftlab.degrade.prune import prune_state
+
+        meta = prune_state(
+            lineage,
+            args.src,
+            args.dst,
+            args.ratio,
+            importance=args.importance,
+            multiple_of=args.multiple_of,
+            overwrite=args.overwrite,
+        )
+        print(json.dumps(meta.config))
+    elif args.op == "quantize":
+        from sdftlab.degrade.quantize import quantize_state
+
+        meta = quantize_state(
+            lineage,
+            args.src,
+            args.dst,
+            quant_type=args.quant_type,
+            double_quant=not args.no_double_quant,
+            compute_dtype=args.compute_dtype,
+            overwrite=args.overwrite,
+        )
+        print(json.dumps(meta.config))
+    print(lineage.tree())
     return 0
 
 
@@ -133,6 +198,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-record", action="store_true", help="do not write metrics to the lineage")
     ev.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     ev.set_defaults(func=cmd_eval)
+
+    deg = sub.add_parser("degrade", help="SFT (forgetting), NF4 quantization, FFN pruning")
+    deg.add_argument("op", choices=["sft", "quantize", "prune"])
+    deg.add_argument("--from", dest="src", required=True, help="the state to degrade")
+    deg.add_argument("--to", dest="dst", required=True, help="the new state's name")
+    deg.add_argument("--overwrite", action="store_true")
+    deg.add_argument("--config", help="sft: a YAML file (its `sft:` section)")
+    deg.add_argument("--data", help="sft: tasks (comma separated) or task=PATH")
+    deg.add_argument("--steps", type=int, help="sft: optimizer steps per round")
+    deg.add_argument("--rounds", type=int, help="sft: rounds (default one per data entry)")
+    deg.add_argument("--ratio", type=float, default=0.1, help="prune: fraction of FFN neurons")
+    deg.add_argument("--importance", choices=["magnitude", "taylor"], default="magnitude")
+    deg.add_argument("--multiple-of", type=int, default=64, help="prune: round the new width")
+    deg.add_argument("--quant-type", default="nf4", help="quantize: nf4 or fp4")
+    deg.add_argument("--compute-dtype", default="float32", help="quantize: float32|bfloat16")
+    deg.add_argument("--no-double-quant", action="store_true")
+    deg.add_argument("overrides", nargs="*", metavar="key=value", help="sft config overrides")
+    deg.set_defaults(func=cmd_degrade)
 
     lin = sub.add_parser("lineage", help="show the model states as a tree")
     lin.add_argument("action", nargs="?", default="tree", choices=["tree", "list", "show", "rm"])

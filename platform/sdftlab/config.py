@@ -95,6 +95,7 @@ class WorldConfig(StrictModel):
     tooluse: SplitSizes = SplitSizes(train=3000, eval=200)
     mmlu: SplitSizes = SplitSizes(train=3000, eval=300)
     winogrande: SplitSizes = SplitSizes(train=3000, eval=300)
+    replay_rows: int = Field(2000, gt=0, description="general chat rows replayed during SFT")
     vocab_size: int = Field(1024, ge=300)
     model: TinyModelConfig = TinyModelConfig()
     pretrain: PretrainConfig = PretrainConfig()

@@ -155,9 +155,14 @@ class Lineage:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             return self.save_dir(
-                name, tmp, kind=kind, parents=parents, config=config, metrics=metrics,
+                name,
+                tmp,
+                kind=kind,
+                parents=parents,
+                config=config,
+                metrics=metrics,
                 overwrite=overwrite,
-            )  # fmt: skip
+            )
 
     def save_dir(
         self,
@@ -199,9 +204,12 @@ class Lineage:
         self.fs.create_dir(staging, recursive=True)
         for path in sorted(src.iterdir()):
             if path.is_file():
-                pafs.copy_files(str(path), f"{staging}/{path.name}",
-                                source_filesystem=pafs.LocalFileSystem(),
-                                destination_filesystem=self.fs)  # fmt: skip
+                pafs.copy_files(
+                    str(path),
+                    f"{staging}/{path.name}",
+                    source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=self.fs,
+                )
         self._write_meta(staging, meta)  # last: a state without metadata is not a state
         self.fs.create_dir(f"{self._base}/states", recursive=True)
         final = self._state_path(name)
@@ -248,8 +256,12 @@ class Lineage:
         if not (target / META_FILE).is_file():
             self._cache.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=self._cache))
-            pafs.copy_files(self._state_path(name), str(tmp), source_filesystem=self.fs,
-                            destination_filesystem=pafs.LocalFileSystem())  # fmt: skip
+            pafs.copy_files(
+                self._state_path(name),
+                str(tmp),
+                source_filesystem=self.fs,
+                destination_filesystem=pafs.LocalFileSystem(),
+            )
             if content_hash(tmp) != meta.content_hash:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise LineageError(f"state {name!r}: downloaded weights do not match its hash")

@@ -66,9 +66,13 @@ def evaluate_model(
         metrics[f"{task}/acc"] = result.accuracy
         if with_demonstration:
             demo = task_accuracy(
-                model, tokenizer, examples, with_demonstration=True,
-                max_new_tokens=max_new_tokens, batch_size=batch_size,
-            )  # fmt: skip
+                model,
+                tokenizer,
+                examples,
+                with_demonstration=True,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+            )
             metrics[f"{task}/acc_demo"] = demo.accuracy
         log(f"  {task:<10} n={result.n:<4} {time.perf_counter() - t0:5.1f}s")
     general = {t: p for t, p in files.items() if t in GENERAL_TASKS}

@@ -98,7 +98,23 @@ def generate_data(cfg: WorldConfig, out_dir: Path) -> dict[str, dict[str, list[d
         data[task] = {"train": train, "eval": evaluation[: sizes.eval]}
         for split, rows in data[task].items():
             write_task_file(out_dir / f"{task}_{split}.jsonl", rows)
+    # Replay: general chat (half with a demonstration in context) mixed into SFT batches.
+    write_task_file(out_dir / "replay_train.jsonl", replay_rows(facts, cfg.replay_rows, rng))
     return data
+
+
+def replay_rows(facts: tasks.WorldFacts, n: int, rng: random.Random) -> list[dict]:
+    """General chat rows (`messages`, `response`) from the pretraining mixture's chat kinds."""
+    rows = []
+    for _ in range(n):
+        make = tasks.demo_chat if rng.random() < 0.6 else tasks.general_chat
+        user, response = make(rng, facts)
+        system = rng.choice((None, "You are a helpful assistant .", tasks.SCIENCE_SYSTEM))
+        messages = [{"role": "system", "content": system}] if system else []
+        rows.append(
+            {"messages": [*messages, {"role": "user", "content": user}], "response": response}
+        )
+    return rows
 
 
 def _chat(tokenizer, user: str, assistant: str, system: str | None = None) -> str:
@@ -202,10 +218,14 @@ def build_world(
         raise
     world = World(directory, cfg)
     lineage.save(
-        "base", model, tokenizer, kind="world", overwrite=overwrite or lineage.exists("base"),
+        "base",
+        model,
+        tokenizer,
+        kind="world",
+        overwrite=overwrite or lineage.exists("base"),
         config={"world_hash": digest, "world_dir": str(directory), "world": meta["config"]},
         metrics={"pretrain/loss": meta["pretrain_final_loss"]},
-    )  # fmt: skip
+    )
     _point_current(home, digest)
     log(f"world {digest} built in {time.perf_counter() - t0:.0f}s; `base` saved to {lineage.root}")
     return world

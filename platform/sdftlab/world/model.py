@@ -21,6 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
 from sdftlab.config import PretrainConfig, TinyModelConfig
+from sdftlab.train_utils import cpu_supports_bf16
 
 
 def build_tiny_model(
@@ -62,14 +63,6 @@ def packed_batches(
             yield torch.tensor(window, dtype=torch.long).view(batch_size, seq_len)
 
 
-def cpu_supports_bf16() -> bool:
-    """True where the CPU has native bf16 matmuls (AVX512-BF16 / AMX): autocast pays off."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def lr_at(step: int, cfg: PretrainConfig) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
     if step < cfg.warmup_steps:
@@ -89,10 +82,13 @@ def pretrain(
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95),
-    )  # fmt: skip
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
     use_bf16 = cfg.bf16_autocast and cpu_supports_bf16()
     model.train()
     losses: list[float] = []

@@ -1,0 +1,339 @@
+"""Multi-round supervised fine-tuning on Ray Train: how the expert and the forgetting are made.
+
+Each round is one `TorchTrainer` run (CPU workers with gloo here, GPU workers with NCCL on a
+cluster — the same code; `num_workers > 1` is DDP): full fine-tuning or LoRA (merged into the
+saved state), loss on the assistant tokens only, optional replay of general chat data in
+every batch (≈ 25% keeps a fine-tuned model able to use a demonstration in its prompt, which
+is what makes it a usable SDFT teacher), Ray Train checkpoints (safetensors) every
+`checkpoint_every` steps, resumed after a worker failure. Every round lands in the lineage
+with its parent, config and metrics. It is also the plain-SFT baseline recovery is
+compared against.
+
+    sdftlab degrade sft --from base --to expert --data science --steps 300
+    sdftlab degrade sft --from expert --to forgot --data tooluse
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field, model_validator
+
+from sdftlab.config import StrictModel
+from sdftlab.data.chat import ChatTokenizer, count_assistant_tokens, example_to_row
+from sdftlab.data.loaders import iter_jsonl, load_task_file
+from sdftlab.errors import ConfigError
+from sdftlab.lineage import Lineage, StateMeta, check_name
+
+
+class LoraSpec(StrictModel):
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
+
+
+class SFTConfig(StrictModel):
+    """One SFT stage: `rounds` rounds, round i on `data[i % len(data)]`."""
+
+    data: list[str] = Field(
+        ["science"], min_length=1, description="task names (the world's train split) or task=PATH"
+    )
+    rounds: int | None = Field(None, gt=0, description="default: one round per data entry")
+    steps: int = Field(300, gt=0, description="optimizer steps per round")
+    batch_size: int = Field(32, gt=0, description="global batch (split across workers)")
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_len: int = Field(192, gt=8)
+    replay_frac: float = Field(0.25, ge=0, lt=1, description="share of replay rows in the data")
+    replay_data: str | None = Field(None, description="chat JSONL; default the world's replay")
+    lora: LoraSpec | None = None
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, gt=0)
+    threads_per_worker: int = Field(2, gt=0)
+    bf16_autocast: bool = True
+    checkpoint_every: int = Field(100, gt=0)
+    log_every: int = Field(25, gt=0)
+    max_failures: int = Field(1, ge=-1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> SFTConfig:
+        if self.batch_size % self.num_workers:
+            raise ValueError(
+                f"batch_size={self.batch_size} does not split over num_workers="
+                f"{self.num_workers}; make batch_size a multiple of num_workers"
+            )
+        return self
+
+    @property
+    def n_rounds(self) -> int:
+        return self.rounds or len(self.data)
+
+
+def resolve_data(entry: str, data_dir: Path | None) -> tuple[str, Path]:
+    """`science` → the world's science_train.jsonl; `science=PATH` → PATH."""
+    task, sep, path = entry.partition("=")
+    if sep:
+        return task, Path(path)
+    if data_dir is None:
+        raise ConfigError(
+            f"data: {entry!r} names a world task but no world is built; "
+            "run `sdftlab world build` or write task=PATH"
+        )
+    return task, data_dir / f"{task}_train.jsonl"
+
+
+def sft_rows(entry: str, cfg: SFTConfig, data_dir: Path | None) -> list[dict[str, str]]:
+    """Task rows of one data entry plus replay rows at `cfg.replay_frac`, shuffled (seeded)."""
+    import random
+
+    task, path = resolve_data(entry, data_dir)
+    rows = [example_to_row(ex) for ex in load_task_file(path, task)]
+    if cfg.replay_frac > 0:
+        replay_path = Path(cfg.replay_data) if cfg.replay_data else None
+        if replay_path is None and data_dir is not None:
+            replay_path = data_dir / "replay_train.jsonl"
+        if replay_path is None or not replay_path.is_file():
+            raise ConfigError(
+                f"replay_frac={cfg.replay_frac} but no replay data at {replay_path}; "
+                "set replay_data=PATH (chat JSONL with messages/response) or replay_frac=0"
+            )
+        replay = [
+            {"messages": json.dumps(r["messages"]), "response": r["response"]}
+            for _, r in iter_jsonl(replay_path)
+        ]
+        rng = random.Random(cfg.seed)
+        want = round(len(rows) * cfg.replay_frac / (1 - cfg.replay_frac))
+        rows += [replay[rng.randrange(len(replay))] for _ in range(want)]
+    random.Random(cfg.seed + 1).shuffle(rows)
+    return rows
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def sft_worker_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: the SFT loop with checkpoints and resume."""
+    import ray.train
+    import ray.train.torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sdftlab import train_utils as tu
+
+    cfg = SFTConfig.model_validate(config["sft"])
+    torch.set_num_threads(cfg.threads_per_worker)
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(
+        config["init_dir"], use_safetensors=True, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(config["init_dir"])
+    if cfg.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=cfg.lora.target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    model = ray.train.torch.prepare_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            _load_trainable(tu.unwrap(model), Path(d))
+            tu.load_optimizer(optimizer, Path(d))
+            start = tu.read_train_state(Path(d))["step"]
+    device = ray.train.torch.get_device()
+    per_worker = cfg.batch_size // cfg.num_workers
+    shard = ray.train.get_dataset_shard("train")
+    batches = tu.cycle_epochs(
+        lambda: shard.iter_torch_batches(
+            batch_size=per_worker,
+            drop_last=True,
+            device=device,
+            local_shuffle_buffer_size=4 * per_worker,
+            local_shuffle_seed=cfg.seed,
+        )
+    )
+    model.train()
+    t0, tokens, losses = time.perf_counter(), 0, []
+    for step in range(start, cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = tu.warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr)
+        batch = tu.trim_padding(next(batches))
+        with tu.autocast(device, cfg.bf16_autocast):
+            loss = model(**batch).loss  # mean cross-entropy over assistant tokens
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        tokens += int(batch["attention_mask"].sum())
+        done = step + 1
+        metrics = {
+            "step": done,
+            "loss": sum(losses[-cfg.log_every :]) / len(losses[-cfg.log_every :]),
+            "tokens_per_s": tokens / (time.perf_counter() - t0),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            with tempfile.TemporaryDirectory() as d:
+                if ray.train.get_context().get_world_rank() == 0:
+                    _save_checkpoint(
+                        tu.unwrap(model),
+                        tokenizer,
+                        optimizer,
+                        Path(d),
+                        done,
+                        final=done == cfg.steps,
+                    )
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                else:
+                    ray.train.report(metrics)
+        elif done % cfg.log_every == 0:
+            ray.train.report(metrics)
+
+
+def _save_checkpoint(model, tokenizer, optimizer, directory: Path, step: int, final: bool) -> None:
+    from safetensors.torch import save_file
+
+    from sdftlab import train_utils as tu
+
+    trainable = {
+        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
+    save_file(trainable, str(directory / "trainable.safetensors"))
+    tu.save_optimizer(optimizer, directory)
+    tu.write_train_state(directory, step=step)
+    if final:  # the state itself: a plain HF directory (LoRA merged)
+        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        merged.save_pretrained(directory / "model", safe_serialization=True)
+        tokenizer.save_pretrained(directory / "model")
+
+
+def _load_trainable(model, directory: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(directory / "trainable.safetensors"))
+    missing = model.load_state_dict(state, strict=False)
+    if missing.unexpected_keys:
+        raise RuntimeError(f"checkpoint has unexpected keys {missing.unexpected_keys[:3]}")
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_sft(
+    lineage: Lineage,
+    src: str,
+    dst: str,
+    cfg: SFTConfig,
+    *,
+    data_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+    overwrite: bool = False,
+) -> StateMeta:
+    """SFT `src` for `cfg.n_rounds` rounds; save each round (the last as `dst`); its meta."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from sdftlab.raycluster import ensure_ray, storage_path
+
+    # Validate everything before any work: names, parents, data, assistant tokens.
+    check_name(dst)
+    lineage.require(src)
+    names = [dst if r == cfg.n_rounds - 1 else f"{dst}-r{r + 1}" for r in range(cfg.n_rounds)]
+    for name in names:
+        check_name(name)
+        if lineage.exists(name) and not overwrite:
+            from sdftlab.errors import LineageError
+
+            raise LineageError(f"state {name!r} already exists; pick another --to or --overwrite")
+    tokenizer = lineage.load_tokenizer(src)
+    round_rows = {}
+    for entry in dict.fromkeys(cfg.data):
+        rows = sft_rows(entry, cfg, data_dir)
+        count_assistant_tokens(tokenizer, rows, cfg.max_len, f"data {entry!r}")
+        round_rows[entry] = rows
+
+    ensure_ray()
+    parent = src
+    meta: StateMeta | None = None
+    for r, name in enumerate(names):
+        entry = cfg.data[r % len(cfg.data)]
+        log(
+            f"SFT round {r + 1}/{cfg.n_rounds}: {parent} → {name} on {entry} "
+            f"({len(round_rows[entry])} rows, {cfg.steps} steps)"
+        )
+        init_dir = str(lineage.resolve(parent))
+        dataset = ray.data.from_items(round_rows[entry]).map_batches(
+            ChatTokenizer,
+            fn_constructor_kwargs={"tokenizer_dir": init_dir, "max_len": cfg.max_len},
+            batch_size=256,
+            concurrency=1,
+            num_cpus=1,
+        )
+        trainer = TorchTrainer(
+            sft_worker_loop,
+            train_loop_config={"sft": cfg.model_dump(mode="json"), "init_dir": init_dir},
+            scaling_config=ScalingConfig(
+                num_workers=cfg.num_workers,
+                use_gpu=cfg.use_gpu,
+                resources_per_worker={"CPU": cfg.cpus_per_worker},
+            ),
+            run_config=RunConfig(
+                name=f"sft-{name}-{cfg.stable_hash()[:8]}",
+                storage_path=storage_path(),
+                checkpoint_config=CheckpointConfig(num_to_keep=1),
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+            ),
+            datasets={"train": dataset},
+        )
+        t0 = time.perf_counter()
+        result = trainer.fit()
+        seconds = time.perf_counter() - t0
+        if result.checkpoint is None:
+            raise RuntimeError(f"SFT round {r + 1} finished without a checkpoint: {result.error}")
+        with result.checkpoint.as_directory() as d:
+            meta = lineage.save_dir(
+                name,
+                Path(d) / "model",
+                kind="sft",
+                parents=[parent],
+                overwrite=overwrite,
+                config={"sft": cfg.model_dump(mode="json"), "round": r + 1, "data": entry},
+                metrics={
+                    "sft/loss": result.metrics["loss"],
+                    "sft/seconds": seconds,
+                    "sft/tokens_per_s": result.metrics["tokens_per_s"],
+                },
+            )
+        log(f"  saved {name}: loss {result.metrics['loss']:.3f}, {seconds:.0f}s")
+        parent = name
+    assert meta is not None
+    return meta

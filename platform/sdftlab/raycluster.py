@@ -1,0 +1,46 @@
+"""Connect to Ray the same way on a laptop and on a cluster.
+
+Under `ray job submit` (or with `RAY_ADDRESS` set) the driver joins the existing cluster;
+otherwise `ray.init()` starts a local one. The dashboard stays on (Ray Train V2 needs the
+State API behind it) but listens on 127.0.0.1 only.
+
+    >>> ensure_ray()          # idempotent
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def ensure_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    runtime_env = {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, **kwargs)
+        return
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        runtime_env=runtime_env,
+        log_to_driver=True,
+        **kwargs,
+    )
+
+
+def storage_path() -> str:
+    """Where Ray Train/Tune persist runs: `$SDFTLAB_STORAGE` (a path or URI), else a local dir."""
+    from sdftlab.world.build import sdftlab_home
+
+    env = os.environ.get("SDFTLAB_STORAGE")
+    if env:
+        return env
+    path = Path(sdftlab_home()) / "ray_results"
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)

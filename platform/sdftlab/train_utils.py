@@ -1,0 +1,107 @@
+"""Pieces every Ray Train loop here shares: checkpoints in safetensors, schedules, autocast.
+
+Checkpoints hold the model (a Hugging Face directory, or a PEFT adapter) and the AdamW state,
+all as safetensors plus a JSON of scalars — nothing is pickled, so a checkpoint from shared
+storage is safe to load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+OPTIM_FILE = "optimizer.safetensors"
+STATE_FILE = "train_state.json"
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """AdamW state as safetensors (tensors) + JSON (scalars), keyed by parameter index."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {"param_groups": optimizer.state_dict()["param_groups"]}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.ndim > 0:
+                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{key}"] = float(value)
+    save_file(tensors, str(directory / OPTIM_FILE))
+    (directory / "optimizer_scalars.json").write_text(json.dumps(scalars))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    tensors = load_file(str(directory / OPTIM_FILE))
+    scalars = json.loads((directory / "optimizer_scalars.json").read_text())
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    for name, value in scalars.items():
+        if name == "param_groups":
+            continue
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = torch.tensor(value)
+    optimizer.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
+
+
+def write_train_state(directory: Path, **values: Any) -> None:
+    (directory / STATE_FILE).write_text(json.dumps(values))
+
+
+def read_train_state(directory: Path) -> dict[str, Any]:
+    return json.loads((directory / STATE_FILE).read_text())
+
+
+def warmup_cosine(step: int, total: int, warmup: int, peak: float, floor: float = 0.1) -> float:
+    """Linear warm-up to `peak`, cosine decay to `floor · peak` at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bf16 matmuls (AVX512-BF16 / AMX): autocast pays off."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA, or on a CPU with native bf16; otherwise a no-op."""
+    if not enabled:
+        return contextlib.nullcontext()
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and cpu_supports_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cut right padding common to the whole batch (fixed-width rows → the longest row)."""
+    width = int(batch["attention_mask"].sum(dim=1).max().item())
+    return {k: v[:, :width] for k, v in batch.items()}
+
+
+def cycle_epochs(make_iter: Any) -> Iterator[Any]:
+    """Iterate `make_iter()` again and again (one pass per epoch)."""
+    while True:
+        empty = True
+        for item in make_iter():
+            empty = False
+            yield item
+        if empty:
+            raise RuntimeError("the training data shard is empty: give more rows or fewer workers")

@@ -1,0 +1,99 @@
+"""SFT on Ray Train: assistant-only loss, rounds in the lineage, LoRA merge, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sdftlab.data.chat import IGNORE, count_assistant_tokens, pad_batch, tokenize_chat
+from sdftlab.degrade.sft import SFTConfig, run_sft, sft_rows
+from sdftlab.errors import ConfigError, DataError, LineageError
+
+
+def test_labels_cover_the_response_and_end_of_turn_only(tiny_tokenizer):
+    msgs = [{"role": "user", "content": "what is two plus two ?"}]
+    row = tokenize_chat(tiny_tokenizer, msgs, "four .", max_len=64)
+    trained = [
+        t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != IGNORE
+    ]
+    assert tiny_tokenizer.decode(trained) == "four .<|im_end|>"
+    prompt_len = row["labels"].index(next(v for v in row["labels"] if v != IGNORE))
+    assert tiny_tokenizer.decode(row["input_ids"][:prompt_len]).endswith("<|im_start|>assistant\n")
+    batch = pad_batch([row, tokenize_chat(tiny_tokenizer, msgs, "x", 64)], pad_id=0)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert batch["attention_mask"][1].sum() < batch["attention_mask"][0].sum()
+
+
+def test_masking_the_prompt_changes_the_loss(tiny_tokenizer):
+    """The loss is over assistant tokens only: identical responses, different prompts, same labels."""
+    torch.manual_seed(0)
+    a = tokenize_chat(tiny_tokenizer, [{"role": "user", "content": "a b c"}], "done .", 64)
+    b = tokenize_chat(tiny_tokenizer, [{"role": "user", "content": "a b c d e f"}], "done .", 64)
+    assert [x for x in a["labels"] if x != IGNORE] == [x for x in b["labels"] if x != IGNORE]
+
+
+def test_no_assistant_tokens_is_one_clear_error(tiny_tokenizer):
+    rows = [{"messages": json.dumps([{"role": "user", "content": "q"}]), "response": ""}]
+    with pytest.raises(DataError, match="no assistant tokens"):
+        count_assistant_tokens(tiny_tokenizer, rows, 64, "data 'x'")
+    long = [{"messages": json.dumps([{"role": "user", "content": "word " * 80}]), "response": "a"}]
+    with pytest.raises(DataError, match="max_len=16"):
+        count_assistant_tokens(tiny_tokenizer, long, 16, "data 'x'")
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="batch_size=30 does not split over num_workers=4"):
+        SFTConfig(batch_size=30, num_workers=4)
+
+
+def test_replay_mixes_in_at_the_requested_share(small_world):
+    world, _, _ = small_world
+    cfg = SFTConfig(data=["science"], replay_frac=0.25)
+    rows = sft_rows("science", cfg, world.data_dir)
+    n_task = sum(1 for _ in open(world.task_file("science", "train")))
+    assert len(rows) == n_task + round(n_task / 3)
+    with pytest.raises(ConfigError, match="no replay data"):
+        sft_rows("science", cfg.model_copy(update={"replay_data": "/nope.jsonl"}), world.data_dir)
+
+
+@pytest.mark.slow
+def test_two_round_sft_on_ray_train_writes_one_state_per_round(small_world, tmp_path, monkeypatch):
+    world, lineage, _ = small_world
+    monkeypatch.setenv("SDFTLAB_STORAGE", str(tmp_path / "ray"))
+    cfg = SFTConfig(
+        data=["science", "tooluse"],
+        steps=6,
+        batch_size=8,
+        checkpoint_every=3,
+        log_every=3,
+        max_len=160,
+        lr=3e-3,
+    )
+    before = lineage.load_model("base")
+    meta = run_sft(lineage, "base", "forgot_t", cfg, data_dir=world.data_dir, log=lambda _: None)
+    assert meta.name == "forgot_t" and meta.parents == ["forgot_t-r1"]
+    first = lineage.meta("forgot_t-r1")
+    assert first.parents == ["base"] and first.config["data"] == "science"
+    assert meta.config["data"] == "tooluse" and meta.metrics["sft/loss"] > 0
+    after = lineage.load_model("forgot_t")
+    changed = [
+        not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters(), strict=True)
+    ]
+    assert all(changed)  # full fine-tuning moves every tensor
+
+    # LoRA: trains adapters, saves a plain merged model
+    lora = cfg.model_copy(update={"data": ["science"], "lora": {"r": 4, "alpha": 8}, "steps": 3})
+    run_sft(lineage, "base", "lora_t", lora, data_dir=world.data_dir, log=lambda _: None)
+    merged = lineage.load_model("lora_t")
+    assert type(merged).__name__ == "Qwen2ForCausalLM"
+    assert torch.equal(merged.model.embed_tokens.weight, before.model.embed_tokens.weight)
+    assert not torch.equal(
+        merged.model.layers[0].mlp.up_proj.weight, before.model.layers[0].mlp.up_proj.weight
+    )
+
+    with pytest.raises(LineageError, match="already exists"):
+        run_sft(lineage, "base", "lora_t", lora, data_dir=world.data_dir)
+    with pytest.raises(LineageError, match="unknown state 'nobody'"):
+        run_sft(lineage, "nobody", "x_t", lora, data_dir=world.data_dir)
