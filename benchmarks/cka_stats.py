@@ -3,7 +3,7 @@
 Run from the repository root:
 
     PYTHONPATH=platform .venv/bin/python benchmarks/cka_stats.py --out results.json
-    PYTHONPATH=platform .venv/bin/python benchmarks/cka_stats.py --quick   # ~1 minute
+    PYTHONPATH=platform .venv/bin/python benchmarks/cka_stats.py --quick   # ~25 s
 
 For d = 128 and d = 4096 (dx = dy = d) and n = 10³ … 10⁶ rows it compares, in one run:
 
@@ -27,8 +27,9 @@ counted). For the statistics form it depends on d (O(d²)) and the shard size, n
 
 Data: X = 3 + N(0, 1)·s (anisotropic column scales s), Y = 0.8·X·t + N(0, 1) − 2, so both have
 a nonzero mean and CKA is away from 0 and 1. Combinations skipped for time or memory are
-listed in the table with the reason; the full default run takes about 4 minutes on 2 cores
-(d = 4096 stops at n = 10⁵: 10⁶ rows would take ~15 minutes of float64 GEMMs).
+listed in the table with the reason. The full default run takes 4–8 minutes on 2 cores
+(7.5 min measured while other jobs shared the cores): d = 4096 stops at n = 10⁵, since 10⁶
+rows would take ~15 minutes of float64 GEMMs, and ``features`` stops where X, Y exceed 4 GiB.
 """
 
 from __future__ import annotations
