@@ -30,7 +30,9 @@ Importance (which neurons to keep), per layer:
 
 from __future__ import annotations
 
+import json
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -86,6 +88,22 @@ class PruneReport:
 # ------------------------------------------------------------------ validation
 
 
+def check_ratio(ratio: float) -> None:
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 <= ratio < 1:
+        raise ConfigError(
+            f"ratio={ratio!r} is outside [0, 1): it is the fraction of FFN neurons removed; "
+            "use e.g. 0.1"
+        )
+
+
+def check_multiple_of(multiple_of: int) -> None:
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        raise ConfigError(
+            f"multiple_of={multiple_of!r} must be a positive integer: the new FFN width is "
+            "rounded to a multiple of it (e.g. 64; 1 disables rounding)"
+        )
+
+
 def kept_width(intermediate_size: int, ratio: float, multiple_of: int = 64) -> int:
     """The FFN width left after removing the fraction `ratio` of `intermediate_size` neurons.
 
@@ -93,17 +111,10 @@ def kept_width(intermediate_size: int, ratio: float, multiple_of: int = 64) -> i
     (⌊(1 − ratio)·I / m + ½⌋·m), then capped at I; a small ratio can therefore round back to
     I and remove nothing. ratio 0 always returns I, even when I is not a multiple of m.
     Multiples of 64 keep the width friendly to GEMM tiles, NF4 blocks and vLLM kernels.
+    E.g. I = 512, m = 64: ratio 0.1 → 460.8 → 448; ratio 0.25 → 384; ratio 0.05 → 512.
     """
-    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
-        raise ConfigError(
-            f"multiple_of={multiple_of!r} must be a positive integer: the new FFN width is "
-            "rounded to a multiple of it (e.g. 64; 1 disables rounding)"
-        )
-    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio < 1:
-        raise ConfigError(
-            f"ratio={ratio!r} is outside [0, 1): it is the fraction of FFN neurons removed; "
-            "use e.g. 0.1"
-        )
+    check_multiple_of(multiple_of)
+    check_ratio(ratio)
     if ratio == 0:
         return intermediate_size
     width = math.floor((1 - ratio) * intermediate_size / multiple_of + 0.5) * multiple_of
@@ -307,8 +318,7 @@ def prune_ffn(
         scores = ffn_importance(model, importance, calibration)
         # stable descending sort: equal scores keep the lower index; then restore order.
         keep = [
-            torch.argsort(s.cpu(), descending=True, stable=True)[:new].sort().values
-            for s in scores
+            torch.argsort(s.cpu(), descending=True, stable=True)[:new].sort().values for s in scores
         ]
         _apply(mlps, keep)
         config = getattr(model, "config", None)
@@ -343,14 +353,15 @@ def prune_state(
 ) -> StateMeta:
     """Prune lineage state `src` and save it as `dst` (kind "prune", parent `src`).
 
-    Every argument is checked — names, ratio, multiple_of, importance, that `src` is an
-    unquantized model with an FFN width — before any weights are loaded, and the structure
-    (gated MLPs) before anything is written: a bad input raises one error and writes nothing.
+    Every argument is checked — names, ratio, multiple_of, importance, that `src` is not
+    quantized — before any weights are loaded, and the model's structure (gated MLPs) before
+    anything is written: a bad input raises one error and writes nothing.
     """
-    import json
-
     from sdftlab.degrade.quantize import is_quantized
 
+    check_ratio(ratio)
+    check_multiple_of(multiple_of)
+    _check_importance(importance, calibration)
     check_name(dst)
     lineage.require(src)
     if dst == src:
@@ -360,21 +371,15 @@ def prune_state(
             f"state {dst!r} already exists in {lineage.root}; choose another name or pass "
             "overwrite=True (`--overwrite`) to replace it"
         )
-    _check_importance(importance, calibration)
     config = json.loads((lineage.local_path(src) / "config.json").read_text())
     if is_quantized(config):
         raise ConfigError(
             f"state {src!r} is already 4-bit quantized; prune its unquantized parent, then "
             "quantize the pruned state (prune before quantize)"
         )
-    width = config.get("intermediate_size", (config.get("text_config") or {}).get(
-        "intermediate_size"))  # fmt: skip
-    if not isinstance(width, int):
-        raise ConfigError(
-            f"state {src!r} ({config.get('model_type', '?')}) has no intermediate_size in its "
-            "config; FFN pruning supports only gated (SwiGLU: gate_proj/up_proj/down_proj) MLPs"
-        )
-    kept_width(width, ratio, multiple_of)  # ratio / multiple_of errors before loading
+    width = config.get("intermediate_size")
+    if isinstance(width, int):
+        kept_width(width, ratio, multiple_of)  # "leaves 0 neurons" before loading, too
 
     model = lineage.load_model(src)
     tokenizer = lineage.load_tokenizer(src)
