@@ -283,9 +283,15 @@ class Lineage:
         from transformers import AutoModelForCausalLM
 
         kwargs.setdefault("trust_remote_code", False)
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             self.resolve(ref), use_safetensors=True, **kwargs
         )
+        if getattr(model.config, "quantization_config", None):
+            # bitsandbytes' CPU repacking of 4-bit weights breaks later training: turn it off.
+            from sdftlab.degrade.quantize import prepare_4bit_for_cpu
+
+            prepare_4bit_for_cpu(model)
+        return model
 
     def load_tokenizer(self, ref: str) -> Any:
         from transformers import AutoTokenizer

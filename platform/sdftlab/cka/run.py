@@ -1,0 +1,221 @@
+"""Compare two lineage states by linear CKA, print a per-layer table, record summary metrics.
+
+Linear CKA (Kornblith et al. 2019) between a student's and a teacher's hidden states on the
+same inputs — prompt plus ground-truth answer — the measurement of "CKA as a lens on
+self-distillation recovery": how far a degraded or self-distilled state's representations
+sit from a reference state's, layer by layer. `compare_states` runs the comparison (in this
+process, or on the Ray actor pool with ``actors=n``) and records on state ``a``:
+
+- ``cka/<b>/last_layer``: the per-sample form at the last layer (hidden-state index L, the
+  final-norm output), **biased linear CKA, answer_mean pooling, every dimension
+  standardized to zero mean and unit variance over the evaluation set** — our reading of the
+  paper's §5.4 per-sample comparison. Biased because the standardized biased form is exact
+  from one pass of statistics and is the form Kornblith et al. report; the debiased value
+  is in the table (``cka_debiased``) and, standardized, behind ``debiased=True``.
+- ``cka/<b>/mean_over_layers``: the same value averaged over the diagonal layer pairs of
+  the decoder layers (hidden-state indices 1..L; the embedding lookup, index 0, is left
+  out — it is a table, not a computed representation).
+- ``cka/<b>/sequence_last_layer``: the per-sequence (token-trajectory, L×L kernel) form at
+  the last layer, averaged over sequences.
+
+The recorded values use the call's settings; the defaults are the forms above.
+
+    sdftlab cka --a forgot --b expert --data science
+
+    >>> df = compare_states(lineage, "forgot", "expert", examples)
+    >>> print(format_table(df))
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from sdftlab.cka.capture import relative_depth_map
+from sdftlab.cka.pool import cka_local, cka_over_dataset
+from sdftlab.data.loaders import load_task_file
+from sdftlab.errors import ConfigError, DataError
+from sdftlab.lineage import Lineage
+
+
+def reference_label(lineage: Lineage, ref: str) -> str:
+    """How `ref` appears in metric names: the state name, or a model directory's name."""
+    return ref if lineage.exists(ref) else Path(ref).expanduser().name
+
+
+def _depths(df: pd.DataFrame) -> tuple[int, int]:
+    try:
+        meta = json.loads(df.attrs["cka"])
+        return int(meta["depth_a"]), int(meta["depth_b"])
+    except (KeyError, TypeError, ValueError):
+        raise DataError(
+            "this DataFrame lacks the CKA metadata (df.attrs['cka']); pass the DataFrame "
+            "returned by compare_states / cka_local / cka_over_dataset"
+        ) from None
+
+
+def diagonal_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose layer_b is layer_a's diagonal (same relative depth) partner."""
+    depth_a, depth_b = _depths(df)
+    partner = df["layer_a"].map(lambda i: relative_depth_map(int(i), depth_a, depth_b))
+    return df[df["layer_b"] == partner]
+
+
+def summary_metrics(df: pd.DataFrame, label: str) -> dict[str, float]:
+    """``cka/<label>/{last_layer, mean_over_layers, sequence_last_layer}`` from a result."""
+    depth_a, depth_b = _depths(df)
+    diag = diagonal_rows(df)
+    last = diag[(diag["layer_a"] == depth_a) & (diag["layer_b"] == depth_b)]
+    if last.empty:
+        raise ConfigError(
+            f"the comparison has no (last, last) layer pair ({depth_a}, {depth_b}); use "
+            "layers='diagonal' (or include the last layer) to record summary metrics"
+        )
+    decoder = diag[diag["layer_a"] >= 1]
+    metrics = {
+        f"cka/{label}/last_layer": float(last["cka"].iloc[0]),
+        f"cka/{label}/mean_over_layers": float(decoder["cka"].mean()),
+        f"cka/{label}/sequence_last_layer": float(last["sequence_cka"].iloc[0]),
+    }
+    undefined = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if undefined:
+        raise DataError(
+            f"{', '.join(undefined)} undefined (NaN) on this data — e.g. fewer than 4 examples "
+            "for debiased CKA; use more examples or record=False"
+        )
+    return metrics
+
+
+def compare_states(
+    lineage: Lineage,
+    a: str,
+    b: str,
+    examples: Sequence[Any],
+    *,
+    actors: int | None = None,
+    batch_size: int = 8,
+    layers: Any = "diagonal",
+    pooling: str = "answer_mean",
+    standardize: bool = True,
+    debiased: bool = False,
+    sequence_tokens: str = "answer",
+    max_len: int = 512,
+    dtype: str = "float32",
+    record: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> pd.DataFrame:
+    """CKA of state `a` against reference `b` on `examples`, one row per layer pair.
+
+    ``actors=None`` runs in this process (`cka_local`); an int runs the Ray actor pool
+    (`cka_over_dataset`). With ``record=True`` the summary metrics (module docstring) are
+    merged into state `a`'s metrics; `a` must then be a lineage state.
+    """
+    if record:
+        lineage.require(a)  # fail before the forward passes, not after
+    kwargs: dict[str, Any] = {
+        "batch_size": batch_size,
+        "layers": layers,
+        "pooling": pooling,
+        "standardize": standardize,
+        "debiased": debiased,
+        "sequence_tokens": sequence_tokens,
+        "max_len": max_len,
+        "dtype": dtype,
+    }
+    if actors is None:
+        df = cka_local(lineage, a, b, examples, **kwargs)
+    else:
+        df = cka_over_dataset(lineage, a, b, examples, actors=actors, log=log, **kwargs)
+    if record:
+        metrics = summary_metrics(df, reference_label(lineage, b))
+        lineage.record_metrics(a, metrics)
+        if log is not None:
+            log("recorded " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return df
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if isinstance(x, float) and math.isnan(x):
+        return "—"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def format_table(df: pd.DataFrame, title: str | None = None) -> str:
+    """A markdown table, one line per layer pair."""
+    header = (
+        "| layer a | layer b | depth | CKA | biased | debiased | standardized "
+        "| sequence CKA (± se) | n |"
+    )
+    lines = [f"**{title}**", ""] if title else []
+    lines += [header, "|" + "---:|" * 9]
+    for r in df.itertuples(index=False):
+        seq = _fmt(float(r.sequence_cka))
+        if not math.isnan(float(r.sequence_cka_se)):
+            seq += f" ± {float(r.sequence_cka_se):.4f}"
+        lines.append(
+            f"| {r.layer_a} | {r.layer_b} | {float(r.relative_depth):.2f} | "
+            f"{_fmt(float(r.cka))} | {_fmt(float(r.cka_biased))} | "
+            f"{_fmt(float(r.cka_debiased))} | {_fmt(float(r.cka_standardized))} | {seq} | "
+            f"{r.n_samples} |"
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- CLI helpers
+
+
+def load_examples(spec: str, data_dir: Path | None, limit: int | None = None) -> list[Any]:
+    """``science`` (the world's eval split) or ``science=PATH`` → TaskExamples."""
+    task, sep, path = spec.partition("=")
+    task = task.strip()
+    if sep:
+        return load_task_file(Path(path), task, limit=limit)
+    if data_dir is None:
+        raise ConfigError(
+            f"--data {spec!r}: no tiny world to take the {task} eval split from; build one "
+            f"(`sdftlab world build`) or give a file: --data {task}=PATH"
+        )
+    return load_task_file(Path(data_dir) / f"{task}_eval.jsonl", task, limit=limit)
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``sdftlab cka`` (for the command-line parser)."""
+    parser.add_argument("--a", required=True, help="the state to measure (metrics go here)")
+    parser.add_argument("--b", required=True, help="the reference state")
+    parser.add_argument("--data", default="science", help="TASK or TASK=PATH (default science)")
+    parser.add_argument("--limit", type=int, default=None, help="first N examples only")
+    parser.add_argument("--actors", type=int, default=None, help="Ray actors (default: local)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--layers", default="diagonal", help="diagonal | last | all | 0,2,4")
+    parser.add_argument("--pooling", default="answer_mean", choices=["answer_mean", "last"])
+    parser.add_argument("--debiased", action="store_true", help="debiased headline CKA")
+    parser.add_argument("--plot", default=None, help="write a CKA-by-layer PNG here")
+    parser.add_argument("--no-record", action="store_true", help="do not record metrics")
+
+
+def run_cli(args: argparse.Namespace, lineage: Lineage, data_dir: Path | None) -> str:
+    """Run ``sdftlab cka`` with parsed `args`; the table to print."""
+    examples = load_examples(args.data, data_dir, args.limit)
+    df = compare_states(
+        lineage,
+        args.a,
+        args.b,
+        examples,
+        actors=args.actors,
+        batch_size=args.batch_size,
+        layers=args.layers,
+        pooling=args.pooling,
+        debiased=args.debiased,
+        record=not args.no_record,
+    )
+    if args.plot:
+        from sdftlab.cka.plots import plot_cka_by_layer
+
+        plot_cka_by_layer({args.a: df}, reference_label(lineage, args.b), args.plot)
+    return format_table(df, title=f"CKA of {args.a} with {args.b} on {args.data}")
