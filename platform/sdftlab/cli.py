@@ -6,6 +6,7 @@
     sdftlab degrade sft --from base --to expert --data science [--steps N] [key=value ...]
     sdftlab degrade quantize --from expert --to nf4
     sdftlab degrade prune --from expert --to pruned10 --ratio 0.1 [--importance taylor]
+    sdftlab cka --a forgot --b expert [--data science] [--actors 2] [--plot cka.png]
     sdftlab lineage [tree | list | show NAME | rm NAME]
 
 Global: `--home DIR` (worlds and the default lineage; `$SDFTLAB_HOME`, else `./.sdftlab`) and
@@ -153,6 +154,18 @@ def cmd_degrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cka(args: argparse.Namespace) -> int:
+    from sdftlab.cka.run import run_cli
+    from sdftlab.world.build import current_world
+
+    try:
+        data_dir = current_world(_home(args)).data_dir
+    except SdftlabError:
+        data_dir = None
+    print(run_cli(args, _lineage(args), data_dir))
+    return 0
+
+
 def cmd_lineage(args: argparse.Namespace) -> int:
     lineage = _lineage(args)
     if args.action == "tree":
@@ -216,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     deg.add_argument("--no-double-quant", action="store_true")
     deg.add_argument("overrides", nargs="*", metavar="key=value", help="sft config overrides")
     deg.set_defaults(func=cmd_degrade)
+
+    from sdftlab.cka.run import add_cli_arguments
+
+    cka = sub.add_parser("cka", help="per-layer CKA between two states on the same inputs")
+    add_cli_arguments(cka)
+    cka.set_defaults(func=cmd_cka)
 
     lin = sub.add_parser("lineage", help="show the model states as a tree")
     lin.add_argument("action", nargs="?", default="tree", choices=["tree", "list", "show", "rm"])

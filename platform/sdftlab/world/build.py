@@ -20,14 +20,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from sdftlab.config import WorldConfig
 from sdftlab.data.loaders import write_task_file
 from sdftlab.errors import LineageError
 from sdftlab.lineage import Lineage
 from sdftlab.world import tasks
-from sdftlab.world.model import build_tiny_model, packed_batches, pretrain
+from sdftlab.world.model import (
+    Batch,
+    build_tiny_model,
+    copy_accuracy,
+    packed_batches,
+    padded_batches,
+    pretrain,
+)
 from sdftlab.world.tokenizer import train_tokenizer
 
 TASK_FILES = ("science", "tooluse", "mmlu", "winogrande")
@@ -200,13 +205,22 @@ def build_world(
         model = build_tiny_model(cfg.model, tokenizer, cfg.seed)
         log(f"  parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
         batch_for_step = _curriculum(cfg, tokenizer, facts, data)
-        losses = pretrain(model, batch_for_step, cfg.pretrain, log=log)
+        probes = tasks.copy_accuracy_probe(random.Random(cfg.seed + 6))
+        losses = pretrain(
+            model,
+            batch_for_step,
+            cfg.pretrain,
+            log=log,
+            probe=lambda: copy_accuracy(model, tokenizer, probes),
+        )
+        meta_copy = copy_accuracy(model, tokenizer, probes)
 
         meta = {
             "hash": digest,
             "config": cfg.model_dump(mode="json"),
             "rows": {t: {s: len(r) for s, r in splits.items()} for t, splits in data.items()},
             "pretrain_final_loss": sum(losses[-50:]) / len(losses[-50:]),
+            "copy_accuracy": meta_copy,
             "build_seconds": round(time.perf_counter() - t0, 1),
         }
         (staging / WORLD_META).write_text(json.dumps(meta, indent=2))
@@ -224,7 +238,10 @@ def build_world(
         kind="world",
         overwrite=overwrite or lineage.exists("base"),
         config={"world_hash": digest, "world_dir": str(directory), "world": meta["config"]},
-        metrics={"pretrain/loss": meta["pretrain_final_loss"]},
+        metrics={
+            "pretrain/loss": meta["pretrain_final_loss"],
+            "pretrain/copy_acc": meta["copy_accuracy"],
+        },
     )
     _point_current(home, digest)
     log(f"world {digest} built in {time.perf_counter() - t0:.0f}s; `base` saved to {lineage.root}")
@@ -252,8 +269,8 @@ def _render_row(task: str, row: dict) -> str:
     return tasks.winogrande_text(row)
 
 
-def _curriculum(cfg: WorldConfig, tokenizer, facts, data) -> Callable[[int], torch.Tensor]:
-    """Batches for each step: copy spans first, then the full mixture."""
+def _curriculum(cfg: WorldConfig, tokenizer, facts, data) -> Callable[[int], Batch]:
+    """Batches for each step: copy spans first (one per row), then the packed full mixture."""
     p = cfg.pretrain
     eos = [tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     rng = random.Random(cfg.seed + 4)
@@ -266,7 +283,7 @@ def _curriculum(cfg: WorldConfig, tokenizer, facts, data) -> Callable[[int], tor
         for _, text in pretrain_documents(facts, data, cfg.seed + 5):
             yield tokenizer(_render(tokenizer, text, rng))["input_ids"] + eos
 
-    copy_batches = packed_batches(copy_docs(), p.batch_size, p.max_len)
+    copy_batches = padded_batches(copy_docs(), p.copy_batch_size, eos[0])
     mix_batches = packed_batches(mixture_docs(), p.batch_size, p.max_len)
     switch = int(p.copy_curriculum_frac * p.steps)
     return lambda step: next(copy_batches) if step < switch else next(mix_batches)

@@ -50,9 +50,12 @@ def build_tiny_model(
     return model
 
 
+Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids_BT, labels_BT)
+
+
 def packed_batches(
     documents: Iterator[list[int]], batch_size: int, seq_len: int
-) -> Iterator[torch.Tensor]:
+) -> Iterator[Batch]:
     """Pack token documents end to end into [batch_size, seq_len] windows (no padding)."""
     buffer: list[int] = []
     need = batch_size * seq_len
@@ -60,7 +63,25 @@ def packed_batches(
         buffer.extend(doc)
         while len(buffer) >= need:
             window, buffer = buffer[:need], buffer[need:]
-            yield torch.tensor(window, dtype=torch.long).view(batch_size, seq_len)
+            ids_BT = torch.tensor(window, dtype=torch.long).view(batch_size, seq_len)
+            yield ids_BT, ids_BT
+
+
+def padded_batches(documents: Iterator[list[int]], batch_size: int, pad_id: int) -> Iterator[Batch]:
+    """One document per row, right-padded (labels -100 on padding), each starting at position 0.
+
+    The copy curriculum uses these: packed windows put earlier documents' words in context,
+    which gives induction wrong targets and delays in-context copying by hundreds of steps.
+    """
+    while True:
+        rows = [next(documents) for _ in range(batch_size)]
+        width = max(map(len, rows))
+        ids_BT = torch.full((batch_size, width), pad_id, dtype=torch.long)
+        labels_BT = torch.full((batch_size, width), -100, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids_BT[i, : len(row)] = torch.tensor(row)
+            labels_BT[i, : len(row)] = torch.tensor(row)
+        yield ids_BT, labels_BT
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
@@ -71,13 +92,33 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+@torch.no_grad()
+def copy_accuracy(
+    model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerBase, probes: list[tuple[str, str]]
+) -> float:
+    """Greedy next-token accuracy on the repeated half of copy probes (1.0 = perfect copying)."""
+    was_training = model.training
+    model.eval()
+    hits = total = 0
+    for prefix, full in probes:
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        k = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        logits_TV = model(input_ids=torch.tensor([ids])).logits[0]
+        predicted = logits_TV[k - 1 : -1].argmax(-1)
+        hits += int((predicted == torch.tensor(ids[k:])).sum())
+        total += len(ids) - k
+    model.train(was_training)
+    return hits / max(1, total)
+
+
 def pretrain(
     model: Qwen2ForCausalLM,
-    batch_for_step: Callable[[int], torch.Tensor],
+    batch_for_step: Callable[[int], Batch],
     cfg: PretrainConfig,
     log: Callable[[str], None] = print,
+    probe: Callable[[], float] | None = None,
 ) -> list[float]:
-    """Next-token pretraining; `batch_for_step(step)` gives the [B, T] token ids. Returns losses."""
+    """Next-token pretraining; `batch_for_step(step)` gives (ids, labels) [B, T]. Returns losses."""
     torch.set_num_threads(cfg.threads)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -96,19 +137,20 @@ def pretrain(
     for step in range(cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        ids_BT = batch_for_step(step)
+        ids_BT, labels_BT = batch_for_step(step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            loss = model(input_ids=ids_BT, labels=ids_BT).loss
+            loss = model(input_ids=ids_BT, labels=labels_BT).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
-        if step % 100 == 0 or step == cfg.steps - 1:
+        if (step + 1) % 100 == 0 or step == cfg.steps - 1:
             window = losses[-50:]
+            copying = f"  copy-acc {probe():.2f}" if probe is not None else ""
             log(
                 f"  pretrain step {step + 1:5d}/{cfg.steps}  loss {sum(window) / len(window):.3f}"
-                f"  {time.perf_counter() - start:6.1f}s"
+                f"{copying}  {time.perf_counter() - start:6.1f}s"
             )
     model.eval()
     return losses

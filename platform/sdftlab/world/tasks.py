@@ -509,10 +509,33 @@ def winogrande_text(row: dict) -> str:
 # ----------------------------------------------------------------------------- pretraining
 
 
+# Every general word of the world (no science compound): the copy curriculum's vocabulary.
+# A wide vocabulary keeps spans unambiguous, which is what lets induction heads form early.
+COPY_WORDS = tuple(
+    sorted(
+        set(_FILLER + _CITIES + _GENRES + _NAMES + _COUNTRIES + _CAPITALS + _NUMBER_WORDS)
+        | set(_ANIMAL_SOUNDS)
+        | set(_ANIMAL_SOUNDS.values())
+        | set(_OPPOSITES)
+        | set(_OPPOSITES.values())
+        | {w for noun in _WINO_NOUNS for w in noun.split()}
+    )
+)
+
+
 def copy_document(rng: random.Random) -> str:
     """A span of 5–20 random words, repeated: the curriculum that grows induction heads."""
-    span = " ".join(rng.choice(_FILLER + _CITIES + _GENRES) for _ in range(rng.randint(5, 20)))
+    span = " ".join(rng.choice(COPY_WORDS) for _ in range(rng.randint(5, 20)))
     return f"{span} | {span}"
+
+
+def copy_accuracy_probe(rng: random.Random, n: int = 32) -> list[tuple[str, str]]:
+    """(first half, full text) pairs: how well a model predicts the repeated half."""
+    out = []
+    for _ in range(n):
+        span = " ".join(rng.choice(COPY_WORDS) for _ in range(12))
+        out.append((f"{span} |", f"{span} | {span}"))
+    return out
 
 
 def _random_response(rng: random.Random) -> str:

@@ -1,0 +1,41 @@
+"""The `sdftlab` command wires the library: degrade prune/quantize, cka, lineage."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdftlab.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_degrade_prune_then_cka_through_the_cli(small_world, capsys):
+    _, lineage, home = small_world
+    base = ["--home", str(home), "--lineage", lineage.root]
+    code = main([*base, "degrade", "prune", "--from", "base", "--to", "cli_pruned",
+                 "--ratio", "0.5", "--multiple-of", "8"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "cli_pruned  <prune>" in out
+    width = lineage.meta("base").config["world"]["model"]["intermediate_size"]
+    assert lineage.meta("cli_pruned").config["new_width"] == width // 2
+
+    code = main([*base, "cka", "--a", "cli_pruned", "--b", "base", "--data", "science",
+                 "--limit", "8", "--layers", "last"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "CKA of cli_pruned with base" in out
+    recorded = lineage.meta("cli_pruned").metrics
+    assert 0.0 < recorded["cka/base/last_layer"] <= 1.0
+
+
+def test_degrade_errors_are_one_line_and_write_nothing(small_world, capsys):
+    _, lineage, home = small_world
+    base = ["--home", str(home), "--lineage", lineage.root]
+    before = lineage.names()
+    assert main([*base, "degrade", "prune", "--from", "base", "--to", "bad", "--ratio", "1.5"]) == 2
+    assert "ratio" in capsys.readouterr().err
+    assert main([*base, "degrade", "prune", "--from", "base", "--to", "bad", "--ratio", "0.99",
+                 "--multiple-of", "64"]) == 2  # fmt: skip
+    assert "leaves 0" in capsys.readouterr().err
+    assert main([*base, "degrade", "sft", "--from", "base", "--to", "bad", "--data", "chess"]) == 2
+    assert "chess" in capsys.readouterr().err
+    assert lineage.names() == before
