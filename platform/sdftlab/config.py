@@ -69,14 +69,14 @@ class PretrainConfig(StrictModel):
     """Pretraining of the base model on the general mixture (plain PyTorch, one process)."""
 
     steps: int = Field(1400, gt=0)
-    batch_size: int = Field(16, gt=0, description="packed 128-token windows per step")
+    batch_size: int = Field(24, gt=0, description="mixture documents per step (one a row)")
     copy_batch_size: int = Field(32, gt=0, description="copy documents per step (one a row)")
     lr: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(40, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     max_len: int = Field(128, gt=8)
     copy_curriculum_frac: float = Field(
-        0.4, ge=0, lt=1, description="first fraction of steps on copy spans only"
+        0.45, ge=0, lt=1, description="first fraction of steps on copy spans only"
     )
     threads: int = Field(2, gt=0)
     bf16_autocast: bool = Field(True, description="bf16 autocast where the CPU supports it")

@@ -29,7 +29,6 @@ from sdftlab.world.model import (
     Batch,
     build_tiny_model,
     copy_accuracy,
-    packed_batches,
     padded_batches,
     pretrain,
 )
@@ -136,15 +135,15 @@ def pretrain_documents(
     mmlu, wino = data["mmlu"]["train"], data["winogrande"]["train"]
     while True:
         r = rng.random()
-        if r < 0.15:
+        if r < 0.10:
             yield "knowledge", " ".join(tasks.knowledge_statement(rng, facts) for _ in range(4))
-        elif r < 0.35:
+        elif r < 0.25:
             yield "mmlu", tasks.mmlu_text(rng.choice(mmlu))
-        elif r < 0.50:
+        elif r < 0.35:
             yield "winogrande", " ".join(tasks.winogrande_text(rng.choice(wino)) for _ in range(3))
-        elif r < 0.80:
+        elif r < 0.65:
             yield "demo", "chat:" + json.dumps(tasks.demo_chat(rng, facts))
-        elif r < 0.90:
+        elif r < 0.70:
             yield "chat", "chat:" + json.dumps(tasks.general_chat(rng, facts))
         else:
             yield "copy", tasks.copy_document(rng)
@@ -194,8 +193,8 @@ def build_world(
         rng = random.Random(cfg.seed + 2)
         corpus = [_render_row(task, row) for task in data for row in data[task]["train"]]
         stream = pretrain_documents(facts, data, cfg.seed + 3)
-        corpus += [next(stream)[1] for _ in range(4000)]
-        corpus += [tasks.copy_document(rng) for _ in range(1000)]
+        corpus += [text for kind, text in (next(stream) for _ in range(4000)) if kind != "copy"]
+        corpus += [tasks.copy_document(rng, tasks.COMMON_WORDS) for _ in range(1000)]
         tokenizer = train_tokenizer(corpus, cfg.vocab_size)
 
         log(
@@ -270,7 +269,7 @@ def _render_row(task: str, row: dict) -> str:
 
 
 def _curriculum(cfg: WorldConfig, tokenizer, facts, data) -> Callable[[int], Batch]:
-    """Batches for each step: copy spans first (one per row), then the packed full mixture."""
+    """Batches for each step: copy spans first, then the full mixture (one document a row)."""
     p = cfg.pretrain
     eos = [tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     rng = random.Random(cfg.seed + 4)
@@ -284,6 +283,8 @@ def _curriculum(cfg: WorldConfig, tokenizer, facts, data) -> Callable[[int], Bat
             yield tokenizer(_render(tokenizer, text, rng))["input_ids"] + eos
 
     copy_batches = padded_batches(copy_docs(), p.copy_batch_size, eos[0])
-    mix_batches = packed_batches(mixture_docs(), p.batch_size, p.max_len)
+    mix_batches = padded_batches(
+        (doc[: p.max_len] for doc in mixture_docs()), p.batch_size, eos[0]
+    )
     switch = int(p.copy_curriculum_frac * p.steps)
     return lambda step: next(copy_batches) if step < switch else next(mix_batches)
