@@ -64,7 +64,7 @@ def test_unknown_names_fail_with_the_known_list(tmp_path, tiny):
     store = Lineage(tmp_path / "lin")
     store.save("base", model, tok, kind="world")
     store.save("expert", model, tok, kind="sft", parents=["base"])
-    with pytest.raises(LineageError, match="unknown state 'exprt'.*known states: base, expert"):
+    with pytest.raises(LineageError, match=r"unknown state 'exprt'.*known states: base, expert"):
         store.load_model("exprt")
     with pytest.raises(LineageError, match="unknown state 'nope'"):
         store.save("child", model, tok, kind="sft", parents=["nope"])
@@ -75,7 +75,7 @@ def test_existing_name_and_bad_names_are_refused(tmp_path, tiny):
     model, tok = tiny
     store = Lineage(tmp_path / "lin")
     store.save("base", model, tok, kind="world")
-    with pytest.raises(LineageError, match="already exists.*overwrite"):
+    with pytest.raises(LineageError, match=r"already exists.*overwrite"):
         store.save("base", model, tok, kind="world")
     with pytest.raises(LineageError, match="not allowed"):
         store.save("../escape", model, tok, kind="world")

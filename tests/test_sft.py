@@ -26,9 +26,8 @@ def test_labels_cover_the_response_and_end_of_turn_only(tiny_tokenizer):
     assert batch["attention_mask"][1].sum() < batch["attention_mask"][0].sum()
 
 
-def test_masking_the_prompt_changes_the_loss(tiny_tokenizer):
-    """The loss is over assistant tokens only: identical responses, different prompts, same labels."""
-    torch.manual_seed(0)
+def test_labels_do_not_depend_on_the_prompt(tiny_tokenizer):
+    """Loss is on assistant tokens only: same response, different prompts → same labels."""
     a = tokenize_chat(tiny_tokenizer, [{"role": "user", "content": "a b c"}], "done .", 64)
     b = tokenize_chat(tiny_tokenizer, [{"role": "user", "content": "a b c d e f"}], "done .", 64)
     assert [x for x in a["labels"] if x != IGNORE] == [x for x in b["labels"] if x != IGNORE]
@@ -52,7 +51,7 @@ def test_replay_mixes_in_at_the_requested_share(small_world):
     world, _, _ = small_world
     cfg = SFTConfig(data=["science"], replay_frac=0.25)
     rows = sft_rows("science", cfg, world.data_dir)
-    n_task = sum(1 for _ in open(world.task_file("science", "train")))
+    n_task = len(world.task_file("science", "train").read_text().splitlines())
     assert len(rows) == n_task + round(n_task / 3)
     with pytest.raises(ConfigError, match="no replay data"):
         sft_rows("science", cfg.model_copy(update={"replay_data": "/nope.jsonl"}), world.data_dir)

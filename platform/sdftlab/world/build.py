@@ -283,8 +283,6 @@ def _curriculum(cfg: WorldConfig, tokenizer, facts, data) -> Callable[[int], Bat
             yield tokenizer(_render(tokenizer, text, rng))["input_ids"] + eos
 
     copy_batches = padded_batches(copy_docs(), p.copy_batch_size, eos[0])
-    mix_batches = padded_batches(
-        (doc[: p.max_len] for doc in mixture_docs()), p.batch_size, eos[0]
-    )
+    mix_batches = padded_batches((doc[: p.max_len] for doc in mixture_docs()), p.batch_size, eos[0])
     switch = int(p.copy_curriculum_frac * p.steps)
     return lambda step: next(copy_batches) if step < switch else next(mix_batches)
