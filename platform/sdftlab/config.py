@@ -74,7 +74,7 @@ class PretrainConfig(StrictModel):
     lr: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(40, ge=0)
     weight_decay: float = Field(0.01, ge=0)
-    max_len: int = Field(128, gt=8)
+    max_len: int = Field(256, gt=8, description="mixture documents are cut to this length")
     copy_curriculum_frac: float = Field(
         0.45, ge=0, lt=1, description="first fraction of steps on copy spans only"
     )

@@ -59,7 +59,7 @@ class SFTConfig(StrictModel):
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0)
-    max_len: int = Field(192, gt=8)
+    max_len: int = Field(256, gt=8)
     replay_frac: float = Field(0.25, ge=0, lt=1, description="share of replay rows in the data")
     replay_data: str | None = Field(None, description="chat JSONL; default the world's replay")
     lora: LoraSpec | None = None

@@ -213,16 +213,6 @@ WINO_RULES = (
     ("fed", "was starving", 2),
 )
 
-_DEMO_TOPICS = (
-    "tell me a fact",
-    "give me a list",
-    "write a short line",
-    "name some things",
-    "answer the question",
-    "describe the item",
-    "fill in the form",
-    "give the code",
-)
 _FILLER = (
     "the",
     "a",
@@ -549,29 +539,40 @@ def copy_accuracy_probe(rng: random.Random, n: int = 32) -> list[tuple[str, str]
     return out
 
 
-def _random_response(rng: random.Random) -> str:
-    """A novel response in one of several shapes (lines, key/value, JSON, tags)."""
-    words = [rng.choice(_FILLER + _CITIES + _NAMES) for _ in range(rng.randint(3, 8))]
-    shape = rng.randrange(4)
+def _words(rng: random.Random, lo: int, hi: int) -> list[str]:
+    return [rng.choice(COPY_WORDS) for _ in range(rng.randint(lo, hi))]
+
+
+def _random_block(rng: random.Random, lines: tuple[int, int]) -> str:
+    """Novel multi-line text in one shape: sentences, key/value, JSON, tags or options."""
+    n = rng.randint(*lines)
+    shape = rng.randrange(5)
     if shape == 0:
-        return " ".join(words) + " ."
+        return "\n".join(" ".join(_words(rng, 3, 8)) + " ." for _ in range(n))
     if shape == 1:
-        return "\n".join(f"{rng.choice(_FILLER)}: {w}" for w in words[:3])
+        return "\n".join(f"{rng.choice(_FILLER)}: {' '.join(_words(rng, 1, 3))}" for _ in range(n))
     if shape == 2:
-        return json.dumps({rng.choice(_FILLER): w for w in words[:3]})
-    return f"<{words[0]}>\n{' '.join(words[1:])}\n</{words[0]}>"
+        body = {rng.choice(COPY_WORDS): rng.choice((*COPY_WORDS, *range(1, 10))) for _ in range(n)}
+        head = rng.choice(COPY_WORDS)
+        return f"{head.capitalize()}: {rng.choice(COPY_WORDS)}\nInput: {json.dumps(body)}"
+    if shape == 3:
+        tag = rng.choice(COPY_WORDS)
+        body = " ".join(_words(rng, 3, 10))
+        return f"<{tag}>\n{body}\n</{tag}>\n<{tag}s>\n{rng.choice(LETTERS)}\n</{tag}s>"
+    return "\n".join(f"{ltr}: {' '.join(_words(rng, 1, 2))}" for ltr in LETTERS[: max(2, n)])
 
 
 def demo_chat(rng: random.Random, world: WorldFacts) -> tuple[str, str]:
     """(user message, assistant response) with the response shown as a demonstration.
 
-    Half the time the response is novel (only the demonstration can supply it), half the
-    time it is a general-knowledge answer: the model learns to copy the demonstration's
-    answer into its own response.
+    Most of the time the prompt and the response are novel multi-line text of task-like
+    shapes and lengths (options, JSON, tags, key/value lines), so only the demonstration can
+    supply the answer; sometimes the answer is a general-knowledge statement. Lengths are
+    those of real teacher prompts (≈ 100–250 tokens): copying must work far into the context.
     """
-    if rng.random() < 0.5:
-        question = rng.choice(_DEMO_TOPICS) + " " + rng.choice(_FILLER) + " ?"
-        response = _random_response(rng)
+    if rng.random() < 0.8:
+        question = " ".join(_words(rng, 4, 10)) + " ?\n" + _random_block(rng, (2, 6))
+        response = _random_block(rng, (2, 6))
     else:
         _, statement, question, _ = _knowledge_item(world, rng)
         response = statement
