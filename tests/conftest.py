@@ -16,6 +16,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "sdft_reference_eval"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_ray_per_module():
+    """Each test module gets its own local Ray: actors a module leaves behind cannot hold the
+    next module's CPUs (a 2-core machine has no slack)."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     facts = tasks.WorldFacts.generate(seed=0)

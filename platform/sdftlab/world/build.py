@@ -193,7 +193,11 @@ def build_world(
         rng = random.Random(cfg.seed + 2)
         corpus = [_render_row(task, row) for task in data for row in data[task]["train"]]
         stream = pretrain_documents(facts, data, cfg.seed + 3)
-        corpus += [text for kind, text in (next(stream) for _ in range(4000)) if kind != "copy"]
+        # The vocabulary comes from the world's natural text, not from the synthetic copy and
+        # demonstration documents: rarer names then stay split into several tokens, as rare
+        # words are in real text, and that is what lets in-context copying emerge early.
+        natural = (text for kind, text in stream if kind not in ("copy", "demo"))
+        corpus += [next(natural) for _ in range(3000)]
         corpus += [tasks.copy_document(rng, tasks.COMMON_WORDS) for _ in range(1000)]
         tokenizer = train_tokenizer(corpus, cfg.vocab_size)
 
