@@ -27,6 +27,17 @@ def _fresh_ray_per_module():
         ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny matmuls gain nothing from threads, and lose 50x to OpenMP on a busy 2-core box."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     facts = tasks.WorldFacts.generate(seed=0)

@@ -59,13 +59,7 @@ def tiny_qwen(tok, hidden: int, layers: int, seed: int) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config).to(torch.float64).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Models this small gain nothing from threads, and lose a lot on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
