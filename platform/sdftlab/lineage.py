@@ -176,14 +176,7 @@ class Lineage:
         overwrite: bool = False,
     ) -> StateMeta:
         """Register an already-written HF directory as state `name` (copied, atomically)."""
-        check_name(name)
-        for parent in parents or []:
-            self.require(parent)
-        if self.exists(name) and not overwrite:
-            raise LineageError(
-                f"state {name!r} already exists in {self.root}; choose another name or pass "
-                "overwrite=True (`--overwrite`) to replace it"
-            )
+        self.check_new(name, parents=parents or [], overwrite=overwrite)
         src = Path(directory)
         if any(p.suffix in {".bin", ".pt", ".pth", ".pkl"} for p in src.iterdir()):
             raise LineageError(
@@ -222,6 +215,20 @@ class Lineage:
         else:
             self.fs.move(staging, final)
         return meta
+
+    def check_new(self, name: str, *, parents: list[str], overwrite: bool = False) -> None:
+        """Before any work: `name` is a valid, free name (or `overwrite`), and not one of its
+        `parents`, which all exist."""
+        check_name(name)
+        for parent in parents:
+            self.require(parent)
+        if name in parents:
+            raise LineageError(f"dst {name!r} is the source state; a stage writes a new state")
+        if self.exists(name) and not overwrite:
+            raise LineageError(
+                f"state {name!r} already exists in {self.root}; choose another name or pass "
+                "overwrite=True (`--overwrite`) to replace it"
+            )
 
     def _write_meta(self, state_dir: str, meta: StateMeta) -> None:
         tmp = f"{state_dir}/{META_FILE}.{uuid.uuid4().hex[:8]}.tmp"

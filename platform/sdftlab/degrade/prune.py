@@ -40,8 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from sdftlab.errors import ConfigError, LineageError
-from sdftlab.lineage import check_name
+from sdftlab.errors import ConfigError
 
 if TYPE_CHECKING:
     from sdftlab.lineage import Lineage, StateMeta
@@ -362,15 +361,7 @@ def prune_state(
     check_ratio(ratio)
     check_multiple_of(multiple_of)
     _check_importance(importance, calibration)
-    check_name(dst)
-    lineage.require(src)
-    if dst == src:
-        raise LineageError(f"dst {dst!r} is the source state; pruning writes a new state")
-    if lineage.exists(dst) and not overwrite:
-        raise LineageError(
-            f"state {dst!r} already exists in {lineage.root}; choose another name or pass "
-            "overwrite=True (`--overwrite`) to replace it"
-        )
+    lineage.check_new(dst, parents=[src], overwrite=overwrite)
     config = json.loads((lineage.local_path(src) / "config.json").read_text())
     if is_quantized(config):
         raise ConfigError(

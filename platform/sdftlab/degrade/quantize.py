@@ -42,8 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from sdftlab.errors import ConfigError, LineageError
-from sdftlab.lineage import check_name
+from sdftlab.errors import ConfigError
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -187,15 +186,7 @@ def quantize_state(
     or written. On CPU (no GPU visible) the weights are quantized by bitsandbytes' CPU
     kernels; on a GPU machine they are loaded onto GPU 0.
     """
-    check_name(dst)
-    lineage.require(src)
-    if dst == src:
-        raise LineageError(f"dst {dst!r} is the source state; quantizing writes a new state")
-    if lineage.exists(dst) and not overwrite:
-        raise LineageError(
-            f"state {dst!r} already exists in {lineage.root}; choose another name or pass "
-            "overwrite=True (`--overwrite`) to replace it"
-        )
+    lineage.check_new(dst, parents=[src], overwrite=overwrite)
     quantization_config = bnb_config(quant_type, double_quant, compute_dtype)
     config = json.loads((lineage.local_path(src) / "config.json").read_text())
     if is_quantized(config):

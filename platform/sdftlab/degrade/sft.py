@@ -29,7 +29,7 @@ from sdftlab.config import StrictModel
 from sdftlab.data.chat import ChatTokenizer, count_assistant_tokens, example_to_row
 from sdftlab.data.loaders import iter_jsonl, load_task_file
 from sdftlab.errors import ConfigError
-from sdftlab.lineage import Lineage, StateMeta, check_name
+from sdftlab.lineage import Lineage, StateMeta
 
 
 class LoraSpec(StrictModel):
@@ -265,15 +265,9 @@ def run_sft(
     from sdftlab.raycluster import ensure_ray, storage_path
 
     # Validate everything before any work: names, parents, data, assistant tokens.
-    check_name(dst)
-    lineage.require(src)
     names = [dst if r == cfg.n_rounds - 1 else f"{dst}-r{r + 1}" for r in range(cfg.n_rounds)]
     for name in names:
-        check_name(name)
-        if lineage.exists(name) and not overwrite:
-            from sdftlab.errors import LineageError
-
-            raise LineageError(f"state {name!r} already exists; pick another --to or --overwrite")
+        lineage.check_new(name, parents=[src], overwrite=overwrite)
     tokenizer = lineage.load_tokenizer(src)
     round_rows = {}
     for entry in dict.fromkeys(cfg.data):
