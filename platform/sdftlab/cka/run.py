@@ -39,7 +39,7 @@ import pandas as pd
 
 from sdftlab.cka.capture import relative_depth_map
 from sdftlab.cka.pool import cka_local, cka_over_dataset
-from sdftlab.data.loaders import load_task_file
+from sdftlab.data.loaders import load_task_file, task_source
 from sdftlab.errors import ConfigError, DataError
 from sdftlab.lineage import Lineage
 
@@ -172,16 +172,8 @@ def format_table(df: pd.DataFrame, title: str | None = None) -> str:
 
 def load_examples(spec: str, data_dir: Path | None, limit: int | None = None) -> list[Any]:
     """``science`` (the world's eval split) or ``science=PATH`` → TaskExamples."""
-    task, sep, path = spec.partition("=")
-    task = task.strip()
-    if sep:
-        return load_task_file(Path(path), task, limit=limit)
-    if data_dir is None:
-        raise ConfigError(
-            f"--data {spec!r}: no tiny world to take the {task} eval split from; build one "
-            f"(`sdftlab world build`) or give a file: --data {task}=PATH"
-        )
-    return load_task_file(Path(data_dir) / f"{task}_eval.jsonl", task, limit=limit)
+    task, path = task_source(spec, data_dir, "eval")
+    return load_task_file(path, task, limit=limit)
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:

@@ -390,3 +390,22 @@ def _dump_row(path: Path, index: int, row: Any) -> str:
             f"{path} row {index + 1}: not JSON-serialisable ({exc}); convert the values "
             "to str/int/float/bool/list/dict"
         ) from exc
+
+
+def world_task_file(data_dir: Path, task: str, split: str) -> Path:
+    """Where the tiny world keeps a task's split: `<data_dir>/<task>_<split>.jsonl`."""
+    return Path(data_dir) / f"{task}_{split}.jsonl"
+
+
+def task_source(spec: str, data_dir: Path | None, split: str) -> tuple[str, Path]:
+    """`task` → the built world's file for `split`; `task=PATH` → PATH."""
+    task, sep, path = spec.partition("=")
+    task = task.strip()
+    if sep:
+        return task, Path(path)
+    if data_dir is None:
+        raise ConfigError(
+            f"data {spec!r}: no tiny world to take the {task} {split} split from; build one "
+            f"(`sdftlab world build`) or give a file: {task}=PATH"
+        )
+    return task, world_task_file(data_dir, task, split)

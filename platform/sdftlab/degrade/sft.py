@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 
 from sdftlab.config import StrictModel
 from sdftlab.data.chat import ChatTokenizer, count_assistant_tokens, example_to_row
-from sdftlab.data.loaders import iter_jsonl, load_task_file
+from sdftlab.data.loaders import iter_jsonl, load_task_file, task_source, world_task_file
 from sdftlab.errors import ConfigError
 from sdftlab.lineage import Lineage, StateMeta
 
@@ -87,29 +87,16 @@ class SFTConfig(StrictModel):
         return self.rounds or len(self.data)
 
 
-def resolve_data(entry: str, data_dir: Path | None) -> tuple[str, Path]:
-    """`science` → the world's science_train.jsonl; `science=PATH` → PATH."""
-    task, sep, path = entry.partition("=")
-    if sep:
-        return task, Path(path)
-    if data_dir is None:
-        raise ConfigError(
-            f"data: {entry!r} names a world task but no world is built; "
-            "run `sdftlab world build` or write task=PATH"
-        )
-    return task, data_dir / f"{task}_train.jsonl"
-
-
 def sft_rows(entry: str, cfg: SFTConfig, data_dir: Path | None) -> list[dict[str, str]]:
     """Task rows of one data entry plus replay rows at `cfg.replay_frac`, shuffled (seeded)."""
     import random
 
-    task, path = resolve_data(entry, data_dir)
+    task, path = task_source(entry, data_dir, "train")
     rows = [example_to_row(ex) for ex in load_task_file(path, task)]
     if cfg.replay_frac > 0:
         replay_path = Path(cfg.replay_data) if cfg.replay_data else None
         if replay_path is None and data_dir is not None:
-            replay_path = data_dir / "replay_train.jsonl"
+            replay_path = world_task_file(data_dir, "replay", "train")
         if replay_path is None or not replay_path.is_file():
             raise ConfigError(
                 f"replay_frac={cfg.replay_frac} but no replay data at {replay_path}; "

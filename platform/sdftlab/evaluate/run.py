@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from sdftlab.data.loaders import load_task_file
+from sdftlab.data.loaders import load_task_file, world_task_file
 from sdftlab.errors import DataError
 from sdftlab.evaluate.general import GENERAL_TASKS, general_capability
 from sdftlab.evaluate.tasks import task_accuracy
@@ -39,7 +39,7 @@ def parse_tasks(spec: str | Sequence[str]) -> list[str]:
 def default_task_files(
     data_dir: Path, tasks: Sequence[str], split: str = "eval"
 ) -> dict[str, Path]:
-    return {t: data_dir / f"{t}_{split}.jsonl" for t in tasks}
+    return {t: world_task_file(data_dir, t, split) for t in tasks}
 
 
 def evaluate_model(

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdftlab.config import WorldConfig
-from sdftlab.data.loaders import write_task_file
+from sdftlab.data.loaders import world_task_file, write_task_file
 from sdftlab.errors import LineageError
 from sdftlab.lineage import Lineage
 from sdftlab.world import tasks
@@ -50,7 +50,7 @@ class World:
         return self.directory / "data"
 
     def task_file(self, task: str, split: str) -> Path:
-        return self.data_dir / f"{task}_{split}.jsonl"
+        return world_task_file(self.data_dir, task, split)
 
 
 def sdftlab_home() -> Path:
@@ -101,9 +101,11 @@ def generate_data(cfg: WorldConfig, out_dir: Path) -> dict[str, dict[str, list[d
                 break
         data[task] = {"train": train, "eval": evaluation[: sizes.eval]}
         for split, rows in data[task].items():
-            write_task_file(out_dir / f"{task}_{split}.jsonl", rows)
+            write_task_file(world_task_file(out_dir, task, split), rows)
     # Replay: general chat (half with a demonstration in context) mixed into SFT batches.
-    write_task_file(out_dir / "replay_train.jsonl", replay_rows(facts, cfg.replay_rows, rng))
+    write_task_file(
+        world_task_file(out_dir, "replay", "train"), replay_rows(facts, cfg.replay_rows, rng)
+    )
     return data
 
 
