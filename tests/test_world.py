@@ -8,6 +8,7 @@ import random
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from sdftlab.config import DEFAULT_MIXTURE
 from sdftlab.data.loaders import load_task_file
 from sdftlab.data.templates import teacher_messages
 from sdftlab.errors import LineageError
@@ -63,10 +64,18 @@ def test_science_facts_never_appear_in_pretraining():
         "mmlu": {"train": tasks.mmlu_rows(facts, 50, random.Random(0))},
         "winogrande": {"train": tasks.winogrande_rows(50, random.Random(0))},
     }
-    stream = pretrain_documents(facts, data, 0)
-    text = " ".join(next(stream)[1] for _ in range(2000))
+    shadows = tasks.shadow_worlds(1, 8, facts)
+    stream = pretrain_documents(facts, data, 0, DEFAULT_MIXTURE, shadows)
+    docs = [next(stream) for _ in range(2000)]
+    text = " ".join(t for _, t in docs)
     assert not any(compound in text for compound in facts.compounds)
-    assert "This is an example for a response to the question" in text  # demo-use is taught
+    # Demonstration use is taught in the teacher's own format, on shadow-world tasks.
+    shadow_names = {c for s in shadows for c in s.compounds}
+    task_demos = [t for kind, t in docs if kind == "task_demo"]
+    assert task_demos and all("This is an example for a response" in t for t in task_demos)
+    assert any(name in t for t in task_demos for name in shadow_names)
+    counts = {kind: sum(k == kind for k, _ in docs) for kind in DEFAULT_MIXTURE}
+    assert abs(counts["task_demo"] / 2000 - DEFAULT_MIXTURE["task_demo"]) < 0.04
 
 
 def test_tokenizer_round_trips_task_text_and_has_a_chat_template(tiny_tokenizer):

@@ -48,7 +48,9 @@ class TinyModelConfig(StrictModel):
     num_heads: int = Field(4, gt=0)
     num_kv_heads: int = Field(2, gt=0)
     intermediate_size: int = Field(512, gt=0)
-    max_position_embeddings: int = Field(256, gt=0)
+    max_position_embeddings: int = Field(
+        512, gt=0, description="teacher prompt + completion must fit (RoPE, no extra weights)"
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyModelConfig:
@@ -65,6 +67,18 @@ class TinyModelConfig(StrictModel):
         return self
 
 
+# Document kinds of the pretraining mixture (see `world.build.pretrain_documents`).
+DEFAULT_MIXTURE = {
+    "knowledge": 0.10,  # world facts as plain statements
+    "mmlu": 0.20,  # MMLU-format questions with their answer letter
+    "winogrande": 0.10,  # Winogrande sentences with the right option filled in
+    "demo": 0.10,  # novel multi-line text shown as a demonstration, then reproduced
+    "task_demo": 0.25,  # shadow-world science/tool-use prompts in the SDFT teacher format
+    "chat": 0.05,  # general-knowledge chat without a demonstration
+    "copy": 0.20,  # repeated spans: keeps the copying circuit alive
+}
+
+
 class PretrainConfig(StrictModel):
     """Pretraining of the base model on the general mixture (plain PyTorch, one process)."""
 
@@ -78,8 +92,30 @@ class PretrainConfig(StrictModel):
     copy_curriculum_frac: float = Field(
         0.45, ge=0, lt=1, description="first fraction of steps on copy spans only"
     )
+    copy_gap_words: int = Field(
+        0, ge=0, description="up to this many unrelated words between copy-span repetitions"
+    )
+    demo_phase_frac: float = Field(
+        0.0, ge=0, lt=1, description="fraction of steps after the copy phase on task_demo only"
+    )
     threads: int = Field(2, gt=0)
     bf16_autocast: bool = Field(True, description="bf16 autocast where the CPU supports it")
+    mixture: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_MIXTURE),
+        description="weights of the document kinds after the copy phase (normalised)",
+    )
+
+    @model_validator(mode="after")
+    def _known_kinds(self) -> PretrainConfig:
+        unknown = sorted(set(self.mixture) - set(DEFAULT_MIXTURE))
+        if unknown:
+            raise ValueError(
+                f"mixture has unknown document kinds {unknown}; "
+                f"use some of {sorted(DEFAULT_MIXTURE)}"
+            )
+        if any(w < 0 for w in self.mixture.values()) or sum(self.mixture.values()) <= 0:
+            raise ValueError("mixture weights must be >= 0 with a positive sum")
+        return self
 
 
 class SplitSizes(StrictModel):

@@ -29,6 +29,7 @@ from sdftlab.world.model import (
     Batch,
     build_tiny_model,
     copy_accuracy,
+    length_bucketed_batches,
     padded_batches,
     pretrain,
 )
@@ -130,28 +131,39 @@ def _chat(tokenizer, user: str, assistant: str, system: str | None = None) -> st
 
 
 def pretrain_documents(
-    facts: tasks.WorldFacts, data: dict[str, dict[str, list[dict]]], seed: int
+    facts: tasks.WorldFacts,
+    data: dict[str, dict[str, list[dict]]],
+    seed: int,
+    mixture: dict[str, float],
+    shadows: tuple[tasks.WorldFacts, ...],
+    copy_gap: int = 0,
 ) -> Iterator[tuple[str, str]]:
-    """An endless seeded stream of (kind, text) pretraining documents: the general mixture."""
+    """An endless seeded stream of (kind, text) pretraining documents drawn by `mixture` weight.
+
+    Chat documents are JSON after a `chat:` (user, assistant) or `messages:` (full list) prefix
+    and get the chat template when rendered.
+    """
     rng = random.Random(seed)
     mmlu, wino = data["mmlu"]["train"], data["winogrande"]["train"]
+    make = {
+        "knowledge": lambda: " ".join(tasks.knowledge_statement(rng, facts) for _ in range(4)),
+        "mmlu": lambda: tasks.mmlu_text(rng.choice(mmlu)),
+        "winogrande": lambda: " ".join(tasks.winogrande_text(rng.choice(wino)) for _ in range(3)),
+        "demo": lambda: "chat:" + json.dumps(tasks.demo_chat(rng, facts)),
+        "task_demo": lambda: "messages:" + json.dumps(tasks.task_demo_chat(rng, shadows)),
+        "chat": lambda: "chat:" + json.dumps(tasks.general_chat(rng, facts)),
+        "copy": lambda: tasks.copy_document(rng, max_gap=copy_gap),
+    }
+    kinds = [k for k, w in mixture.items() if w > 0]
+    weights = [mixture[k] for k in kinds]
     while True:
-        r = rng.random()
-        if r < 0.10:
-            yield "knowledge", " ".join(tasks.knowledge_statement(rng, facts) for _ in range(4))
-        elif r < 0.25:
-            yield "mmlu", tasks.mmlu_text(rng.choice(mmlu))
-        elif r < 0.35:
-            yield "winogrande", " ".join(tasks.winogrande_text(rng.choice(wino)) for _ in range(3))
-        elif r < 0.65:
-            yield "demo", "chat:" + json.dumps(tasks.demo_chat(rng, facts))
-        elif r < 0.70:
-            yield "chat", "chat:" + json.dumps(tasks.general_chat(rng, facts))
-        else:
-            yield "copy", tasks.copy_document(rng)
+        kind = rng.choices(kinds, weights)[0]
+        yield kind, make[kind]()
 
 
 def _render(tokenizer, text: str, rng: random.Random) -> str:
+    if text.startswith("messages:"):
+        return tokenizer.apply_chat_template(json.loads(text[9:]), tokenize=False)
     if text.startswith("chat:"):
         user, assistant = json.loads(text[5:])
         system = rng.choice((None, None, "You are a helpful assistant .", tasks.SCIENCE_SYSTEM))
@@ -194,11 +206,12 @@ def build_world(
         log(f"[2/3] tokenizer: byte-level BPE, vocab {cfg.vocab_size}")
         rng = random.Random(cfg.seed + 2)
         corpus = [_render_row(task, row) for task in data for row in data[task]["train"]]
-        stream = pretrain_documents(facts, data, cfg.seed + 3)
+        shadows = tasks.shadow_worlds(cfg.seed + 7, 64, facts)
+        stream = pretrain_documents(facts, data, cfg.seed + 3, cfg.pretrain.mixture, shadows)
         # The vocabulary comes from the world's natural text, not from the synthetic copy and
         # demonstration documents: rarer names then stay split into several tokens, as rare
         # words are in real text, and that is what lets in-context copying emerge early.
-        natural = (text for kind, text in stream if kind not in ("copy", "demo"))
+        natural = (text for kind, text in stream if kind not in ("copy", "demo", "task_demo"))
         corpus += [next(natural) for _ in range(3000)]
         corpus += [tasks.copy_document(rng, tasks.COMMON_WORDS) for _ in range(1000)]
         tokenizer = train_tokenizer(corpus, cfg.vocab_size)
@@ -209,7 +222,7 @@ def build_world(
         )
         model = build_tiny_model(cfg.model, tokenizer, cfg.seed)
         log(f"  parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
-        batch_for_step = _curriculum(cfg, tokenizer, facts, data)
+        batch_for_step = _curriculum(cfg, tokenizer, facts, data, shadows)
         probes = tasks.copy_accuracy_probe(random.Random(cfg.seed + 6))
         losses = pretrain(
             model,
@@ -274,21 +287,39 @@ def _render_row(task: str, row: dict) -> str:
     return tasks.winogrande_text(row)
 
 
-def _curriculum(cfg: WorldConfig, tokenizer, facts, data) -> Callable[[int], Batch]:
-    """Batches for each step: copy spans first, then the full mixture (one document a row)."""
+def _curriculum(cfg: WorldConfig, tokenizer, facts, data, shadows) -> Callable[[int], Batch]:
+    """Batches for each step: copy spans first, then the full mixture (one document a row,
+    rows of similar length batched together so little compute goes to padding)."""
     p = cfg.pretrain
     eos = [tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     rng = random.Random(cfg.seed + 4)
 
     def copy_docs() -> Iterator[list[int]]:
         while True:
-            yield tokenizer(tasks.copy_document(rng))["input_ids"] + eos
+            yield tokenizer(tasks.copy_document(rng, max_gap=p.copy_gap_words))["input_ids"] + eos
 
     def mixture_docs() -> Iterator[list[int]]:
-        for _, text in pretrain_documents(facts, data, cfg.seed + 5):
+        stream = pretrain_documents(facts, data, cfg.seed + 5, p.mixture, shadows, p.copy_gap_words)
+        for _, text in stream:
+            yield tokenizer(_render(tokenizer, text, rng))["input_ids"] + eos
+
+    def demo_docs() -> Iterator[list[int]]:
+        for _, text in pretrain_documents(facts, data, cfg.seed + 8, {"task_demo": 1.0}, shadows):
             yield tokenizer(_render(tokenizer, text, rng))["input_ids"] + eos
 
     copy_batches = padded_batches(copy_docs(), p.copy_batch_size, eos[0])
-    mix_batches = padded_batches((doc[: p.max_len] for doc in mixture_docs()), p.batch_size, eos[0])
-    switch = int(p.copy_curriculum_frac * p.steps)
-    return lambda step: next(copy_batches) if step < switch else next(mix_batches)
+    mix_batches = length_bucketed_batches(
+        (doc[: p.max_len] for doc in mixture_docs()), p.batch_size, eos[0], random.Random(cfg.seed)
+    )
+    demo_batches = length_bucketed_batches(
+        (doc[: p.max_len] for doc in demo_docs()), p.batch_size, eos[0], random.Random(cfg.seed)
+    )
+    copy_end = int(p.copy_curriculum_frac * p.steps)
+    demo_end = copy_end + int(p.demo_phase_frac * p.steps)
+
+    def batch_for_step(step: int) -> Batch:
+        if step < copy_end:
+            return next(copy_batches)
+        return next(demo_batches) if step < demo_end else next(mix_batches)
+
+    return batch_for_step

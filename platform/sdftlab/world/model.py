@@ -14,6 +14,7 @@ SDFT needs a teacher that copies from the demonstration in its prompt.
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable, Iterator
 
@@ -82,6 +83,26 @@ def padded_batches(documents: Iterator[list[int]], batch_size: int, pad_id: int)
             ids_BT[i, : len(row)] = torch.tensor(row)
             labels_BT[i, : len(row)] = torch.tensor(row)
         yield ids_BT, labels_BT
+
+
+def length_bucketed_batches(
+    documents: Iterator[list[int]],
+    batch_size: int,
+    pad_id: int,
+    rng: random.Random,
+    pool_batches: int = 8,
+) -> Iterator[Batch]:
+    """`padded_batches` over a pool of documents sorted by length, batches yielded shuffled.
+
+    A mixture of 40-token questions and 250-token teacher prompts padded together wastes most
+    of a step on padding; grouping similar lengths cuts the cost without changing the data.
+    """
+    while True:
+        pool = sorted((next(documents) for _ in range(batch_size * pool_batches)), key=len)
+        chunks = [pool[i : i + batch_size] for i in range(0, len(pool), batch_size)]
+        rng.shuffle(chunks)
+        for chunk in chunks:
+            yield next(padded_batches(iter(chunk), batch_size, pad_id))
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:

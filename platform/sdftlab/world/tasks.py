@@ -34,7 +34,8 @@ import json
 import random
 from dataclasses import dataclass
 
-from sdftlab.data.templates import DEMO_TEMPLATE
+from sdftlab.data.loaders import row_to_example
+from sdftlab.data.templates import DEMO_TEMPLATE, teacher_messages
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -276,10 +277,12 @@ SCIENCE_SYSTEM = (
 )
 
 
-def _compound_names(rng: random.Random, n: int) -> list[str]:
+def _compound_names(rng: random.Random, n: int, avoid: frozenset[str]) -> list[str]:
     names: set[str] = set()
     while len(names) < n:
-        names.add(rng.choice(_SYLLABLES) + rng.choice(_SYLLABLES) + rng.choice(_SUFFIXES))
+        name = rng.choice(_SYLLABLES) + rng.choice(_SYLLABLES) + rng.choice(_SUFFIXES)
+        if name not in avoid:
+            names.add(name)
     return sorted(names)
 
 
@@ -306,9 +309,11 @@ class WorldFacts:
     capitals: dict[str, str]
 
     @staticmethod
-    def generate(seed: int, n_compounds: int = 24) -> WorldFacts:
+    def generate(
+        seed: int, n_compounds: int = 24, avoid: frozenset[str] = frozenset()
+    ) -> WorldFacts:
         rng = random.Random(seed)
-        compounds = tuple(_compound_names(rng, n_compounds))
+        compounds = tuple(_compound_names(rng, n_compounds, avoid))
         science = {
             (c, rel): rng.choice(objects)
             for c in compounds
@@ -520,14 +525,20 @@ COPY_WORDS = tuple(
 COMMON_WORDS = _FILLER + _CITIES + _GENRES
 
 
-def copy_document(rng: random.Random, words: tuple[str, ...] = COPY_WORDS) -> str:
+def copy_document(rng: random.Random, words: tuple[str, ...] = COPY_WORDS, max_gap: int = 0) -> str:
     """A span of 5–20 random words, repeated 2–4 times: the curriculum that grows induction heads.
 
     Every repetition after the first is predictable only by looking back at the earlier one,
-    so each document carries several copies' worth of signal for in-context copying.
+    so each document carries several copies' worth of signal for in-context copying. With
+    `max_gap`, up to that many unrelated words separate the repetitions, so copying is also
+    learnt across the distance between a demonstration and the answer in a teacher prompt.
     """
     span = " ".join(rng.choice(words) for _ in range(rng.randint(5, 20)))
-    return " | ".join([span] * rng.randint(2, 4))
+    parts = [span]
+    for _ in range(rng.randint(1, 3)):
+        gap = " ".join(rng.choice(words) for _ in range(rng.randint(0, max_gap)))
+        parts += [f"{gap} ::" if gap else "", span] if max_gap else [span]
+    return " | ".join(p for p in parts if p)
 
 
 def copy_accuracy_probe(rng: random.Random, n: int = 32) -> list[tuple[str, str]]:
@@ -577,6 +588,33 @@ def demo_chat(rng: random.Random, world: WorldFacts) -> tuple[str, str]:
         _, statement, question, _ = _knowledge_item(world, rng)
         response = statement
     return DEMO_TEMPLATE.format(prompt=question, demonstration=response), response
+
+
+def task_demo_chat(rng: random.Random, shadows: tuple[WorldFacts, ...]) -> list[dict[str, str]]:
+    """A science or tool-use prompt of a *shadow* world, in the exact SDFT teacher format.
+
+    The shadow worlds share the real world's names and tools but not its facts, so the only
+    way to answer is to use the demonstration in context: this is what teaches the base model
+    to be a teacher (the paper's Qwen2.5-Instruct already is one). The messages are those the
+    teacher sees in SDFT (system prompt, `DEMO_TEMPLATE`), the assistant turn the demonstration.
+    """
+    shadow = rng.choice(shadows)
+    task = "science" if rng.random() < 0.5 else "tooluse"
+    row = science_example(shadow, rng) if task == "science" else tooluse_example(shadow, rng)
+    example = row_to_example("shadow world", task, 0, row)
+    return [
+        *teacher_messages(example),
+        {"role": "assistant", "content": example.demonstration},
+    ]
+
+
+def shadow_worlds(seed: int, n: int, real: WorldFacts) -> tuple[WorldFacts, ...]:
+    """`n` worlds with the real world's tools and relations, independent facts, and compound
+    names the real world does not use (so no real science fact leaks into pretraining)."""
+    rng = random.Random(seed)
+    avoid = frozenset(real.compounds)
+    size = len(real.compounds)
+    return tuple(WorldFacts.generate(rng.randrange(2**31), size, avoid) for _ in range(n))
 
 
 def general_chat(rng: random.Random, world: WorldFacts) -> tuple[str, str]:

