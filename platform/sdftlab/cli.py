@@ -109,7 +109,6 @@ def cmd_degrade(args: argparse.Namespace) -> int:
     lineage = _lineage(args)
     if args.op == "sft":
         from sdftlab.degrade.sft import SFTConfig, run_sft
-        from sdftlab.world.build import current_world
 
         overrides = list(args.overrides)
         if args.data:
@@ -119,11 +118,14 @@ def cmd_degrade(args: argparse.Namespace) -> int:
         if args.rounds:
             overrides.append(f"rounds={args.rounds}")
         cfg = load_config(SFTConfig, args.config, overrides, section="sft" if args.config else None)
-        try:
-            data_dir = current_world(_home(args)).data_dir
-        except SdftlabError:
-            data_dir = None
-        run_sft(lineage, args.src, args.dst, cfg, data_dir=data_dir, overwrite=args.overwrite)
+        run_sft(
+            lineage,
+            args.src,
+            args.dst,
+            cfg,
+            data_dir=_world_data_dir(args),
+            overwrite=args.overwrite,
+        )
     elif args.op == "prune":
         from sdftlab.degrade.prune import prune_state
 
@@ -150,6 +152,42 @@ def cmd_degrade(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
         print(json.dumps(meta.config))
+    print(lineage.tree())
+    return 0
+
+
+def _world_data_dir(args: argparse.Namespace) -> Path | None:
+    from sdftlab.world.build import current_world
+
+    try:
+        return current_world(_home(args)).data_dir
+    except SdftlabError:
+        return None
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from sdftlab.config import load_config
+    from sdftlab.distill.sdft import RecoverConfig, recover
+
+    overrides = list(args.overrides)
+    if args.teacher:
+        overrides.append(f"teacher={args.teacher}")
+    if args.data:
+        overrides.append(f"data=[{args.data}]")
+    if args.steps:
+        overrides.append(f"steps={args.steps}")
+    cfg = load_config(
+        RecoverConfig, args.config, overrides, section="recover" if args.config else None
+    )
+    lineage = _lineage(args)
+    recover(
+        lineage,
+        args.student,
+        args.dst,
+        cfg,
+        data_dir=_world_data_dir(args),
+        overwrite=args.overwrite,
+    )
     print(lineage.tree())
     return 0
 
@@ -229,6 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     deg.add_argument("--no-double-quant", action="store_true")
     deg.add_argument("overrides", nargs="*", metavar="key=value", help="sft config overrides")
     deg.set_defaults(func=cmd_degrade)
+
+    rec = sub.add_parser("recover", help="SDFT recovery of a state from a teacher")
+    rec.add_argument("--student", required=True, help="the degraded state")
+    rec.add_argument("--teacher", help="state name, model path, `ema` or `live` (default expert)")
+    rec.add_argument("--to", dest="dst", required=True, help="the new state's name")
+    rec.add_argument("--data", help="tasks (comma separated; world train split) or task=PATH")
+    rec.add_argument("--steps", type=int)
+    rec.add_argument("--config", help="a YAML file (its `recover:` section)")
+    rec.add_argument("--overwrite", action="store_true")
+    rec.add_argument("overrides", nargs="*", metavar="key=value", help="RecoverConfig overrides")
+    rec.set_defaults(func=cmd_recover)
 
     from sdftlab.cka.run import add_cli_arguments
 

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -93,7 +93,10 @@ class PretrainConfig(StrictModel):
         0.45, ge=0, lt=1, description="first fraction of steps on copy spans only"
     )
     copy_gap_words: int = Field(
-        0, ge=0, description="up to this many unrelated words between copy-span repetitions"
+        0, ge=0, description="mixture copy docs: up to this many words between repetitions"
+    )
+    demo_loss: Literal["all", "assistant"] = Field(
+        "all", description="teacher-format documents: loss on every token or the answer only"
     )
     demo_phase_frac: float = Field(
         0.0, ge=0, lt=1, description="fraction of steps after the copy phase on task_demo only"

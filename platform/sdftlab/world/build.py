@@ -27,6 +27,7 @@ from sdftlab.lineage import Lineage
 from sdftlab.world import tasks
 from sdftlab.world.model import (
     Batch,
+    Doc,
     build_tiny_model,
     copy_accuracy,
     length_bucketed_batches,
@@ -287,32 +288,48 @@ def _render_row(task: str, row: dict) -> str:
     return tasks.winogrande_text(row)
 
 
+def _encode(
+    tokenizer, text: str, rng: random.Random, eos: list[int], assistant_only: bool
+) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one document; teacher-format chats may train on the answer only."""
+    ids = tokenizer(_render(tokenizer, text, rng))["input_ids"] + eos
+    if assistant_only and text.startswith("messages:"):
+        messages = json.loads(text[9:])
+        prompt = tokenizer.apply_chat_template(
+            messages[:-1], tokenize=False, add_generation_prompt=True
+        )
+        n = len(tokenizer(prompt)["input_ids"])
+        if ids[:n] == tokenizer(prompt)["input_ids"]:
+            return ids, [-100] * n + ids[n:]
+    return ids, ids
+
+
 def _curriculum(cfg: WorldConfig, tokenizer, facts, data, shadows) -> Callable[[int], Batch]:
-    """Batches for each step: copy spans first, then the full mixture (one document a row,
-    rows of similar length batched together so little compute goes to padding)."""
+    """Batches for each step: copy spans, then (optionally) teacher-format demonstrations only,
+    then the full mixture — one document a row, rows of similar length batched together so
+    little compute goes to padding."""
     p = cfg.pretrain
     eos = [tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     rng = random.Random(cfg.seed + 4)
+    assistant_only = p.demo_loss == "assistant"
 
-    def copy_docs() -> Iterator[list[int]]:
+    def copy_docs() -> Iterator[Doc]:
         while True:
-            yield tokenizer(tasks.copy_document(rng, max_gap=p.copy_gap_words))["input_ids"] + eos
+            ids = tokenizer(tasks.copy_document(rng))["input_ids"] + eos
+            yield ids, ids
 
-    def mixture_docs() -> Iterator[list[int]]:
-        stream = pretrain_documents(facts, data, cfg.seed + 5, p.mixture, shadows, p.copy_gap_words)
+    def docs(mixture: dict[str, float], seed: int) -> Iterator[Doc]:
+        stream = pretrain_documents(facts, data, seed, mixture, shadows, p.copy_gap_words)
         for _, text in stream:
-            yield tokenizer(_render(tokenizer, text, rng))["input_ids"] + eos
-
-    def demo_docs() -> Iterator[list[int]]:
-        for _, text in pretrain_documents(facts, data, cfg.seed + 8, {"task_demo": 1.0}, shadows):
-            yield tokenizer(_render(tokenizer, text, rng))["input_ids"] + eos
+            ids, labels = _encode(tokenizer, text, rng, eos, assistant_only)
+            yield ids[: p.max_len], labels[: p.max_len]
 
     copy_batches = padded_batches(copy_docs(), p.copy_batch_size, eos[0])
     mix_batches = length_bucketed_batches(
-        (doc[: p.max_len] for doc in mixture_docs()), p.batch_size, eos[0], random.Random(cfg.seed)
+        docs(p.mixture, cfg.seed + 5), p.batch_size, eos[0], random.Random(cfg.seed)
     )
     demo_batches = length_bucketed_batches(
-        (doc[: p.max_len] for doc in demo_docs()), p.batch_size, eos[0], random.Random(cfg.seed)
+        docs({"task_demo": 1.0}, cfg.seed + 8), p.batch_size, eos[0], random.Random(cfg.seed)
     )
     copy_end = int(p.copy_curriculum_frac * p.steps)
     demo_end = copy_end + int(p.demo_phase_frac * p.steps)

@@ -52,6 +52,7 @@ def build_tiny_model(
 
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids_BT, labels_BT)
+Doc = tuple[list[int], list[int]]  # (input ids, labels; -100 = no loss)
 
 
 def packed_batches(
@@ -68,7 +69,7 @@ def packed_batches(
             yield ids_BT, ids_BT
 
 
-def padded_batches(documents: Iterator[list[int]], batch_size: int, pad_id: int) -> Iterator[Batch]:
+def padded_batches(documents: Iterator[Doc], batch_size: int, pad_id: int) -> Iterator[Batch]:
     """One document per row, right-padded (labels -100 on padding), each starting at position 0.
 
     The copy curriculum uses these: packed windows put earlier documents' words in context,
@@ -76,17 +77,17 @@ def padded_batches(documents: Iterator[list[int]], batch_size: int, pad_id: int)
     """
     while True:
         rows = [next(documents) for _ in range(batch_size)]
-        width = max(map(len, rows))
+        width = max(len(ids) for ids, _ in rows)
         ids_BT = torch.full((batch_size, width), pad_id, dtype=torch.long)
         labels_BT = torch.full((batch_size, width), -100, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids_BT[i, : len(row)] = torch.tensor(row)
-            labels_BT[i, : len(row)] = torch.tensor(row)
+        for i, (ids, labels) in enumerate(rows):
+            ids_BT[i, : len(ids)] = torch.tensor(ids)
+            labels_BT[i, : len(labels)] = torch.tensor(labels)
         yield ids_BT, labels_BT
 
 
 def length_bucketed_batches(
-    documents: Iterator[list[int]],
+    documents: Iterator[Doc],
     batch_size: int,
     pad_id: int,
     rng: random.Random,
@@ -98,7 +99,9 @@ def length_bucketed_batches(
     of a step on padding; grouping similar lengths cuts the cost without changing the data.
     """
     while True:
-        pool = sorted((next(documents) for _ in range(batch_size * pool_batches)), key=len)
+        pool = sorted(
+            (next(documents) for _ in range(batch_size * pool_batches)), key=lambda d: len(d[0])
+        )
         chunks = [pool[i : i + batch_size] for i in range(0, len(pool), batch_size)]
         rng.shuffle(chunks)
         for chunk in chunks:

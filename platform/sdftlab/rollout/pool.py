@@ -1,0 +1,130 @@
+"""A pool of vLLM engines as Ray actors: on-policy rollouts, teacher scoring, weight sync.
+
+Each actor loads one state once (`VLLMEngine`); the pool splits a batch of prompts across
+actors, and pushes new weights to all of them from one object-store copy (`ray.put` once,
+one `collective_rpc` per actor with every tensor in it). On a cluster, give actors GPUs with
+`gpus_per_actor`; on a laptop they share the CPUs with the train workers.
+
+    >>> pool = RolloutPool.start(lineage.local_path("forgot"), actors=2, cpus_per_actor=0.5)
+    >>> completions = pool.generate(prompt_ids, SamplingSettings(n=1, max_new_tokens=64))
+    >>> seconds = pool.sync(named_tensors)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdftlab.rollout.engines import Completion, SamplingSettings, TopKRows, VLLMEngine
+
+
+class RolloutServer:
+    """The actor body: one `VLLMEngine`."""
+
+    def __init__(self, model_path: str, seed: int, engine_kwargs: dict[str, Any]) -> None:
+        import os
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.engine = VLLMEngine(model_path, seed=seed, **engine_kwargs)
+
+    def startup_seconds(self) -> float:
+        return self.engine.startup_s
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Completion]:
+        return self.engine.generate(prompts, sampling)
+
+    def score(self, sequences: list[list[int]], starts: list[int], k: int) -> list[TopKRows]:
+        return self.engine.score(sequences, starts, k)
+
+    def load_weights(self, named: Mapping[str, torch.Tensor]) -> float:
+        return self.engine.load_weights(named)
+
+    def named_weight(self, name: str) -> torch.Tensor:
+        return self.engine.named_weight(name)
+
+
+def _split(n: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) chunks of n items over `parts` (first ones one larger)."""
+    base, extra = divmod(n, parts)
+    bounds, start = [], 0
+    for i in range(parts):
+        end = start + base + (1 if i < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+class RolloutPool:
+    """Handles to rollout actors (picklable: Ray Train workers receive the pool itself)."""
+
+    def __init__(self, actors: list[Any]) -> None:
+        self.actors = actors
+
+    @classmethod
+    def start(
+        cls,
+        model_path: str | Path,
+        *,
+        actors: int = 1,
+        cpus_per_actor: float = 0.5,
+        gpus_per_actor: float = 0.0,
+        seed: int = 0,
+        engine_kwargs: dict[str, Any] | None = None,
+    ) -> RolloutPool:
+        import ray
+
+        remote = ray.remote(RolloutServer).options(
+            num_cpus=cpus_per_actor,
+            num_gpus=gpus_per_actor,
+            runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}},
+        )
+        handles = [
+            remote.remote(str(model_path), seed + i, engine_kwargs or {}) for i in range(actors)
+        ]
+        ray.get([h.startup_seconds.remote() for h in handles])  # wait until all are up
+        return cls(handles)
+
+    def generate(
+        self, prompts: Sequence[list[int]], sampling: SamplingSettings
+    ) -> list[Completion]:
+        """Completions for `prompts` (n per prompt, in prompt order), spread over the actors."""
+        import ray
+
+        chunks = [(a, b) for a, b in _split(len(prompts), len(self.actors)) if b > a]
+        futures = [
+            actor.generate.remote(list(prompts[a:b]), sampling)
+            for actor, (a, b) in zip(self.actors, chunks, strict=False)
+        ]
+        return [c for part in ray.get(futures) for c in part]
+
+    def score(
+        self, sequences: Sequence[list[int]], starts: Sequence[int], k: int
+    ) -> list[TopKRows]:
+        import ray
+
+        chunks = [(a, b) for a, b in _split(len(sequences), len(self.actors)) if b > a]
+        futures = [
+            actor.score.remote(list(sequences[a:b]), list(starts[a:b]), k)
+            for actor, (a, b) in zip(self.actors, chunks, strict=False)
+        ]
+        return [rows for part in ray.get(futures) for rows in part]
+
+    def sync(self, named: Mapping[str, torch.Tensor]) -> float:
+        """Push weights to every actor in memory; wall seconds until all have them."""
+        import ray
+
+        t0 = time.perf_counter()
+        ref = ray.put({k: v.detach().cpu().contiguous() for k, v in named.items()})
+        ray.get([actor.load_weights.remote(ref) for actor in self.actors])
+        return time.perf_counter() - t0
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
