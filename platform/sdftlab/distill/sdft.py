@@ -38,7 +38,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from sdftlab.config import StrictModel
 from sdftlab.data.loaders import iter_jsonl, row_to_example, task_source
@@ -61,14 +61,15 @@ class RolloutSpec(StrictModel):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, description="completion budget per rollout")
 
-    @model_validator(mode="after")
-    def _budget(self) -> RolloutSpec:
-        if self.max_new_tokens <= 0:
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _budget(cls, value: int) -> int:
+        if value <= 0:
             raise ValueError(
-                f"max_new_tokens={self.max_new_tokens}: the completion budget must be at least 1 "
-                "token (the reference uses up to 2048 on real models; 64 fits the tiny world)"
+                "the completion budget must be at least 1 token (the reference uses up to "
+                "2048 on real models; 64 fits the tiny world)"
             )
-        return self
+        return value
 
 
 class LossSpec(StrictModel):

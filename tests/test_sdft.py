@@ -1,0 +1,214 @@
+"""SDFT engine: sequence packing, LoRA weight sync, validation, vLLM weight sync, end-to-end runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdftlab.config import load_config
+from sdftlab.distill.sdft import (
+    RecoverConfig,
+    check_same_vocabulary,
+    check_task_files,
+    completion_forward,
+    named_weights_for_sync,
+    recover,
+)
+from sdftlab.errors import ConfigError, DataError, LineageError
+from sdftlab.world import tasks
+
+
+def test_completion_forward_matches_unpadded_single_rows(small_world, torch_one_thread):
+    _, lineage, _ = small_world
+    model = lineage.load_model("base").eval()
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    completions = [[12, 13], [14, 15, 16, 17]]
+    with torch.no_grad():
+        logits_BCV, valid_BC, hidden = completion_forward(
+            model, prompts, completions, pad_id=0, device=torch.device("cpu"), hidden_layers=[-1]
+        )
+        assert valid_BC.tolist() == [[True, True, False, False], [True, True, True, True]]
+        for b, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+            alone = model(input_ids=torch.tensor([p + c]), output_hidden_states=True)
+            want = alone.logits[0, len(p) - 1 : len(p) + len(c) - 1]
+            assert torch.allclose(logits_BCV[b, : len(c)], want, atol=1e-5)
+            want_h = alone.hidden_states[-1][0, len(p) - 1 : len(p) + len(c) - 1]
+            assert torch.allclose(hidden[0][b, : len(c)], want_h, atol=1e-5)
+
+
+def test_lora_sync_weights_equal_the_merged_model(small_world, torch_one_thread):
+    from peft import LoraConfig, get_peft_model
+
+    _, lineage, _ = small_world
+    model = get_peft_model(
+        lineage.load_model("base"),
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], task_type="CAUSAL_LM"
+        ),
+    )
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at 0; make the adapter do something
+            torch.nn.init.normal_(p, std=0.1)
+    named = named_weights_for_sync(model)
+    merged = model.merge_and_unload().state_dict()
+    assert set(named) == {n for n in merged if n.endswith(("q_proj.weight", "down_proj.weight"))}
+    for name, tensor in named.items():
+        assert torch.allclose(tensor, merged[name], atol=1e-6), name
+
+
+def test_full_sync_weights_are_every_parameter_but_the_tied_head(small_world):
+    _, lineage, _ = small_world
+    model = lineage.load_model("base")
+    named = named_weights_for_sync(model)
+    assert "model.embed_tokens.weight" in named and not any(n.startswith("lm_head") for n in named)
+    assert len(named) == len([n for n in model.state_dict() if not n.startswith("lm_head")])
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_completion_budget_of_zero_is_one_clear_error():
+    with pytest.raises(ConfigError, match=r"rollout\.max_new_tokens.*at least 1"):
+        load_config(RecoverConfig, None, ["rollout.max_new_tokens=0"])
+
+
+def test_vllm_scoring_needs_top_k_and_cka_needs_exact_scoring():
+    with pytest.raises(ConfigError, match=r"loss\.topk"):
+        load_config(RecoverConfig, None, ["scoring=vllm"])
+    with pytest.raises(ConfigError, match="scoring=exact"):
+        load_config(RecoverConfig, None, ["scoring=vllm", "loss.topk=5", "loss.cka_weight=0.1"])
+
+
+def test_empty_demonstration_names_file_and_line(tmp_path):
+    facts = tasks.WorldFacts.generate(0)
+    import random
+
+    rows = tasks.science_rows(facts, 3, random.Random(0))
+    rows[1]["golden_response"] = []
+    path = tmp_path / "science.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"science\.jsonl:2: empty demonstration"):
+        check_task_files([("science", path)])
+
+
+def test_unknown_teacher_lists_the_known_states(small_world, tmp_path):
+    _, lineage, _ = small_world
+    cfg = load_config(RecoverConfig, None, ["teacher=nonesuch"])
+    with pytest.raises(LineageError, match="nonesuch.*base"):
+        recover(lineage, "base", "r-unknown", cfg, data_dir=tmp_path)
+
+
+def test_teacher_with_another_vocabulary_is_rejected(small_world, tmp_path, tiny_tokenizer):
+    from sdftlab.world.model import build_tiny_model
+    from sdftlab.config import TinyModelConfig
+
+    _, lineage, _ = small_world
+    other = build_tiny_model(
+        TinyModelConfig(hidden_size=32, num_layers=1, intermediate_size=64), tiny_tokenizer, 0
+    )
+    other.save_pretrained(tmp_path / "other")
+    tiny_tokenizer.save_pretrained(tmp_path / "other")
+    with pytest.raises(ConfigError, match="another vocabulary"):
+        check_same_vocabulary(lineage, "base", tmp_path / "other")
+
+
+# ----------------------------------------------------------------------------- vLLM weight sync
+
+
+@pytest.mark.slow
+def test_vllm_log_probs_match_the_trainer_after_a_sync_and_not_before(small_world):
+    pytest.importorskip("vllm")
+    from sdftlab.raycluster import ensure_ray
+    from sdftlab.rollout.pool import RolloutPool
+
+    _, lineage, _ = small_world
+    path = lineage.local_path("base")
+    model = lineage.load_model("base").eval()
+    prompt, completion = list(range(20, 40)), list(range(50, 62))
+
+    def trainer_logp() -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + completion])).logits[0]
+        logp = F.log_softmax(logits[len(prompt) - 1 : -1].float(), -1)
+        return logp.gather(-1, torch.tensor(completion).unsqueeze(-1)).squeeze(-1)
+
+    def engine_logp(pool) -> torch.Tensor:
+        rows = pool.score([prompt + completion], [len(prompt)], k=len(completion) + 400)[0]
+        return torch.tensor([dict(zip(ids, lps))[tok] for (ids, lps), tok in zip(rows, completion)])
+
+    ensure_ray(num_cpus=2)
+    pool = RolloutPool.start(path, actors=1, cpus_per_actor=0.5)
+    try:
+        assert torch.allclose(engine_logp(pool), trainer_logp(), atol=1e-4)
+        with torch.no_grad():  # an optimizer step's worth of change, trainer side only
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        stale = engine_logp(pool)
+        assert (stale - trainer_logp()).abs().max() > 1e-2  # differ before the sync
+        seconds = pool.sync(named_weights_for_sync(model))
+        # Tolerance: fp32 on both sides, different kernels: |Δ log p| ≤ 1e-4.
+        assert torch.allclose(engine_logp(pool), trainer_logp(), atol=1e-4)
+        assert seconds < 30
+    finally:
+        pool.shutdown()
+
+
+# ----------------------------------------------------------------------------- end to end
+
+FAST = [
+    "steps=3", "prompts_per_step=4", "rollout.max_new_tokens=12", "checkpoint_every=3",
+    "log_every=1", "warmup_steps=0", "lr=1e-2",
+]  # fmt: skip
+
+
+def _changed(lineage, a: str, b: str) -> float:
+    sa, sb = lineage.load_model(a).state_dict(), lineage.load_model(b).state_dict()
+    return max(float((sa[k] - sb[k]).abs().max()) for k in sa)
+
+
+@pytest.mark.slow
+def test_recover_on_vllm_rollouts_writes_a_state_with_metrics(small_world):
+    pytest.importorskip("vllm")
+    world, lineage, _ = small_world
+    cfg = load_config(RecoverConfig, None, [*FAST, "teacher=base", "data=[science,tooluse]"])
+    meta = recover(lineage, "base", "sdft-vllm", cfg, data_dir=world.data_dir, overwrite=True)
+    assert meta.parents == ["base"] and meta.kind == "sdft"
+    assert meta.metrics["sdft/divergence"] >= 0 and meta.metrics["sdft/tokens_per_s"] > 0
+    assert _changed(lineage, "base", "sdft-vllm") > 0
+
+
+@pytest.fixture(scope="module")
+def tutor(small_world):
+    """A second state with the student's vocabulary and other weights (a stand-in teacher)."""
+    _, lineage, _ = small_world
+    if not lineage.exists("tutor"):
+        model = lineage.load_model("base")
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        lineage.save("tutor", model, lineage.load_tokenizer("base"), kind="test", parents=["base"])
+    return "tutor"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["rollout.engine=hf", "teacher=ema", "ema_rate=0.5"],
+        ["rollout.engine=hf", "teacher=live", "loss.cka_weight=0.5", "loss.kind=jsd"],
+        ["mode=off_policy", "teacher=tutor", "loss.topk=8", "loss.kind=reverse_kl"],
+        ["rollout.engine=hf", "teacher=tutor", "teacher_context=bare", "lora.r=4", "rollout.n=2"],
+    ],
+    ids=["ema", "live-cka-jsd", "off-policy-topk", "bare-lora-n2"],
+)
+def test_recover_variants_run_end_to_end(small_world, tutor, overrides):
+    world, lineage, _ = small_world
+    cfg = load_config(RecoverConfig, None, [*FAST, "data=[science]", *overrides])
+    name = "sdft-" + "-".join(o.split("=")[1].strip("[]") for o in overrides[:2])
+    meta = recover(lineage, "base", name, cfg, data_dir=world.data_dir, overwrite=True)
+    assert meta.metrics["sdft/loss"] == meta.metrics["sdft/loss"]  # finite, not NaN
+    assert _changed(lineage, "base", name) > 0
