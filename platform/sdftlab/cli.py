@@ -192,6 +192,17 @@ def cmd_recover(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sdftlab.config import load_config
+    from sdftlab.lineage import Lineage
+    from sdftlab.pipelines.forgetting import ForgettingConfig, run_forgetting
+
+    cfg = load_config(ForgettingConfig, args.config, args.overrides)
+    lineage = _lineage(args) if args.lineage or not cfg.lineage else Lineage(cfg.lineage)
+    run_forgetting(cfg, lineage, _home(args))
+    return 0
+
+
 def cmd_cka(args: argparse.Namespace) -> int:
     from sdftlab.cka.run import run_cli
     from sdftlab.world.build import current_world
@@ -267,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     deg.add_argument("--no-double-quant", action="store_true")
     deg.add_argument("overrides", nargs="*", metavar="key=value", help="sft config overrides")
     deg.set_defaults(func=cmd_degrade)
+
+    demo = sub.add_parser("demo", help="the forgetting pipeline on the embedded tiny world")
+    demo.add_argument("--config", help="a ForgettingConfig YAML (default: built-in tiny world)")
+    demo.add_argument("overrides", nargs="*", metavar="key=value")
+    demo.set_defaults(func=cmd_demo)
 
     rec = sub.add_parser("recover", help="SDFT recovery of a state from a teacher")
     rec.add_argument("--student", required=True, help="the degraded state")

@@ -92,6 +92,9 @@ class PretrainConfig(StrictModel):
     copy_curriculum_frac: float = Field(
         0.45, ge=0, lt=1, description="first fraction of steps on copy spans only"
     )
+    copy_structured_frac: float = Field(
+        0.0, ge=0, le=1, description="copy phase: share of structured (multi-line) copies"
+    )
     copy_gap_words: int = Field(
         0, ge=0, description="mixture copy docs: up to this many words between repetitions"
     )

@@ -147,6 +147,7 @@ class VLLMEngine:
         kv_cache_bytes: int = 64 * 2**20,
         dtype: str = "float32",
         gpu_memory_utilization: float = 0.3,
+        max_logprobs: int = 20,
     ) -> None:
         # In-process engine core: `collective_rpc` then hands tensors to the worker without
         # serialising them, and the actor owns exactly one engine process.
@@ -167,6 +168,7 @@ class VLLMEngine:
             enforce_eager=True,
             worker_extension_cls=EXTENSION,
             trust_remote_code=False,
+            max_logprobs=max_logprobs,
             **kwargs,
         )
         self.startup_s = time.perf_counter() - t0
@@ -203,7 +205,8 @@ class VLLMEngine:
     def score(
         self, sequences: Sequence[list[int]], starts: Sequence[int], k: int
     ) -> list[TopKRows]:
-        """Top-k prompt log-probs at each position of `seq[start:]` (vLLM `prompt_logprobs=k`)."""
+        """Top-k prompt log-probs at each position of `seq[start:]` (vLLM `prompt_logprobs=k`),
+        plus the scored token's own log-prob where it falls outside the top k."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -215,9 +218,10 @@ class VLLMEngine:
         for seq, start, request in zip(sequences, starts, outputs, strict=True):
             rows: TopKRows = []
             for pos in range(start, len(seq)):
-                entries = request.prompt_logprobs[pos]  # dict token -> Logprob (top-k + actual)
-                top = sorted(entries.items(), key=lambda kv: kv[1].rank)[:k]
-                rows.append(([t for t, _ in top], [lp.logprob for _, lp in top]))
+                # dict token -> Logprob: the top k, plus the actual token when it is not among
+                # them (then k + 1 entries, the actual one last by rank)
+                entries = sorted(request.prompt_logprobs[pos].items(), key=lambda kv: kv[1].rank)
+                rows.append(([t for t, _ in entries], [lp.logprob for _, lp in entries]))
             out.append(rows)
         return out
 

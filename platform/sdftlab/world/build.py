@@ -315,8 +315,10 @@ def _curriculum(cfg: WorldConfig, tokenizer, facts, data, shadows) -> Callable[[
 
     def copy_docs() -> Iterator[Doc]:
         while True:
-            ids = tokenizer(tasks.copy_document(rng))["input_ids"] + eos
-            yield ids, ids
+            structured = rng.random() < p.copy_structured_frac
+            text = tasks.structured_copy_document(rng) if structured else tasks.copy_document(rng)
+            ids = tokenizer(text)["input_ids"] + eos
+            yield ids[: p.max_len], ids[: p.max_len]
 
     def docs(mixture: dict[str, float], seed: int) -> Iterator[Doc]:
         stream = pretrain_documents(facts, data, seed, mixture, shadows, p.copy_gap_words)

@@ -550,27 +550,44 @@ def copy_accuracy_probe(rng: random.Random, n: int = 32) -> list[tuple[str, str]
     return out
 
 
-def _words(rng: random.Random, lo: int, hi: int) -> list[str]:
-    return [rng.choice(COPY_WORDS) for _ in range(rng.randint(lo, hi))]
+def _words(rng: random.Random, lo: int, hi: int, pool: tuple[str, ...] = COPY_WORDS) -> list[str]:
+    return [rng.choice(pool) for _ in range(rng.randint(lo, hi))]
 
 
-def _random_block(rng: random.Random, lines: tuple[int, int]) -> str:
+def _random_block(
+    rng: random.Random, lines: tuple[int, int], pool: tuple[str, ...] = COPY_WORDS
+) -> str:
     """Novel multi-line text in one shape: sentences, key/value, JSON, tags or options."""
     n = rng.randint(*lines)
     shape = rng.randrange(5)
     if shape == 0:
-        return "\n".join(" ".join(_words(rng, 3, 8)) + " ." for _ in range(n))
+        return "\n".join(" ".join(_words(rng, 3, 8, pool)) + " ." for _ in range(n))
     if shape == 1:
-        return "\n".join(f"{rng.choice(_FILLER)}: {' '.join(_words(rng, 1, 3))}" for _ in range(n))
+        return "\n".join(
+            f"{rng.choice(pool)}: {' '.join(_words(rng, 1, 3, pool))}" for _ in range(n)
+        )
     if shape == 2:
-        body = {rng.choice(COPY_WORDS): rng.choice((*COPY_WORDS, *range(1, 10))) for _ in range(n)}
-        head = rng.choice(COPY_WORDS)
-        return f"{head.capitalize()}: {rng.choice(COPY_WORDS)}\nInput: {json.dumps(body)}"
+        body = {rng.choice(pool): rng.choice((*pool, *range(1, 10))) for _ in range(n)}
+        head = rng.choice(pool)
+        return f"{head.capitalize()}: {rng.choice(pool)}\nInput: {json.dumps(body)}"
     if shape == 3:
-        tag = rng.choice(COPY_WORDS)
-        body = " ".join(_words(rng, 3, 10))
+        tag = rng.choice(pool)
+        body = " ".join(_words(rng, 3, 10, pool))
         return f"<{tag}>\n{body}\n</{tag}>\n<{tag}s>\n{rng.choice(LETTERS)}\n</{tag}s>"
-    return "\n".join(f"{ltr}: {' '.join(_words(rng, 1, 2))}" for ltr in LETTERS[: max(2, n)])
+    return "\n".join(f"{ltr}: {' '.join(_words(rng, 1, 2, pool))}" for ltr in LETTERS[: max(2, n)])
+
+
+def structured_copy_document(rng: random.Random) -> str:
+    """A multi-line block over a handful of words (options, tags, JSON, key/value), twice.
+
+    Plain copy spans have a unique word at every position, so one token of context finds the
+    place to copy from. Real demonstrations do not: after `<answer>` and a newline comes the
+    letter, but a newline precedes every option letter in the prompt too. Copying such text
+    needs a match on more than the last token, which these documents teach.
+    """
+    pool = tuple(rng.sample(COPY_WORDS, rng.randint(3, 8)))
+    block = "\n".join(_random_block(rng, (2, 4), pool) for _ in range(rng.randint(1, 2)))
+    return f"{block}\n\n{block}"
 
 
 def demo_chat(rng: random.Random, world: WorldFacts) -> tuple[str, str]:

@@ -1,0 +1,141 @@
+"""Run reports: paper-style tables (report.md), results.parquet and PNG figures.
+
+`write_report` reads the metrics every stage recorded in the lineage, so a report can be
+(re)written from the lineage alone. Files are written to a temporary directory and moved
+into place, so an interrupted report never leaves a half-written one behind.
+
+    results.parquet   one row per state × metric (state, kind, parents, metric, value)
+    report.md         accuracy per stage and task, general capability, CKA and ΔCKA
+    accuracy.png      accuracy by stage;  cka_by_layer.png;  misalignment_vs_accuracy.png
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from sdftlab.lineage import Lineage
+
+TASK_COLUMNS = ("science/acc", "science/acc_demo", "tooluse/acc", "tooluse/acc_demo")
+GENERAL_COLUMNS = ("mmlu/acc", "winogrande/acc")
+
+
+def results_frame(lineage: Lineage, states: Sequence[str]) -> pd.DataFrame:
+    rows = []
+    for state in states:
+        meta = lineage.meta(state)
+        for metric, value in sorted(meta.metrics.items()):
+            rows.append(
+                {
+                    "state": state,
+                    "kind": meta.kind,
+                    "parents": ",".join(meta.parents),
+                    "metric": metric,
+                    "value": float(value),
+                }
+            )
+    return pd.DataFrame(rows, columns=["state", "kind", "parents", "metric", "value"])
+
+
+def _pct(x: float) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def _table(wide: pd.DataFrame, columns: Sequence[str], fmt=_pct) -> str:
+    present = [c for c in columns if c in wide.columns]
+    lines = ["| state | " + " | ".join(present) + " |", "|---|" + "---:|" * len(present)]
+    for state, row in wide.iterrows():
+        lines.append(f"| {state} | " + " | ".join(fmt(row.get(c)) for c in present) + " |")
+    return "\n".join(lines)
+
+
+def write_report(
+    out_dir: Path,
+    lineage: Lineage,
+    states: Sequence[str],
+    cka_frames: Mapping[str, pd.DataFrame],
+    *,
+    reference: str,
+    degraded: str,
+    timings: Mapping[str, float],
+    title: str,
+    accuracy_metric: str = "science/acc",
+) -> Path:
+    """Write report.md, results.parquet and the figures into `out_dir`; returns report.md."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sdftlab.cka.plots import plot_cka_by_layer, plot_misalignment_vs_accuracy
+    from sdftlab.cka.run import reference_label
+
+    df = results_frame(lineage, states)
+    wide = df.pivot_table(index="state", columns="metric", values="value").reindex(states)
+    label = reference_label(lineage, reference)
+    cka_col = f"cka/{label}/last_layer"
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        df.to_parquet(tmp / "results.parquet", index=False)
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        plot_cols = [c for c in (*TASK_COLUMNS[::2], *GENERAL_COLUMNS) if c in wide.columns]
+        (100 * wide[plot_cols]).plot.bar(ax=ax)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title("accuracy by stage")
+        fig.tight_layout()
+        fig.savefig(tmp / "accuracy.png", dpi=120)
+        plt.close(fig)
+
+        lines = [f"# {title}", ""]
+        lines += ["## Task accuracy (%)", "", _table(wide, TASK_COLUMNS), ""]
+        lines += ["## General capability (%, lm-eval)", "", _table(wide, GENERAL_COLUMNS), ""]
+        if cka_frames:
+            plot_cka_by_layer(cka_frames, reference, tmp / "cka_by_layer.png")
+            base_cka = wide.loc[degraded, cka_col] if cka_col in wide.columns else float("nan")
+            lines += [f"## CKA to `{reference}` (last layer; ΔCKA vs `{degraded}`)", ""]
+            lines += ["| state | CKA | ΔCKA | sequence CKA |", "|---|---:|---:|---:|"]
+            points = []
+            ref_acc = wide.loc[reference, accuracy_metric] if accuracy_metric in wide else None
+            for state in states:
+                if state == reference or cka_col not in wide.columns:
+                    continue
+                cka = wide.loc[state, cka_col]
+                seq = wide.loc[state].get(f"cka/{label}/sequence_last_layer", float("nan"))
+                lines.append(f"| {state} | {cka:.4f} | {cka - base_cka:+.4f} | {seq:.4f} |")
+                if ref_acc is not None and not math.isnan(wide.loc[state, accuracy_metric]):
+                    points.append((state, 1 - cka, wide.loc[state, accuracy_metric] - ref_acc))
+            lines.append("")
+            if points:
+                r = plot_misalignment_vs_accuracy(points, tmp / "misalignment_vs_accuracy.png")
+                lines += [
+                    f"Pearson r between CKA misalignment (1 − CKA) and the change in "
+                    f"{accuracy_metric} against `{reference}`: {r:.3f} over {len(points)} "
+                    "states (NaN: too few points or a constant axis).",
+                    "",
+                ]
+        lines += ["## Wall time per stage (s)", "", "| stage | seconds |", "|---|---:|"]
+        lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+        lines += ["", "Figures: accuracy.png, cka_by_layer.png, misalignment_vs_accuracy.png;"]
+        lines += ["every metric: results.parquet (one row per state × metric)."]
+        (tmp / "report.md").write_text("\n".join(lines) + "\n")
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir / "report.md"
