@@ -33,7 +33,10 @@ TINY_STAGES = [
     "sft_baseline.steps=2", "sft_baseline.batch_size=8",
     "eval.limit=8", "cka.limit=8",
 ]  # fmt: skip
-TINY_RECOVER = "recover={rec_expert: {teacher: expert, steps: 2, prompts_per_step: 4, rollout: {max_new_tokens: 8}, checkpoint_every: 2}}"
+TINY_RECOVER = (
+    "recover={rec_expert: {teacher: expert, steps: 2, prompts_per_step: 4, "
+    "rollout: {max_new_tokens: 8}, checkpoint_every: 2}}"
+)
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""SDFT engine: sequence packing, LoRA weight sync, validation, vLLM weight sync, end-to-end runs."""
+"""SDFT engine: sequence packing, LoRA weight sync, validation, vLLM weight sync, end to end."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def test_empty_demonstration_names_file_and_line(tmp_path):
 def test_unknown_teacher_lists_the_known_states(small_world, tmp_path):
     _, lineage, _ = small_world
     cfg = load_config(RecoverConfig, None, ["teacher=nonesuch"])
-    with pytest.raises(LineageError, match="nonesuch.*base"):
+    with pytest.raises(LineageError, match=r"nonesuch.*base"):
         recover(lineage, "base", "r-unknown", cfg, data_dir=tmp_path)
 
 
@@ -136,7 +136,12 @@ def test_vllm_log_probs_match_the_trainer_after_a_sync_and_not_before(small_worl
 
     def engine_logp(pool) -> torch.Tensor:
         rows = pool.score([prompt + completion], [len(prompt)], k=1)[0]  # top-1 + the token
-        return torch.tensor([dict(zip(ids, lps))[tok] for (ids, lps), tok in zip(rows, completion)])
+        return torch.tensor(
+            [
+                dict(zip(ids, lps, strict=True))[tok]
+                for (ids, lps), tok in zip(rows, completion, strict=True)
+            ]
+        )
 
     ensure_ray(num_cpus=2)
     pool = RolloutPool.start(path, actors=1, cpus_per_actor=0.5)
