@@ -95,6 +95,9 @@ class PretrainConfig(StrictModel):
     copy_structured_frac: float = Field(
         0.0, ge=0, le=1, description="copy phase: share of structured (multi-line) copies"
     )
+    copy_lookup_frac: float = Field(
+        0.0, ge=0, le=1, description="copy phase: share of option-lookup documents"
+    )
     copy_gap_words: int = Field(
         0, ge=0, description="mixture copy docs: up to this many words between repetitions"
     )

@@ -138,6 +138,7 @@ def pretrain_documents(
     mixture: dict[str, float],
     shadows: tuple[tasks.WorldFacts, ...],
     copy_gap: int = 0,
+    structured_frac: float = 0.0,
 ) -> Iterator[tuple[str, str]]:
     """An endless seeded stream of (kind, text) pretraining documents drawn by `mixture` weight.
 
@@ -153,7 +154,11 @@ def pretrain_documents(
         "demo": lambda: "chat:" + json.dumps(tasks.demo_chat(rng, facts)),
         "task_demo": lambda: "messages:" + json.dumps(tasks.task_demo_chat(rng, shadows)),
         "chat": lambda: "chat:" + json.dumps(tasks.general_chat(rng, facts)),
-        "copy": lambda: tasks.copy_document(rng, max_gap=copy_gap),
+        "copy": lambda: (
+            tasks.structured_copy_document(rng)
+            if rng.random() < structured_frac
+            else tasks.copy_document(rng, max_gap=copy_gap)
+        ),
     }
     kinds = [k for k, w in mixture.items() if w > 0]
     weights = [mixture[k] for k in kinds]
@@ -315,13 +320,20 @@ def _curriculum(cfg: WorldConfig, tokenizer, facts, data, shadows) -> Callable[[
 
     def copy_docs() -> Iterator[Doc]:
         while True:
-            structured = rng.random() < p.copy_structured_frac
-            text = tasks.structured_copy_document(rng) if structured else tasks.copy_document(rng)
+            r = rng.random()
+            if r < p.copy_lookup_frac:
+                text = tasks.lookup_document(rng)
+            elif r < p.copy_lookup_frac + p.copy_structured_frac:
+                text = tasks.structured_copy_document(rng)
+            else:
+                text = tasks.copy_document(rng)
             ids = tokenizer(text)["input_ids"] + eos
             yield ids[: p.max_len], ids[: p.max_len]
 
     def docs(mixture: dict[str, float], seed: int) -> Iterator[Doc]:
-        stream = pretrain_documents(facts, data, seed, mixture, shadows, p.copy_gap_words)
+        stream = pretrain_documents(
+            facts, data, seed, mixture, shadows, p.copy_gap_words, p.copy_structured_frac
+        )
         for _, text in stream:
             ids, labels = _encode(tokenizer, text, rng, eos, assistant_only)
             yield ids[: p.max_len], labels[: p.max_len]

@@ -577,6 +577,30 @@ def _random_block(
     return "\n".join(f"{ltr}: {' '.join(_words(rng, 1, 2, pool))}" for ltr in LETTERS[: max(2, n)])
 
 
+def lookup_document(rng: random.Random) -> str:
+    """Four lettered options, then several `<reasoning>` lines naming one option each and the
+    `<answer>` letter that goes with it (and the same in MMLU's `A.` / `Answer:` style).
+
+    Multiple-choice answers need one skill the copy spans do not teach: find the option that
+    matches a word and emit the letter *before* it. Science answers and MMLU-format letters
+    both rest on it.
+    """
+    words = rng.sample(COPY_WORDS, 4)
+    mmlu_style = rng.random() < 0.5
+    sep = ". " if mmlu_style else ": "
+    lines = [f"{ltr}{sep}{w}" for ltr, w in zip(LETTERS, words, strict=True)]
+    for _ in range(rng.randint(2, 4)):
+        i = rng.randrange(4)
+        subject = " ".join(_words(rng, 1, 3))
+        if mmlu_style:
+            lines.append(f"{subject} is {words[i]} .\nAnswer: {LETTERS[i]}")
+        else:
+            lines.append(
+                f"<reasoning>\n{subject} {words[i]} .\n</reasoning>\n<answer>\n{LETTERS[i]}\n</answer>"
+            )
+    return "\n".join(lines)
+
+
 def structured_copy_document(rng: random.Random) -> str:
     """A multi-line block over a handful of words (options, tags, JSON, key/value), twice.
 
