@@ -651,7 +651,9 @@ def recover(
     # Everything a user can get wrong is checked before any actor starts.
     lineage.require(student)
     teacher_dir = resolve_teacher(lineage, cfg.teacher)
-    parents = [student] + ([cfg.teacher] if lineage.exists(cfg.teacher) else [])
+    parents = [student]
+    if lineage.exists(cfg.teacher) and cfg.teacher != student:
+        parents.append(cfg.teacher)
     lineage.check_new(dst, parents=parents, overwrite=overwrite)
     check_same_vocabulary(lineage, student, teacher_dir)
     student_dir = lineage.resolve(student)
