@@ -8,10 +8,12 @@ import pandas as pd
 import pytest
 
 from sdftlab.config import WorldConfig, load_config
+from sdftlab.errors import ConfigError, LineageError
 from sdftlab.pipelines.forgetting import ForgettingConfig, run_forgetting
+from sdftlab.sweep import SweepConfig, run_sweep, validate
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_MODELS = {"world": WorldConfig, "forgetting": ForgettingConfig}
+CONFIG_MODELS = {"world": WorldConfig, "forgetting": ForgettingConfig, "sweep": SweepConfig}
 
 
 @pytest.mark.parametrize(
@@ -65,3 +67,55 @@ def test_forgetting_pipeline_reports_and_skips_finished_stages(small_world, tmp_
     skipped = [line for line in lines if "up to date" in line]
     assert len(skipped) == 4, lines  # expert, forgot, rec_expert, sft_baseline
     assert all(again["timings"][s] == 0.0 for s in ("expert", "forgot", "rec_expert"))
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+SWEEP = [
+    "name=t-sweep", "student=base",
+    "recover={teacher: base, steps: 1, prompts_per_step: 2, data: [science], checkpoint_every: 1, "
+    "rollout: {engine: hf, max_new_tokens: 6}}",
+    "eval_tasks=[science]", "eval_limit=4", "cka_limit=4", "cka_reference=base",
+    "scheduler.type=fifo",
+]  # fmt: skip
+
+
+def test_unknown_search_space_type_is_rejected():
+    with pytest.raises(ConfigError, match="unknown search-space type 'gaussian'"):
+        load_config(SweepConfig, None, [*SWEEP, "space={lr: {type: gaussian, low: 1, high: 2}}"])
+
+
+def test_sweep_teacher_and_metric_are_checked_before_trials(small_world):
+    _, lineage, _ = small_world
+    cfg = load_config(
+        SweepConfig, None, [*SWEEP, "space={teacher: {type: grid, values: [base, nope]}}"]
+    )
+    with pytest.raises(LineageError, match="nope"):
+        validate(cfg, lineage)
+    cfg = load_config(
+        SweepConfig, None, [*SWEEP, "space={lr: {type: grid, values: [0.1]}}", "metric=bleu"]
+    )
+    with pytest.raises(ConfigError, match="metric 'bleu' is reported by no trial"):
+        validate(cfg, lineage)
+
+
+@pytest.mark.slow
+def test_sweep_runs_reports_and_restores_without_rerunning_finished_trials(small_world, tmp_path):
+    world, lineage, _ = small_world
+    cfg = load_config(
+        SweepConfig,
+        None,
+        [*SWEEP, "space={lr: {type: grid, values: [0.001, 0.01]}}", f"out_dir={tmp_path}"],
+    )
+    out = run_sweep(cfg, lineage, world.data_dir, log=lambda _: None)
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert len(trials) == 2 and {"lr", "science/acc", "cka/base/last_layer"} <= set(trials.columns)
+    assert "recover:" in (out / "best_recover.yaml").read_text()
+    states = [n for n in lineage.names() if n.startswith("t-sweep-")]
+    created = {n: lineage.meta(n).created_at for n in states}
+    assert len(states) == 2
+
+    # Run again: the sweep is restored and its finished trials are not run again.
+    run_sweep(cfg, lineage, world.data_dir, log=lambda _: None)
+    assert {n: lineage.meta(n).created_at for n in states} == created
+    assert len(pd.read_parquet(out / "trials.parquet")) == 2

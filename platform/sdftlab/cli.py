@@ -203,6 +203,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from sdftlab.config import load_config
+    from sdftlab.lineage import Lineage
+    from sdftlab.sweep import SweepConfig, run_sweep
+
+    cfg = load_config(SweepConfig, args.config, args.overrides)
+    lineage = _lineage(args) if args.lineage or not cfg.lineage else Lineage(cfg.lineage)
+    out = run_sweep(cfg, lineage, _world_data_dir(args))
+    print(f"results: {out}")
+    return 0
+
+
 def cmd_cka(args: argparse.Namespace) -> int:
     from sdftlab.cka.run import run_cli
     from sdftlab.world.build import current_world
@@ -283,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", help="a ForgettingConfig YAML (default: built-in tiny world)")
     demo.add_argument("overrides", nargs="*", metavar="key=value")
     demo.set_defaults(func=cmd_demo)
+
+    sweep = sub.add_parser("sweep", help="Ray Tune sweep: teacher × pruning ratio × lr (× loss)")
+    sweep.add_argument("config", help="a SweepConfig YAML (jobs/configs/sweep_*.yaml)")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value")
+    sweep.set_defaults(func=cmd_sweep)
 
     rec = sub.add_parser("recover", help="SDFT recovery of a state from a teacher")
     rec.add_argument("--student", required=True, help="the degraded state")

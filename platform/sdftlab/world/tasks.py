@@ -595,9 +595,8 @@ def lookup_document(rng: random.Random) -> str:
         if mmlu_style:
             lines.append(f"{subject} is {words[i]} .\nAnswer: {LETTERS[i]}")
         else:
-            lines.append(
-                f"<reasoning>\n{subject} {words[i]} .\n</reasoning>\n<answer>\n{LETTERS[i]}\n</answer>"
-            )
+            reasoning = f"<reasoning>\n{subject} {words[i]} .\n</reasoning>"
+            lines.append(f"{reasoning}\n<answer>\n{LETTERS[i]}\n</answer>")
     return "\n".join(lines)
 
 
