@@ -216,3 +216,33 @@ def test_recover_variants_run_end_to_end(small_world, tutor, overrides):
     meta = recover(lineage, "base", name, cfg, data_dir=world.data_dir, overwrite=True)
     assert meta.metrics["sdft/loss"] == meta.metrics["sdft/loss"]  # finite, not NaN
     assert _changed(lineage, "base", name) > 0
+
+
+@pytest.mark.slow
+def test_qlora_recovery_of_an_nf4_state_runs_end_to_end(small_world, tutor):
+    from sdftlab.degrade.quantize import quantize_state
+
+    world, lineage, _ = small_world
+    quantize_state(lineage, "tutor", "tutor-nf4", overwrite=True)
+    vllm_cfg = load_config(RecoverConfig, None, [*FAST, "teacher=tutor", "data=[science]"])
+    with pytest.raises(ConfigError, match=r"rollout\.engine=vllm.*NF4"):
+        recover(lineage, "tutor-nf4", "nf4-rec", vllm_cfg, data_dir=world.data_dir)
+    cfg = load_config(
+        RecoverConfig, None, [*FAST, "teacher=tutor", "data=[science]", "rollout.engine=hf"]
+    )
+    meta = recover(lineage, "tutor-nf4", "nf4-rec", cfg, data_dir=world.data_dir, overwrite=True)
+    assert meta.parents == ["tutor-nf4", "tutor"]
+    assert meta.metrics["sdft/divergence"] > 0
+
+
+@pytest.mark.slow
+def test_full_recovery_of_a_pruned_state_runs_end_to_end_on_vllm(small_world, tutor):
+    pytest.importorskip("vllm")
+    from sdftlab.degrade.prune import prune_state
+
+    world, lineage, _ = small_world
+    prune_state(lineage, "tutor", "tutor-pruned", 0.25, multiple_of=32, overwrite=True)
+    cfg = load_config(RecoverConfig, None, [*FAST, "teacher=tutor", "data=[science]"])
+    recover(lineage, "tutor-pruned", "pruned-rec", cfg, data_dir=world.data_dir, overwrite=True)
+    assert _changed(lineage, "tutor-pruned", "pruned-rec") > 0
+    assert lineage.load_model("pruned-rec").config.intermediate_size == 96
