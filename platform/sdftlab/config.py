@@ -93,10 +93,10 @@ class PretrainConfig(StrictModel):
         0.45, ge=0, lt=1, description="first fraction of steps on copy spans only"
     )
     copy_structured_frac: float = Field(
-        0.0, ge=0, le=1, description="copy phase: share of structured (multi-line) copies"
+        0.5, ge=0, le=1, description="copy phase: share of structured (multi-line) copies"
     )
     copy_lookup_frac: float = Field(
-        0.0, ge=0, le=1, description="copy phase: share of option-lookup documents"
+        0.2, ge=0, le=1, description="copy phase: share of option-lookup documents"
     )
     copy_gap_words: int = Field(
         0, ge=0, description="mixture copy docs: up to this many words between repetitions"
@@ -105,7 +105,7 @@ class PretrainConfig(StrictModel):
         "all", description="teacher-format documents: loss on every token or the answer only"
     )
     demo_phase_frac: float = Field(
-        0.0, ge=0, lt=1, description="fraction of steps after the copy phase on task_demo only"
+        0.2, ge=0, lt=1, description="fraction of steps after the copy phase on task_demo only"
     )
     threads: int = Field(2, gt=0)
     bf16_autocast: bool = Field(True, description="bf16 autocast where the CPU supports it")
