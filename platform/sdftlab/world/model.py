@@ -5,10 +5,11 @@ Qwen2.5 models — at toy size (≈ 1 M parameters by default: hidden 128, 4 lay
 2 KV heads, FFN 512, tied embeddings), so every later stage (SFT, NF4, FFN pruning, vLLM
 rollouts, CKA) runs the same code it would on Qwen2.5-7B.
 
-Pretraining is next-token prediction over packed 128-token windows of the general mixture
-(`world.tasks`), with a curriculum: the first `copy_curriculum_frac` of the steps are copy
-spans only — in-context copying does not emerge from the plain mixture at this size, and
-SDFT needs a teacher that copies from the demonstration in its prompt.
+Pretraining is next-token prediction, one document a row, with a curriculum built in
+`world.build`: copies first (plain, structured, option lookups), then teacher-format
+demonstrations, then the general mixture — in-context copying does not emerge from the
+plain mixture at this size, and SDFT needs a teacher that copies from the demonstration in
+its prompt (docs/WORLD.md, docs/LOG.md).
 """
 
 from __future__ import annotations
