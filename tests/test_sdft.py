@@ -246,3 +246,32 @@ def test_full_recovery_of_a_pruned_state_runs_end_to_end_on_vllm(small_world, tu
     recover(lineage, "tutor-pruned", "pruned-rec", cfg, data_dir=world.data_dir, overwrite=True)
     assert _changed(lineage, "tutor-pruned", "pruned-rec") > 0
     assert lineage.load_model("pruned-rec").config.intermediate_size == 96
+
+
+@pytest.mark.slow
+def test_a_killed_train_worker_resumes_from_its_checkpoint_and_matches_an_unkilled_run(
+    small_world, tutor, tmp_path, monkeypatch
+):
+    """Fault tolerance: the worker process dies (os._exit) after step 3 of 4; Ray Train
+    restarts it from the step-2 checkpoint; the final weights equal an uninterrupted run's."""
+    import ray
+
+    world, lineage, _ = small_world
+    overrides = [
+        *FAST, "steps=4", "checkpoint_every=2", "teacher=tutor", "data=[science]",
+        "rollout.engine=hf", "max_failures=1", "seed=3",
+    ]  # fmt: skip
+    cfg = load_config(RecoverConfig, None, overrides)
+    recover(lineage, "base", "ft-clean", cfg, data_dir=world.data_dir, overwrite=True)
+
+    marker = tmp_path / "killed"
+    ray.shutdown()  # workers of a fresh cluster inherit the kill switch from this process
+    monkeypatch.setenv("SDFTLAB_KILL_AT_STEP", f"3:{marker}")
+    try:
+        recover(lineage, "base", "ft-killed", cfg, data_dir=world.data_dir, overwrite=True)
+    finally:
+        ray.shutdown()
+    assert marker.read_text() == "killed after step 3\n"  # it did die
+    clean, killed = lineage.load_model("ft-clean"), lineage.load_model("ft-killed")
+    for (name, a), b in zip(clean.state_dict().items(), killed.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), name

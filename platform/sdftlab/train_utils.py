@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,3 +106,19 @@ def cycle_epochs(make_iter: Any) -> Iterator[Any]:
             yield item
         if empty:
             raise RuntimeError("the training data shard is empty: give more rows or fewer workers")
+
+
+def kill_point(step: int) -> None:
+    """Fault injection for drills and the fault-tolerance tests.
+
+    With `SDFTLAB_KILL_AT_STEP="N:MARKER"`, the first worker process to finish step N creates
+    the file MARKER and dies at once (`os._exit`, no cleanup), as a killed worker would; the
+    marker keeps the restarted run from dying again. Unset, this does nothing.
+    """
+    spec = os.environ.get("SDFTLAB_KILL_AT_STEP")
+    if not spec:
+        return
+    at, marker = spec.split(":", 1)
+    if step == int(at) and not Path(marker).exists():
+        Path(marker).write_text(f"killed after step {step}\n")
+        os._exit(1)

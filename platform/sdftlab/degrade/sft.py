@@ -203,6 +203,7 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
                     ray.train.report(metrics)
         elif done % cfg.log_every == 0:
             ray.train.report(metrics)
+        tu.kill_point(done)
 
 
 def _save_checkpoint(model, tokenizer, optimizer, directory: Path, step: int, final: bool) -> None:

@@ -549,6 +549,7 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
                     ray.train.report(metrics)
         else:
             ray.train.report(metrics)
+        tu.kill_point(done)
 
 
 def progress_line(m: dict[str, Any], steps: int) -> str:
