@@ -51,7 +51,9 @@ class SFTConfig(StrictModel):
     """One SFT stage: `rounds` rounds, round i on `data[i % len(data)]`."""
 
     data: list[str] = Field(
-        ["science"], min_length=1, description="task names (the world's train split) or task=PATH"
+        ["science"],
+        min_length=1,
+        description="one entry per round: task names (world train split), task=PATH, or a+b",
     )
     rounds: int | None = Field(None, gt=0, description="default: one round per data entry")
     steps: int = Field(300, gt=0, description="optimizer steps per round")
@@ -88,11 +90,16 @@ class SFTConfig(StrictModel):
 
 
 def sft_rows(entry: str, cfg: SFTConfig, data_dir: Path | None) -> list[dict[str, str]]:
-    """Task rows of one data entry plus replay rows at `cfg.replay_frac`, shuffled (seeded)."""
+    """Task rows of one data entry plus replay rows at `cfg.replay_frac`, shuffled (seeded).
+
+    An entry joins several sources with `+` (`science+tooluse`): their rows in one round.
+    """
     import random
 
-    task, path = task_source(entry, data_dir, "train")
-    rows = [example_to_row(ex) for ex in load_task_file(path, task)]
+    rows = []
+    for part in entry.split("+"):
+        task, path = task_source(part, data_dir, "train")
+        rows += [example_to_row(ex) for ex in load_task_file(path, task)]
     if cfg.replay_frac > 0:
         replay_path = Path(cfg.replay_data) if cfg.replay_data else None
         if replay_path is None and data_dir is not None:

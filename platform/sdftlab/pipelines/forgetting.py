@@ -54,7 +54,7 @@ class ForgettingConfig(StrictModel):
         "rec_base": RecoverConfig(teacher="base"),
         "rec_expert": RecoverConfig(teacher="expert"),
     }
-    sft_baseline: SFTConfig | None = SFTConfig(data=["science", "tooluse"], rounds=1, steps=100)
+    sft_baseline: SFTConfig | None = SFTConfig(data=["science+tooluse"], steps=100)
     eval: EvalSpec = EvalSpec()
     cka: CKASpec = CKASpec()
     lineage: str | None = Field(None, description="lineage root (path or URI); default home")
