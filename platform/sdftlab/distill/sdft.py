@@ -405,7 +405,9 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
         timings: dict[str, float] = {}
         for group in optimizer.param_groups:
             group["lr"] = tu.warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr)
+        t0 = time.perf_counter()
         batch = next(batches)
+        timings["data_s"] = time.perf_counter() - t0
         student_prompts = [list(x) for x in batch["student"]]
         teacher_prompts = [list(x) for x in batch["teacher"]]
 
@@ -547,7 +549,7 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
                 else:
                     ray.train.report(metrics)
-        else:
+        elif done % cfg.log_every == 0:  # a report is a round trip to the controller
             ray.train.report(metrics)
         tu.kill_point(done)
 
@@ -558,7 +560,8 @@ def progress_line(m: dict[str, Any], steps: int) -> str:
         f"[sdft] step {m['step']:4d}/{steps}  loss {m['loss']:.4f}  "
         f"kl {m['divergence']:.4f}  {m['tokens_per_s']:6.0f} tok/s  "
         f"ratio {m.get('importance_ratio', 1.0):.3f}  rollout {m['rollout_s']:.2f}s  "
-        f"teacher {m['teacher_s']:.2f}s  train {m['train_s']:.2f}s  sync {m['sync_s'] * 1e3:.0f}ms"
+        f"teacher {m['teacher_s']:.2f}s  train {m['train_s']:.2f}s  sync {m['sync_s'] * 1e3:.0f}ms  "
+        f"data {m['data_s']:.2f}s"
     )
 
 
