@@ -560,8 +560,8 @@ def progress_line(m: dict[str, Any], steps: int) -> str:
         f"[sdft] step {m['step']:4d}/{steps}  loss {m['loss']:.4f}  "
         f"kl {m['divergence']:.4f}  {m['tokens_per_s']:6.0f} tok/s  "
         f"ratio {m.get('importance_ratio', 1.0):.3f}  rollout {m['rollout_s']:.2f}s  "
-        f"teacher {m['teacher_s']:.2f}s  train {m['train_s']:.2f}s  sync {m['sync_s'] * 1e3:.0f}ms  "
-        f"data {m['data_s']:.2f}s"
+        f"teacher {m['teacher_s']:.2f}s  train {m['train_s']:.2f}s  "
+        f"sync {m['sync_s'] * 1e3:.0f}ms  data {m['data_s']:.2f}s"
     )
 
 
