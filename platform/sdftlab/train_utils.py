@@ -122,3 +122,42 @@ def kill_point(step: int) -> None:
     if step == int(at) and not Path(marker).exists():
         Path(marker).write_text(f"killed after step {step}\n")
         os._exit(1)
+
+
+def save_checkpoint(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    directory: Path,
+    step: int,
+    *,
+    final: bool,
+    extra: dict[str, torch.nn.Module] | None = None,
+) -> None:
+    """A Ray Train checkpoint directory, safetensors only: the trainable parameters, each
+    `extra` module's parameters (`<name>.safetensors`, e.g. an EMA teacher), the optimizer,
+    the step; with `final`, also the state itself under `model/` (LoRA merged)."""
+
+    def params(m: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+        return {
+            n: p.detach().cpu().contiguous()
+            for n, p in m.named_parameters()
+            if p.requires_grad or not trainable_only
+        }
+
+    save_file(params(model, True), str(directory / "trainable.safetensors"))
+    for name, module in (extra or {}).items():
+        save_file(params(module, False), str(directory / f"{name}.safetensors"))
+    save_optimizer(optimizer, directory)
+    write_train_state(directory, step=step)
+    if final:
+        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        merged.save_pretrained(directory / "model", safe_serialization=True)
+        tokenizer.save_pretrained(directory / "model")
+
+
+def load_parameters(model: torch.nn.Module, path: Path) -> None:
+    """Load a `save_checkpoint` parameter file into `model` (a subset of its parameters)."""
+    result = model.load_state_dict(load_file(str(path)), strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"checkpoint has unexpected keys {result.unexpected_keys[:3]}")

@@ -158,7 +158,7 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            _load_trainable(tu.unwrap(model), Path(d))
+            tu.load_parameters(tu.unwrap(model), Path(d) / "trainable.safetensors")
             tu.load_optimizer(optimizer, Path(d))
             start = tu.read_train_state(Path(d))["step"]
     device = ray.train.torch.get_device()
@@ -197,46 +197,16 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             with tempfile.TemporaryDirectory() as d:
                 if ray.train.get_context().get_world_rank() == 0:
-                    _save_checkpoint(
-                        tu.unwrap(model),
-                        tokenizer,
-                        optimizer,
-                        Path(d),
-                        done,
+                    tu.save_checkpoint(
+                        tu.unwrap(model), tokenizer, optimizer, Path(d), done,
                         final=done == cfg.steps,
-                    )
+                    )  # fmt: skip
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
                 else:
                     ray.train.report(metrics)
         elif done % cfg.log_every == 0:
             ray.train.report(metrics)
         tu.kill_point(done)
-
-
-def _save_checkpoint(model, tokenizer, optimizer, directory: Path, step: int, final: bool) -> None:
-    from safetensors.torch import save_file
-
-    from sdftlab import train_utils as tu
-
-    trainable = {
-        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
-    }
-    save_file(trainable, str(directory / "trainable.safetensors"))
-    tu.save_optimizer(optimizer, directory)
-    tu.write_train_state(directory, step=step)
-    if final:  # the state itself: a plain HF directory (LoRA merged)
-        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        merged.save_pretrained(directory / "model", safe_serialization=True)
-        tokenizer.save_pretrained(directory / "model")
-
-
-def _load_trainable(model, directory: Path) -> None:
-    from safetensors.torch import load_file
-
-    state = load_file(str(directory / "trainable.safetensors"))
-    missing = model.load_state_dict(state, strict=False)
-    if missing.unexpected_keys:
-        raise RuntimeError(f"checkpoint has unexpected keys {missing.unexpected_keys[:3]}")
 
 
 # ----------------------------------------------------------------------------- driver

@@ -359,9 +359,9 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            _load_trainable(model, Path(d) / "trainable.safetensors")
+            tu.load_parameters(model, Path(d) / "trainable.safetensors")
             if cfg.teacher == "ema" and teacher_model is not None:
-                _load_trainable(teacher_model, Path(d) / "ema.safetensors")
+                tu.load_parameters(teacher_model, Path(d) / "ema.safetensors")
             start = tu.read_train_state(Path(d))["step"]
     model = ray.train.torch.prepare_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -537,15 +537,15 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             with tempfile.TemporaryDirectory() as d:
                 if rank == 0:
-                    _save_checkpoint(
-                        bare,
-                        teacher_model if cfg.teacher == "ema" else None,
-                        tokenizer,
-                        optimizer,
-                        Path(d),
-                        done,
-                        final=done == cfg.steps,
+                    ema = (
+                        {"ema": teacher_model}
+                        if cfg.teacher == "ema" and teacher_model is not None
+                        else {}
                     )
+                    tu.save_checkpoint(
+                        bare, tokenizer, optimizer, Path(d), done,
+                        final=done == cfg.steps, extra=ema,
+                    )  # fmt: skip
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
                 else:
                     ray.train.report(metrics)
@@ -577,34 +577,6 @@ def _pad_floats(rows: Sequence[Sequence[float]], width: int, device) -> torch.Te
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(r)
     return out.to(device)
-
-
-def _save_checkpoint(model, ema, tokenizer, optimizer, directory: Path, step: int, final: bool):
-    from safetensors.torch import save_file
-
-    from sdftlab import train_utils as tu
-
-    trainable = {
-        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
-    }
-    save_file(trainable, str(directory / "trainable.safetensors"))
-    if ema is not None:
-        ema_state = {n: p.detach().cpu().contiguous() for n, p in ema.named_parameters()}
-        save_file(ema_state, str(directory / "ema.safetensors"))
-    tu.save_optimizer(optimizer, directory)
-    tu.write_train_state(directory, step=step)
-    if final:
-        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        merged.save_pretrained(directory / "model", safe_serialization=True)
-        tokenizer.save_pretrained(directory / "model")
-
-
-def _load_trainable(model, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    result = model.load_state_dict(load_file(str(path)), strict=False)
-    if result.unexpected_keys:
-        raise RuntimeError(f"checkpoint has unexpected keys {result.unexpected_keys[:3]}")
 
 
 # ----------------------------------------------------------------------------- driver
