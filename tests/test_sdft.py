@@ -233,6 +233,8 @@ def test_qlora_recovery_of_an_nf4_state_runs_end_to_end(small_world, tutor):
     meta = recover(lineage, "tutor-nf4", "nf4-rec", cfg, data_dir=world.data_dir, overwrite=True)
     assert meta.parents == ["tutor-nf4", "tutor"]
     assert meta.metrics["sdft/divergence"] > 0
+    recovered = lineage.load_model("nf4-rec")  # LoRA merged, quantized again: NF4 like its parent
+    assert sum(type(m).__name__ == "Linear4bit" for m in recovered.modules()) > 0
 
 
 @pytest.mark.slow

@@ -77,7 +77,9 @@ class SweepConfig(StrictModel):
     cka_data: str = "science"
     cka_limit: int = Field(16, ge=4)
     max_concurrent_trials: int = Field(1, gt=0)
-    cpus_per_trial: float = Field(0.0, ge=0, description="the trial driver; workers ask too")
+    cpus_per_trial: float = Field(
+        0.01, gt=0, description="the trial driver itself; its Ray Train workers ask for their own"
+    )
     lineage: str | None = None
     out_dir: str = "runs/sweep"
 

@@ -152,6 +152,11 @@ def save_checkpoint(
     write_train_state(directory, step=step)
     if final:
         merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        if getattr(merged.config, "quantization_config", None) is not None:  # QLoRA: NF4 again
+            from sdftlab.degrade.quantize import save_requantized
+
+            save_requantized(merged, tokenizer, directory / "model")
+            return
         merged.save_pretrained(directory / "model", safe_serialization=True)
         tokenizer.save_pretrained(directory / "model")
 

@@ -271,3 +271,54 @@ def qlora_model(
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
+
+
+def dequantized_copy(model: nn.Module) -> nn.Module:
+    """A full-precision (fp32) copy of a bitsandbytes 4-bit model: every `Linear4bit` weight
+    dequantized, every other tensor copied. QLoRA recovery saves its result through this:
+    LoRA merged into the dequantized weights, then quantized again the way `quantize_state`
+    does, so the recovered state reloads as NF4 like its parent."""
+    import copy
+
+    import bitsandbytes.functional as bnbf
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {}
+    for name, module in model.named_modules():
+        if type(module).__name__ == "Linear4bit":
+            weight = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            state[f"{name}.weight"] = weight.float().cpu()
+            if module.bias is not None:
+                state[f"{name}.bias"] = module.bias.detach().float().cpu()
+    for name, tensor in model.state_dict().items():
+        if name not in state and name in fresh.state_dict():
+            state[name] = tensor.detach().float().cpu()
+    missing = set(fresh.state_dict()) - set(state)
+    if missing - {"lm_head.weight"}:
+        raise RuntimeError(f"dequantized copy lacks {sorted(missing)[:3]}")
+    fresh.load_state_dict(state, strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        fresh.tie_weights()
+    return fresh
+
+
+def save_requantized(model: nn.Module, tokenizer: Any, directory: Path) -> None:
+    """Save a (LoRA-merged) 4-bit model as a 4-bit state: dequantize, then quantize again."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    quantization_config = model.config.quantization_config
+    with tempfile.TemporaryDirectory() as tmp:
+        dequantized_copy(model).save_pretrained(tmp, safe_serialization=True)
+        device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+        requantized = AutoModelForCausalLM.from_pretrained(
+            tmp, quantization_config=quantization_config, device_map=device_map
+        )
+        prepare_4bit_for_cpu(requantized)
+        requantized.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
