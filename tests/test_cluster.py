@@ -1,0 +1,42 @@
+"""cluster.yaml validates against Ray's own cluster-launcher schema; a broken copy does not."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _validate(config: dict) -> None:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(config)))
+
+
+def test_cluster_yaml_passes_rays_schema():
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    _validate(config)
+    assert config["head_node_type"] in config["available_node_types"]
+    workers = [t for t in config["available_node_types"] if t != config["head_node_type"]]
+    assert workers, "a GPU worker node type is expected beside the head"
+
+
+@pytest.mark.parametrize(
+    ("breakage", "error", "message"),
+    [
+        (lambda c: c.update(max_workers="many"), "ValidationError", "is not of type 'integer'"),
+        (lambda c: c.pop("provider"), "KeyError", "provider"),
+        (lambda c: c.update(head_node_type="gpu"), "ValueError", "must be one of"),
+    ],
+    ids=["max_workers-not-int", "no-provider", "unknown-head-type"],
+)
+def test_a_broken_copy_fails_validation(breakage, error, message):
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    breakage(config)
+    with pytest.raises(Exception) as info:  # noqa: PT011 — the type is checked by name below
+        _validate(config)
+    assert type(info.value).__name__ == error and message in str(info.value)
