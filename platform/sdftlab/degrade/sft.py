@@ -254,7 +254,7 @@ def run_sft(
             ChatTokenizer,
             fn_constructor_kwargs={"tokenizer_dir": init_dir, "max_len": cfg.max_len},
             batch_size=256,
-            concurrency=1,
+            compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=0.25,  # tokenizing is light; leave the CPUs to the train workers
         )
         trainer = TorchTrainer(

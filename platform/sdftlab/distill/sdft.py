@@ -207,7 +207,7 @@ def prompt_dataset(files: Sequence[tuple[str, Path]], tokenizer_dir: str, cfg: R
             "cfg": cfg.model_dump(mode="json"),
         },
         batch_size=64,
-        concurrency=1,
+        compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=0.25,
     )
 
