@@ -25,10 +25,16 @@ from pathlib import Path
 from sdftlab.errors import SdftlabError
 
 
-def _lineage(args: argparse.Namespace):
+def _lineage(args: argparse.Namespace, from_config: str | None = None):
+    """--lineage, else the experiment config's `lineage`, else $SDFTLAB_LINEAGE, else home."""
     from sdftlab.lineage import Lineage
 
-    root = args.lineage or os.environ.get("SDFTLAB_LINEAGE") or str(_home(args) / "lineage")
+    root = (
+        args.lineage
+        or from_config
+        or os.environ.get("SDFTLAB_LINEAGE")
+        or str(_home(args) / "lineage")
+    )
     return Lineage(root)
 
 
@@ -194,23 +200,19 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from sdftlab.config import load_config
-    from sdftlab.lineage import Lineage
     from sdftlab.pipelines.forgetting import ForgettingConfig, run_forgetting
 
     cfg = load_config(ForgettingConfig, args.config, args.overrides)
-    lineage = _lineage(args) if args.lineage or not cfg.lineage else Lineage(cfg.lineage)
-    run_forgetting(cfg, lineage, _home(args))
+    run_forgetting(cfg, _lineage(args, cfg.lineage), _home(args))
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from sdftlab.config import load_config
-    from sdftlab.lineage import Lineage
     from sdftlab.sweep import SweepConfig, run_sweep
 
     cfg = load_config(SweepConfig, args.config, args.overrides)
-    lineage = _lineage(args) if args.lineage or not cfg.lineage else Lineage(cfg.lineage)
-    out = run_sweep(cfg, lineage, _world_data_dir(args))
+    out = run_sweep(cfg, _lineage(args, cfg.lineage), _world_data_dir(args))
     print(f"results: {out}")
     return 0
 

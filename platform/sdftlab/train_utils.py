@@ -166,3 +166,40 @@ def load_parameters(model: torch.nn.Module, path: Path) -> None:
     result = model.load_state_dict(load_file(str(path)), strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"checkpoint has unexpected keys {result.unexpected_keys[:3]}")
+
+
+def make_trainer(
+    loop: Any,
+    loop_config: dict[str, Any],
+    *,
+    run_name: str,
+    num_workers: int,
+    use_gpu: bool,
+    cpus_per_worker: float,
+    max_failures: int,
+    datasets: dict[str, Any],
+) -> Any:
+    """The `TorchTrainer` every training stage uses: `num_workers` DDP workers (gloo on CPU,
+    NCCL on GPU), the latest checkpoint kept under the Ray storage path, and `max_failures`
+    restarts from it when a worker dies."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from sdftlab.raycluster import storage_path
+
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path(),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+        datasets=datasets,
+    )

@@ -224,10 +224,9 @@ def run_sft(
 ) -> StateMeta:
     """SFT `src` for `cfg.n_rounds` rounds; save each round (the last as `dst`); its meta."""
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from sdftlab.raycluster import ensure_ray, storage_path
+    from sdftlab import train_utils as tu
+    from sdftlab.raycluster import ensure_ray
 
     # Validate everything before any work: names, parents, data, assistant tokens.
     names = [dst if r == cfg.n_rounds - 1 else f"{dst}-r{r + 1}" for r in range(cfg.n_rounds)]
@@ -257,20 +256,14 @@ def run_sft(
             compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=0.25,  # tokenizing is light; leave the CPUs to the train workers
         )
-        trainer = TorchTrainer(
+        trainer = tu.make_trainer(
             sft_worker_loop,
-            train_loop_config={"sft": cfg.model_dump(mode="json"), "init_dir": init_dir},
-            scaling_config=ScalingConfig(
-                num_workers=cfg.num_workers,
-                use_gpu=cfg.use_gpu,
-                resources_per_worker={"CPU": cfg.cpus_per_worker},
-            ),
-            run_config=RunConfig(
-                name=f"sft-{name}-{cfg.stable_hash()[:8]}",
-                storage_path=storage_path(),
-                checkpoint_config=CheckpointConfig(num_to_keep=1),
-                failure_config=FailureConfig(max_failures=cfg.max_failures),
-            ),
+            {"sft": cfg.model_dump(mode="json"), "init_dir": init_dir},
+            run_name=f"sft-{name}-{cfg.stable_hash()[:8]}",
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            cpus_per_worker=cfg.cpus_per_worker,
+            max_failures=cfg.max_failures,
             datasets={"train": dataset},
         )
         t0 = time.perf_counter()

@@ -617,11 +617,9 @@ def recover(
     overwrite: bool = False,
 ) -> StateMeta:
     """Run SDFT from `student` and save the result as `dst`; returns its lineage metadata."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+    from sdftlab import train_utils as tu
     from sdftlab.degrade.quantize import is_quantized
-    from sdftlab.raycluster import ensure_ray, storage_path
+    from sdftlab.raycluster import ensure_ray
     from sdftlab.rollout.pool import RolloutPool
 
     # Everything a user can get wrong is checked before any actor starts.
@@ -677,26 +675,20 @@ def recover(
             )
         if rollout_pool is not None or teacher_pool is not None:
             log(f"  vLLM engines up in {time.perf_counter() - t_setup:.0f}s")
-        trainer = TorchTrainer(
+        trainer = tu.make_trainer(
             recover_worker_loop,
-            train_loop_config={
+            {
                 "recover": cfg.model_dump(mode="json"),
                 "student_dir": str(student_dir),
                 "teacher_dir": str(teacher_dir) if teacher_dir else None,
                 "rollout_pool": rollout_pool,
                 "teacher_pool": teacher_pool,
             },
-            scaling_config=ScalingConfig(
-                num_workers=cfg.num_workers,
-                use_gpu=cfg.use_gpu,
-                resources_per_worker={"CPU": cfg.cpus_per_worker},
-            ),
-            run_config=RunConfig(
-                name=f"sdft-{dst}-{cfg.stable_hash()[:8]}",
-                storage_path=storage_path(),
-                checkpoint_config=CheckpointConfig(num_to_keep=1),
-                failure_config=FailureConfig(max_failures=cfg.max_failures),
-            ),
+            run_name=f"sdft-{dst}-{cfg.stable_hash()[:8]}",
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            cpus_per_worker=cfg.cpus_per_worker,
+            max_failures=cfg.max_failures,
             datasets={"train": prompt_dataset(files, str(student_dir), cfg)},
         )
         t0 = time.perf_counter()
