@@ -119,3 +119,63 @@ def test_sweep_runs_reports_and_restores_without_rerunning_finished_trials(small
     run_sweep(cfg, lineage, world.data_dir, log=lambda _: None)
     assert {n: lineage.meta(n).created_at for n in states} == created
     assert len(pd.read_parquet(out / "trials.parquet")) == 2
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_restores_without_rerunning_its_finished_trial(
+    small_world, tmp_path, monkeypatch
+):
+    """The sweep's process is killed after its first trial finished; `sdftlab sweep` again
+    restores it (Tuner.restore): the finished trial is kept, the others run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+    import yaml
+
+    world, lineage, home = small_world
+    cfg = load_config(
+        SweepConfig,
+        None,
+        [
+            *SWEEP, "name=t-interrupted", f"out_dir={tmp_path / 'out'}",
+            "space={lr: {type: grid, values: [0.001, 0.002, 0.004]}}",
+        ],
+    )  # fmt: skip
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    storage = tmp_path / "ray_results"
+    monkeypatch.setenv("SDFTLAB_STORAGE", str(storage))
+    ray.shutdown()
+    cmd = [sys.executable, "-m", "sdftlab.cli", "--home", str(home), "--lineage", str(lineage.root)]
+    proc = subprocess.Popen(
+        [*cmd, "sweep", str(path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+
+    def finished() -> list[str]:
+        return [
+            n for n in lineage.names()
+            if n.startswith("t-interrupted-") and "cka/base/last_layer" in lineage.meta(n).metrics
+        ]  # fmt: skip
+
+    try:
+        deadline = time.time() + 600
+        while not finished() and time.time() < deadline and proc.poll() is None:
+            time.sleep(2)
+        assert finished(), "no trial finished before the deadline"
+        time.sleep(20)  # let Tune persist the experiment state
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait()
+    first = finished()
+    assert 1 <= len(first) < 3
+    created = {n: lineage.meta(n).created_at for n in first}
+
+    run_sweep(cfg, lineage, world.data_dir, log=lambda _: None)
+    assert {n: lineage.meta(n).created_at for n in first} == created  # not run again
+    assert len(finished()) == 3
+    assert len(pd.read_parquet(tmp_path / "out" / "trials.parquet")) == 3
