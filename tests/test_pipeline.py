@@ -9,11 +9,17 @@ import pytest
 
 from sdftlab.config import WorldConfig, load_config
 from sdftlab.errors import ConfigError, LineageError
+from sdftlab.pipelines.compression import CompressionConfig, run_compression
 from sdftlab.pipelines.forgetting import ForgettingConfig, run_forgetting
 from sdftlab.sweep import SweepConfig, run_sweep, validate
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_MODELS = {"world": WorldConfig, "forgetting": ForgettingConfig, "sweep": SweepConfig}
+CONFIG_MODELS = {
+    "world": WorldConfig,
+    "forgetting": ForgettingConfig,
+    "compression": CompressionConfig,
+    "sweep": SweepConfig,
+}
 
 
 @pytest.mark.parametrize(
@@ -179,3 +185,27 @@ def test_an_interrupted_sweep_restores_without_rerunning_its_finished_trial(
     assert {n: lineage.meta(n).created_at for n in first} == created  # not run again
     assert len(finished()) == 3
     assert len(pd.read_parquet(tmp_path / "out" / "trials.parquet")) == 3
+
+
+@pytest.mark.slow
+def test_compression_pipeline_runs_end_to_end_and_reports(small_world, tmp_path):
+    world, lineage, home = small_world
+    tiny = "steps: 2, prompts_per_step: 4, checkpoint_every: 2, rollout: {max_new_tokens: 8"
+    cfg = load_config(
+        CompressionConfig,
+        None,
+        [
+            "expert.steps=4", "expert.batch_size=8", "expert.checkpoint_every=4",
+            "prune.multiple_of=32", "prune.ratio=0.25", "eval.limit=8", "cka.limit=8",
+            f"recover_nf4={{teacher: expert, {tiny}, engine: hf}}, lora: {{r: 4}}}}",
+            f"recover_pruned={{teacher: expert, {tiny}}}}}",
+            f"report_dir={tmp_path / 'report'}",
+        ],
+    ).model_copy(update={"world": world.config})  # fmt: skip
+    out = run_compression(cfg, lineage, home, log=lambda _: None)
+    text = Path(out["report"]).read_text()
+    assert "nf4_rec" in text and "pruned_rec" in text
+    results = pd.read_parquet(Path(out["report"]).parent / "results.parquet")
+    assert {"nf4", "nf4_rec", "pruned", "pruned_rec"} <= set(results["state"])
+    assert lineage.load_model("pruned_rec").config.intermediate_size == 96
+    assert lineage.meta("nf4_rec").parents == ["nf4", "expert"]
