@@ -22,7 +22,7 @@ from sdftlab.config import StrictModel, WorldConfig
 from sdftlab.degrade.sft import LoraSpec, SFTConfig
 from sdftlab.distill.sdft import RecoverConfig, RolloutSpec
 from sdftlab.lineage import Lineage
-from sdftlab.pipelines.forgetting import CKASpec, EvalSpec, Log, _same, run_stage
+from sdftlab.pipelines.forgetting import CKASpec, EvalSpec, Log, _same, prepare_base, run_stage
 
 
 class QuantizeSpec(StrictModel):
@@ -65,18 +65,11 @@ def run_compression(
     from sdftlab.distill.sdft import recover
     from sdftlab.evaluate.run import default_task_files, evaluate_state
     from sdftlab.report import write_report
-    from sdftlab.world.build import build_world
 
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
-    if cfg.model is not None:
-        if not lineage.exists("base"):
-            lineage.save_dir("base", Path(cfg.model), kind="import", config={"path": cfg.model})
-        data_dir = Path(cfg.data_dir) if cfg.data_dir else None
-    else:
-        log("── world: base")
-        world = build_world(cfg.world or WorldConfig(), lineage, home, log=lambda m: log("   " + m))
-        data_dir = Path(cfg.data_dir) if cfg.data_dir else world.data_dir
+    log("── world: base")
+    data_dir = prepare_base(cfg.model, cfg.world, cfg.data_dir, lineage, home, log)
     sub = lambda m: log("   " + m)  # noqa: E731 — one indented logger for every stage
 
     run_stage(

@@ -88,6 +88,26 @@ def run_stage(
     log(f"   {name} done in {timings[name]:.0f}s")
 
 
+def prepare_base(
+    model: str | None,
+    world: WorldConfig | None,
+    data_dir: str | None,
+    lineage: Lineage,
+    home: Path,
+    log: Log,
+) -> Path | None:
+    """`base` in the lineage — imported from `model` (paper scale) or the tiny world, built or
+    cached — and the task-data directory every later stage reads."""
+    from sdftlab.world.build import build_world
+
+    if model is not None:
+        if not lineage.exists("base"):
+            lineage.save_dir("base", Path(model), kind="import", config={"path": model})
+        return Path(data_dir) if data_dir else None
+    built = build_world(world or WorldConfig(), lineage, home, log=lambda m: log("   " + m))
+    return Path(data_dir) if data_dir else built.data_dir
+
+
 def run_forgetting(
     cfg: ForgettingConfig, lineage: Lineage, home: Path, log: Log = print
 ) -> dict[str, Any]:
@@ -97,22 +117,14 @@ def run_forgetting(
     from sdftlab.distill.sdft import recover
     from sdftlab.evaluate.run import default_task_files, evaluate_state
     from sdftlab.report import write_report
-    from sdftlab.world.build import build_world
 
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     # 1. base
-    if cfg.model is not None:
-        if not lineage.exists("base"):
-            lineage.save_dir("base", Path(cfg.model), kind="import", config={"path": cfg.model})
-        data_dir = Path(cfg.data_dir) if cfg.data_dir else None
-    else:
-        world_cfg = cfg.world or WorldConfig()
-        t0 = time.perf_counter()
-        log("── stage 1/6 world: base")
-        world = build_world(world_cfg, lineage, home, log=lambda m: log("   " + m))
-        timings["base"] = time.perf_counter() - t0
-        data_dir = Path(cfg.data_dir) if cfg.data_dir else world.data_dir
+    t0 = time.perf_counter()
+    log("── stage 1/6 world: base")
+    data_dir = prepare_base(cfg.model, cfg.world, cfg.data_dir, lineage, home, log)
+    timings["base"] = time.perf_counter() - t0
 
     # 2-3. expert, forgot (SFT)
     for label, name, parent, sft in (
