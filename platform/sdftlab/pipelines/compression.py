@@ -22,7 +22,15 @@ from sdftlab.config import StrictModel, WorldConfig
 from sdftlab.degrade.sft import LoraSpec, SFTConfig
 from sdftlab.distill.sdft import RecoverConfig, RolloutSpec
 from sdftlab.lineage import Lineage
-from sdftlab.pipelines.forgetting import CKASpec, EvalSpec, Log, _same, prepare_base, run_stage
+from sdftlab.pipelines.forgetting import (
+    CKASpec,
+    EvalSpec,
+    Log,
+    _same,
+    pipeline_main,
+    prepare_base,
+    run_stage,
+)
 
 
 class QuantizeSpec(StrictModel):
@@ -146,21 +154,4 @@ def run_compression(
 
 def main(argv: list[str] | None = None) -> int:
     """`python jobs/compression.py --config FILE [key=value ...]`."""
-    import argparse
-
-    from sdftlab.config import load_config
-    from sdftlab.errors import SdftlabError
-    from sdftlab.world.build import sdftlab_home
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="a CompressionConfig YAML")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(CompressionConfig, args.config, args.overrides)
-        home = sdftlab_home()
-        run_compression(cfg, Lineage(cfg.lineage or str(home / "lineage")), home)
-    except SdftlabError as err:
-        print(f"sdftlab: error: {err}")
-        return 2
-    return 0
+    return pipeline_main(CompressionConfig, run_compression, argv, __doc__ or "")

@@ -217,24 +217,29 @@ def run_forgetting(
     return {"timings": timings, "report": report}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python jobs/forgetting.py --config FILE [key=value ...]` and `sdftlab demo`."""
+def pipeline_main(config_model: type, run: Any, argv: list[str] | None, doc: str) -> int:
+    """The `jobs/<pipeline>.py --config FILE [key=value ...]` entry point of every pipeline:
+    load the config, open the lineage (its `lineage`, else the home's), run."""
     import argparse
 
     from sdftlab.config import load_config
     from sdftlab.errors import SdftlabError
     from sdftlab.world.build import sdftlab_home
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="a ForgettingConfig YAML (jobs/configs/forgetting.yaml)")
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--config", help=f"a {config_model.__name__} YAML (jobs/configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(ForgettingConfig, args.config, args.overrides)
+        cfg = load_config(config_model, args.config, args.overrides)
         home = sdftlab_home()
-        lineage = Lineage(cfg.lineage or str(home / "lineage"))
-        run_forgetting(cfg, lineage, home)
+        run(cfg, Lineage(cfg.lineage or str(home / "lineage")), home)
     except SdftlabError as err:
         print(f"sdftlab: error: {err}")
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python jobs/forgetting.py --config FILE [key=value ...]`."""
+    return pipeline_main(ForgettingConfig, run_forgetting, argv, __doc__ or "")

@@ -303,8 +303,9 @@ def _encode(
         prompt = tokenizer.apply_chat_template(
             messages[:-1], tokenize=False, add_generation_prompt=True
         )
-        n = len(tokenizer(prompt)["input_ids"])
-        if ids[:n] == tokenizer(prompt)["input_ids"]:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        n = len(prompt_ids)
+        if ids[:n] == prompt_ids:
             return ids, [-100] * n + ids[n:]
     return ids, ids
 
