@@ -1,7 +1,9 @@
-"""Pipelines: every job config validates; the forgetting pipeline runs, reports and resumes."""
+"""Pipelines: every job config validates, bad graphs are rejected before any work, and the
+forgetting, compression and small-model pipelines run, report and resume on a small world."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -9,54 +11,98 @@ import pytest
 
 from sdftlab.config import WorldConfig, load_config
 from sdftlab.errors import ConfigError, LineageError
-from sdftlab.pipelines.compression import CompressionConfig, run_compression
-from sdftlab.pipelines.forgetting import ForgettingConfig, run_forgetting
+from sdftlab.pipelines.graph import PipelineConfig, main, order, run_pipeline
 from sdftlab.sweep import SweepConfig, run_sweep, validate
 
 REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "jobs" / "configs"
 CONFIG_MODELS = {
     "world": WorldConfig,
-    "forgetting": ForgettingConfig,
-    "compression": CompressionConfig,
+    "forgetting": PipelineConfig,
+    "compression": PipelineConfig,
+    "small_model": PipelineConfig,
     "sweep": SweepConfig,
 }
 
 
-@pytest.mark.parametrize(
-    "path", sorted((REPO / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name
-)
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_job_config_validates(path):
     kind = next(k for k in CONFIG_MODELS if path.name.startswith(k))
     load_config(CONFIG_MODELS[kind], path)
 
 
-def test_every_job_config_has_a_known_kind():
-    for path in (REPO / "jobs" / "configs").glob("*.yaml"):
-        assert any(path.name.startswith(k) for k in CONFIG_MODELS), path.name
+def test_every_job_config_has_a_known_kind_and_every_pipeline_a_job():
+    for path in CONFIGS.glob("*.yaml"):
+        kind = next((k for k in CONFIG_MODELS if path.name.startswith(k)), None)
+        assert kind is not None, path.name
+        if CONFIG_MODELS[kind] is PipelineConfig:
+            assert (REPO / "jobs" / f"{kind}.py").is_file(), path.name
 
 
-TINY_STAGES = [
-    "expert.steps=4", "expert.batch_size=8", "expert.checkpoint_every=4",
-    "forget.steps=4", "forget.batch_size=8", "forget.checkpoint_every=4",
-    "sft_baseline.steps=2", "sft_baseline.batch_size=8",
-    "eval.limit=8", "cka.limit=8",
-]  # fmt: skip
-TINY_RECOVER = (
-    "recover={rec_expert: {teacher: expert, steps: 2, prompts_per_step: 4, "
-    "rollout: {max_new_tokens: 8}, checkpoint_every: 2}}"
+def test_stages_run_in_dependency_order_whatever_the_file_order():
+    cfg = load_config(
+        PipelineConfig,
+        None,
+        [
+            "stages={rec: {kind: sdft, from: forgot, teacher: expert}, "
+            "forgot: {kind: sft, from: expert}, expert: {kind: sft, from: base}, "
+            "base: {kind: world}}",
+            "cka.reference=expert",
+        ],
+    )
+    assert order(cfg.stages) == ["base", "expert", "forgot", "rec"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("stages.rec_base.teacher=exprt", "stage 'rec_base': teacher 'exprt' is made by no stage"),
+        ("stages.forgot.from=forgotten", "stage 'forgot': from 'forgotten' is made by no stage"),
+        ("stages.expert.from=forgot", "stages form a cycle: expert → forgot → expert"),
+        ("stages.expert.kind=distil", "stages.expert: unknown 'kind' 'distil'"),
+        ("cka.reference=nope", "cka.reference names 'nope', which no stage makes"),
+        ("stages.expert.steps=0", "stages.expert.steps: Input should be greater than 0"),
+    ],
 )
+def test_a_bad_graph_is_rejected_with_the_offending_name(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(PipelineConfig, CONFIGS / "forgetting.yaml", [override])
+
+
+def test_a_bad_graph_fails_the_job_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SDFTLAB_HOME", str(tmp_path))
+    code = main(["stages.rec_expert.teacher=nobody"], CONFIGS / "forgetting.yaml", "forgetting")
+    assert code == 2
+    assert "teacher 'nobody' is made by no stage" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # no world built, no lineage written
+
+
+def _world_stage(world_config: WorldConfig, **model: int) -> str:
+    data = {"kind": "world", **world_config.model_dump(mode="json")}
+    data["model"].update(model)
+    return json.dumps(data)
+
+
+TINY_SFT = "steps: 4, batch_size: 8, checkpoint_every: 4"
+TINY_SDFT = "steps: 2, prompts_per_step: 4, checkpoint_every: 2, rollout: {max_new_tokens: 8"
 
 
 @pytest.mark.slow
 def test_forgetting_pipeline_reports_and_skips_finished_stages(small_world, tmp_path):
     world, lineage, home = small_world
     cfg = load_config(
-        ForgettingConfig,
-        None,
-        [*TINY_STAGES, TINY_RECOVER, f"report_dir={tmp_path / 'report'}"],
-    ).model_copy(update={"world": world.config})
+        PipelineConfig,
+        CONFIGS / "forgetting.yaml",
+        [
+            f"stages.base={_world_stage(world.config)}",
+            f"stages.expert={{{TINY_SFT}}}", f"stages.forgot={{{TINY_SFT}}}",
+            "stages.sft_baseline={steps: 2, batch_size: 8}", "stages.rec_base=null",
+            f"stages.rec_expert={{{TINY_SDFT}}}}}",
+            "eval.limit=8", "cka.limit=8", f"report.dir={tmp_path / 'report'}",
+        ],
+    )  # fmt: skip
     lines: list[str] = []
-    out = run_forgetting(cfg, lineage, home, log=lines.append)
+    out = run_pipeline(cfg, lineage, home, log=lines.append)
     report = Path(out["report"])
     text = report.read_text()
     assert "## Task accuracy" in text and "rec_expert" in text and "ΔCKA" in text
@@ -64,15 +110,57 @@ def test_forgetting_pipeline_reports_and_skips_finished_stages(small_world, tmp_
         assert (report.parent / figure).stat().st_size > 0
     results = pd.read_parquet(report.parent / "results.parquet")
     assert {"base", "expert", "forgot", "rec_expert", "sft_baseline"} <= set(results["state"])
+    assert "rec_base" not in set(results["state"])  # left out with stages.rec_base=null
     assert {"science/acc", "mmlu/acc", "cka/expert/last_layer"} <= set(results["metric"])
     assert lineage.meta("rec_expert").parents == ["forgot", "expert"]
 
     # Resubmitted with the same config: every training stage is skipped.
     lines.clear()
-    again = run_forgetting(cfg, lineage, home, log=lines.append)
+    again = run_pipeline(cfg, lineage, home, log=lines.append)
     skipped = [line for line in lines if "up to date" in line]
     assert len(skipped) == 4, lines  # expert, forgot, rec_expert, sft_baseline
     assert all(again["timings"][s] == 0.0 for s in ("expert", "forgot", "rec_expert"))
+
+    # A changed stage runs again, and so does every stage downstream of it.
+    changed = cfg.model_copy(deep=True)
+    changed.stages["forgot"].lr = 2e-3
+    lines.clear()
+    run_pipeline(changed, lineage, home, log=lines.append)
+    reran = {line.split(": ")[-1] for line in lines if line.startswith("── stage")}
+    assert {"forgot", "rec_expert", "sft_baseline"} <= reran and "expert" not in reran, lines
+
+
+@pytest.mark.slow
+def test_small_model_pipeline_distils_off_policy_then_runs_sdft(small_world, tmp_path):
+    world, lineage, home = small_world
+    sdft = f"{TINY_SDFT}, engine: hf}}, data: [science]"
+    cfg = load_config(
+        PipelineConfig,
+        CONFIGS / "small_model.yaml",
+        [
+            f"stages.large={_world_stage(world.config)}",
+            "stages.small="
+            + _world_stage(world.config, hidden_size=32, num_heads=1, num_kv_heads=1,
+                           intermediate_size=64, num_layers=1),
+            f"stages.small_direct={{{sdft}}}", f"stages.small_offpolicy={{{sdft}}}",
+            f"stages.small_two_stage={{{sdft}}}",
+            "eval.limit=8", "cka.limit=8", f"report.dir={tmp_path / 'report'}",
+        ],
+    )  # fmt: skip
+    lines: list[str] = []
+    out = run_pipeline(cfg, lineage, home, log=lines.append)
+    assert any("(from `base`)" in line for line in lines), "the cached world was not reused"
+    assert lineage.load_model("small").config.hidden_size == 32
+    assert lineage.load_model("large").config.hidden_size == world.config.model.hidden_size
+    assert lineage.meta("small_offpolicy").parents == ["small", "large"]
+    assert lineage.meta("small_offpolicy").config["recover"]["mode"] == "off_policy"
+    assert lineage.meta("small_two_stage").parents == ["small_offpolicy"]
+    results = pd.read_parquet(Path(out["report"]).parent / "results.parquet")
+    states = {"large", "small", "small_direct", "small_offpolicy", "small_two_stage"}
+    assert states <= set(results["state"])
+    assert "science/acc_demo" in set(results[results["state"] == "small"]["metric"])
+    # CKA against the larger model, layer pairs by relative depth across the two sizes
+    assert "cka/large/last_layer" in set(results[results["state"] == "small"]["metric"])
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -190,22 +278,23 @@ def test_an_interrupted_sweep_restores_without_rerunning_its_finished_trial(
 @pytest.mark.slow
 def test_compression_pipeline_runs_end_to_end_and_reports(small_world, tmp_path):
     world, lineage, home = small_world
-    tiny = "steps: 2, prompts_per_step: 4, checkpoint_every: 2, rollout: {max_new_tokens: 8"
     cfg = load_config(
-        CompressionConfig,
-        None,
+        PipelineConfig,
+        CONFIGS / "compression.yaml",
         [
-            "expert.steps=4", "expert.batch_size=8", "expert.checkpoint_every=4",
-            "prune.multiple_of=32", "prune.ratio=0.25", "eval.limit=8", "cka.limit=8",
-            f"recover_nf4={{teacher: expert, {tiny}, engine: hf}}, lora: {{r: 4}}}}",
-            f"recover_pruned={{teacher: expert, {tiny}}}}}",
-            f"report_dir={tmp_path / 'report'}",
+            f"stages.base={_world_stage(world.config)}", f"stages.expert={{{TINY_SFT}}}",
+            "stages.pruned.multiple_of=32", "stages.pruned.ratio=0.25",
+            "stages.pruned.importance=taylor", "stages.pruned.calibration_rows=8",
+            f"stages.nf4_rec={{{TINY_SDFT}, engine: hf}}, lora: {{r: 4}}}}",
+            f"stages.pruned_rec={{{TINY_SDFT}}}}}",
+            "eval.limit=8", "cka.limit=8", f"report.dir={tmp_path / 'report'}",
         ],
-    ).model_copy(update={"world": world.config})  # fmt: skip
-    out = run_compression(cfg, lineage, home, log=lambda _: None)
+    )  # fmt: skip
+    out = run_pipeline(cfg, lineage, home, log=lambda _: None)
     text = Path(out["report"]).read_text()
     assert "nf4_rec" in text and "pruned_rec" in text
     results = pd.read_parquet(Path(out["report"]).parent / "results.parquet")
     assert {"nf4", "nf4_rec", "pruned", "pruned_rec"} <= set(results["state"])
+    assert lineage.meta("pruned").config["importance"] == "taylor"
     assert lineage.load_model("pruned_rec").config.intermediate_size == 96
     assert lineage.meta("nf4_rec").parents == ["nf4", "expert"]

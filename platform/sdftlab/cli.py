@@ -133,8 +133,14 @@ def cmd_degrade(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
     elif args.op == "prune":
-        from sdftlab.degrade.prune import prune_state
+        from sdftlab.data.loaders import task_source
+        from sdftlab.degrade.prune import calibration_batches, prune_state
 
+        calibration = None
+        if args.importance == "taylor":
+            task, path = task_source(args.calibration, _world_data_dir(args), "train")
+            lineage.require(args.src)
+            calibration = calibration_batches(lineage.load_tokenizer(args.src), path, task)
         meta = prune_state(
             lineage,
             args.src,
@@ -142,6 +148,7 @@ def cmd_degrade(args: argparse.Namespace) -> int:
             args.ratio,
             importance=args.importance,
             multiple_of=args.multiple_of,
+            calibration=calibration,
             overwrite=args.overwrite,
         )
         print(json.dumps(meta.config))
@@ -200,10 +207,11 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from sdftlab.config import load_config
-    from sdftlab.pipelines.forgetting import ForgettingConfig, run_forgetting
+    from sdftlab.pipelines.graph import PipelineConfig, project_config, run_pipeline
 
-    cfg = load_config(ForgettingConfig, args.config, args.overrides)
-    run_forgetting(cfg, _lineage(args, cfg.lineage), _home(args))
+    path = args.config or project_config("forgetting")
+    cfg = load_config(PipelineConfig, path, args.overrides)
+    run_pipeline(cfg, _lineage(args, cfg.lineage), _home(args))
     return 0
 
 
@@ -287,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     deg.add_argument("--ratio", type=float, default=0.1, help="prune: fraction of FFN neurons")
     deg.add_argument("--importance", choices=["magnitude", "taylor"], default="magnitude")
     deg.add_argument("--multiple-of", type=int, default=64, help="prune: round the new width")
+    deg.add_argument(
+        "--calibration", default="science", help="prune taylor: task (or task=PATH) to score on"
+    )
     deg.add_argument("--quant-type", default="nf4", help="quantize: nf4 or fp4")
     deg.add_argument("--compute-dtype", default="float32", help="quantize: float32|bfloat16")
     deg.add_argument("--no-double-quant", action="store_true")
@@ -294,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     deg.set_defaults(func=cmd_degrade)
 
     demo = sub.add_parser("demo", help="the forgetting pipeline on the embedded tiny world")
-    demo.add_argument("--config", help="a ForgettingConfig YAML (default: built-in tiny world)")
+    demo.add_argument("--config", help="a pipeline YAML (default: jobs/configs/forgetting.yaml)")
     demo.add_argument("overrides", nargs="*", metavar="key=value")
     demo.set_defaults(func=cmd_demo)
 

@@ -193,7 +193,11 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML mapping, with errors that name the file and line."""
+    """Read a YAML mapping, with errors that name the file and line.
+
+    Top-level keys starting with `x-` are dropped after parsing: they hold YAML anchors that
+    other sections merge in (`<<: *sft`), as in docker-compose files.
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist; pass the path of a YAML file")
@@ -205,19 +209,40 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"config file {p}{where}: invalid YAML ({err})") from err
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p}: the top level must be a mapping of key: value")
-    return data
+    return {k: v for k, v in data.items() if not str(k).startswith("x-")}
 
 
-def format_validation_error(err: ValidationError, source: str = "config") -> str:
+def _user_path(loc: tuple[Any, ...], data: Any) -> str:
+    """The dotted field path as the user writes it: pydantic puts a tagged union's tag (a
+    stage's `kind`) into the location; the config file has no such level, so it is left out."""
+    parts, node = [], data
+    for part in loc:
+        if isinstance(node, dict) and part not in node and node.get("kind") == part:
+            continue
+        parts.append(str(part))
+        node = node.get(part) if isinstance(node, dict) else None
+    return ".".join(parts) or "(top level)"
+
+
+def format_validation_error(err: ValidationError, source: str = "config", data: Any = None) -> str:
     """One message per problem: `field: what (got value). Fix: ...`."""
     lines = []
     for problem in err.errors():
-        field = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        field = _user_path(problem["loc"], data)
         got = problem.get("input")
         if problem["type"] == "extra_forbidden":
             lines.append(f"{field}: unknown key in {source}. Fix: remove it or check the spelling")
         elif problem["type"] == "missing":
             lines.append(f"{field}: required but missing in {source}. Fix: set {field}=VALUE")
+        elif problem["type"] == "union_tag_invalid":
+            ctx = problem.get("ctx", {})
+            lines.append(
+                f"{field}: unknown {ctx.get('discriminator', 'kind')} {ctx.get('tag')!r} in "
+                f"{source}. Fix: use one of {ctx.get('expected_tags')}"
+            )
+        elif problem["type"] == "value_error" and isinstance(got, dict):
+            # a check across fields: its message names the fields and the fix
+            lines.append(f"{source}: {problem['msg'].removeprefix('Value error, ')}")
         else:
             shown = json.dumps(got, default=str)
             shown = shown if len(shown) <= 60 else shown[:57] + "..."
@@ -250,4 +275,4 @@ def load_config(
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, data)) from None

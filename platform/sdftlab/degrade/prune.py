@@ -21,7 +21,8 @@ Importance (which neurons to keep), per layer:
   with L the language-model loss summed over the batches (the first-order estimate of the
   loss change when the group is set to zero).
 
-    sdftlab degrade prune --from expert --to pruned10 --ratio 0.1 --importance taylor
+    sdftlab degrade prune --from expert --to pruned10 --ratio 0.1 --importance taylor \
+        --calibration science        # Taylor scores on the first rows of a task's train split
 
     >>> report = prune_ffn(model, 0.1)            # in place
     >>> report.old_width, report.new_width
@@ -395,3 +396,30 @@ def prune_state(
         },
         overwrite=overwrite,
     )
+
+
+def calibration_batches(
+    tokenizer: Any,
+    task_path: str | Any,
+    task: str,
+    *,
+    rows: int = 64,
+    batch_size: int = 8,
+    max_len: int = 256,
+) -> list[dict[str, torch.Tensor]]:
+    """Taylor calibration: the first `rows` rows of a task file as padded chat batches (the
+    prompt and its golden response, loss on the response tokens)."""
+    from sdftlab.data.chat import pad_batch, tokenize_chat
+    from sdftlab.data.loaders import load_task_file
+
+    if rows < 1 or batch_size < 1:
+        raise ConfigError(f"calibration rows={rows}, batch_size={batch_size}: both must be ≥ 1")
+    encoded = [
+        tokenize_chat(tokenizer, ex.messages, ex.demonstration, max_len)
+        for ex in load_task_file(task_path, task, limit=rows)
+    ]
+    return [
+        {k: torch.from_numpy(v) for k, v in pad_batch(encoded[i : i + batch_size],
+                                                      tokenizer.pad_token_id).items()}
+        for i in range(0, len(encoded), batch_size)
+    ]  # fmt: skip

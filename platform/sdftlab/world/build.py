@@ -182,24 +182,35 @@ def build_world(
     lineage: Lineage,
     home: Path | None = None,
     *,
+    name: str = "base",
     log: Callable[[str], None] = print,
     overwrite: bool = False,
 ) -> World:
-    """Build (or reuse) the world for `cfg` and make sure `base` is in `lineage`."""
+    """Build (or reuse) the world for `cfg` and make sure its model is state `name` (`base`
+    by default) in `lineage`."""
     home = home or sdftlab_home()
     digest = cfg.stable_hash()
     directory = home / "world" / digest
-    if lineage.exists("base") and not overwrite:
-        existing = lineage.meta("base").config.get("world_hash")
+    if lineage.exists(name) and not overwrite:
+        existing = lineage.meta(name).config.get("world_hash")
         if existing != digest:
             raise LineageError(
-                f"lineage {lineage.root} already has a `base` from another world config "
+                f"lineage {lineage.root} already has a `{name}` from another world config "
                 f"(hash {existing}, this one {digest}); use another --lineage, or --overwrite"
             )
-    if (directory / WORLD_META).is_file() and lineage.exists("base") and not overwrite:
-        log(f"world {digest}: cached at {directory}")
-        _point_current(home, digest)
-        return World(directory, cfg)
+    if (directory / WORLD_META).is_file() and not overwrite:
+        twin = name if lineage.exists(name) else _world_state(lineage, digest)
+        if twin:
+            if twin != name:  # the same world's model under another name: copy, no pretraining
+                meta = lineage.meta(twin)
+                lineage.save_dir(name, lineage.local_path(twin), kind="world",
+                                 config=meta.config, metrics=meta.metrics)  # fmt: skip
+            log(
+                f"world {digest}: cached at {directory}"
+                + (f" (from `{twin}`)" if twin != name else "")
+            )
+            _point_current(home, digest)
+            return World(directory, cfg)
 
     t0 = time.perf_counter()
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -256,11 +267,11 @@ def build_world(
         raise
     world = World(directory, cfg)
     lineage.save(
-        "base",
+        name,
         model,
         tokenizer,
         kind="world",
-        overwrite=overwrite or lineage.exists("base"),
+        overwrite=overwrite or lineage.exists(name),
         config={"world_hash": digest, "world_dir": str(directory), "world": meta["config"]},
         metrics={
             "pretrain/loss": meta["pretrain_final_loss"],
@@ -268,8 +279,19 @@ def build_world(
         },
     )
     _point_current(home, digest)
-    log(f"world {digest} built in {time.perf_counter() - t0:.0f}s; `base` saved to {lineage.root}")
+    log(
+        f"world {digest} built in {time.perf_counter() - t0:.0f}s; `{name}` saved to {lineage.root}"
+    )
     return world
+
+
+def _world_state(lineage: Lineage, digest: str) -> str | None:
+    """A state of `lineage` that is the pretrained model of world `digest`, if any."""
+    for state in lineage.names():
+        meta = lineage.meta(state)
+        if meta.kind == "world" and meta.config.get("world_hash") == digest:
+            return state
+    return None
 
 
 def _point_current(home: Path, digest: str) -> None:

@@ -1,0 +1,428 @@
+"""Pipelines as graphs of named stages over the lineage, and the runner every pipeline job uses.
+
+A pipeline config (one YAML per experiment, `jobs/configs/`) names the states it makes and,
+for each, the stage that makes it — its `kind`, its input (`from`) and the stage's own
+options — then how to evaluate, compare and report:
+
+    stages:
+      base:       {kind: world}                        # or {kind: import, path: /models/…}
+      expert:     {kind: sft, from: base, data: [science], steps: 300}
+      forgot:     {kind: sft, from: expert, data: [tooluse], steps: 300}
+      rec_expert: {kind: sdft, from: forgot, teacher: expert, steps: 100}
+    eval: {limit: 100}
+    cka: {reference: expert}
+    report: {dir: runs/forgetting, degraded: forgot}
+
+Kinds: `world` (the embedded tiny world, built or cached; its options are a `WorldConfig`),
+`import` (a local Hugging Face directory), `sft`, `sdft` (a `RecoverConfig`, on- or
+off-policy), `quantize` (NF4) and `prune` (structured FFN). Every name a stage reads — its
+`from`, an SDFT `teacher`, the CKA reference, the report's degraded state — must be made by
+a stage of the same config, and the stages must not form a cycle: `PipelineConfig` checks
+that (and every option) when the file is loaded, so a bad config fails before any work.
+
+Stages run in dependency order (file order among independent ones). A stage whose state
+exists with the same options and is newer than its inputs is skipped, so a killed pipeline
+resubmitted continues after its last finished stage. Then every state is evaluated (task
+accuracy, the teacher's view with the demonstration for `eval.demonstration_for`, general
+capability through lm-eval), compared with `cka.reference` layer by layer, and reported
+(`report.md`, `results.parquet`, figures).
+
+    python jobs/forgetting.py --config jobs/configs/forgetting.yaml [key=value ...]
+    ray job submit --working-dir . -- python jobs/forgetting.py \
+        --config jobs/configs/forgetting.yaml
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from sdftlab.config import StrictModel, WorldConfig
+from sdftlab.degrade.sft import SFTConfig
+from sdftlab.distill.sdft import SPECIAL_TEACHERS, RecoverConfig
+from sdftlab.errors import ConfigError
+from sdftlab.lineage import Lineage
+
+Log = Callable[[str], None]
+
+
+# ----------------------------------------------------------------------------- stage kinds
+
+
+class QuantizeSpec(StrictModel):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "float32"
+
+
+class PruneSpec(StrictModel):
+    ratio: float = Field(0.1, gt=0, lt=1)
+    importance: Literal["magnitude", "taylor"] = "magnitude"
+    multiple_of: int = Field(64, gt=0, description="new width rounded to this (16 for tiny)")
+    calibration: str = Field("science", description="taylor: task (or task=PATH) to score on")
+    calibration_rows: int = Field(64, gt=0)
+
+
+class ImportSpec(StrictModel):
+    path: str = Field(description="a local Hugging Face model directory (safetensors)")
+
+
+def _input(description: str) -> Any:
+    return Field(alias="from", description=description)
+
+
+class WorldStage(WorldConfig):
+    kind: Literal["world"]
+
+
+class ImportStage(ImportSpec):
+    kind: Literal["import"]
+
+
+class SFTStage(SFTConfig):
+    kind: Literal["sft"]
+    source: str = _input("the state fine-tuned")
+
+
+class SDFTStage(RecoverConfig):
+    kind: Literal["sdft"]
+    source: str = _input("the student state")
+
+
+class QuantizeStage(QuantizeSpec):
+    kind: Literal["quantize"]
+    source: str = _input("the state quantized")
+
+
+class PruneStage(PruneSpec):
+    kind: Literal["prune"]
+    source: str = _input("the state pruned")
+
+
+Stage = Annotated[
+    WorldStage | ImportStage | SFTStage | SDFTStage | QuantizeStage | PruneStage,
+    Field(discriminator="kind"),
+]
+SPEC = {  # stage class → the options it records in the lineage
+    WorldStage: WorldConfig,
+    ImportStage: ImportSpec,
+    SFTStage: SFTConfig,
+    SDFTStage: RecoverConfig,
+    QuantizeStage: QuantizeSpec,
+    PruneStage: PruneSpec,
+}
+
+
+def spec(stage: Any) -> Any:
+    """The stage's options without `kind` and `from`: the config the operator records."""
+    return SPEC[type(stage)].model_validate(stage.model_dump(exclude={"kind", "source"}))
+
+
+def inputs(stage: Any) -> list[str]:
+    """The states a stage reads: its `from`, and an SDFT teacher that names a state."""
+    names = [stage.source] if hasattr(stage, "source") else []
+    if isinstance(stage, SDFTStage) and not _outside(stage.teacher) and stage.teacher not in names:
+        names.append(stage.teacher)
+    return names
+
+
+def _outside(teacher: str) -> bool:
+    """`ema`, `live` or a model path: a teacher no stage has to make."""
+    return teacher in SPECIAL_TEACHERS or "/" in teacher or teacher.startswith(".")
+
+
+# ----------------------------------------------------------------------------- the config
+
+
+class EvalSpec(StrictModel):
+    tasks: list[str] = ["science", "tooluse", "mmlu", "winogrande"]
+    limit: int | None = Field(100, gt=0, description="first N eval rows per task")
+    demonstration_for: list[str] = Field(
+        [], description="states also scored with the demonstration in the prompt (teachers)"
+    )
+
+
+class CKASpec(StrictModel):
+    reference: str = Field(description="the state every other state is compared with")
+    data: str = "science"
+    limit: int = Field(64, ge=4)
+    actors: int | None = Field(None, description="None: in the driver; N: the Ray actor pool")
+
+
+class ReportSpec(StrictModel):
+    dir: str = "runs/pipeline"
+    title: str | None = None
+    degraded: str | None = Field(
+        None, description="the damaged state recoveries are measured against (ΔCKA, recovery)"
+    )
+    accuracy_metric: str = "science/acc"
+
+
+class PipelineConfig(StrictModel):
+    """A pipeline: named stages over the lineage, then evaluation, CKA and the report."""
+
+    name: str = "pipeline"
+    stages: dict[str, Stage | None] = Field(
+        min_length=1, description="state name → the stage that makes it (null: left out)"
+    )
+    data_dir: str | None = Field(None, description="task files; default the world stage's")
+    lineage: str | None = Field(None, description="lineage root (path or URI); default home")
+    eval: EvalSpec = EvalSpec()
+    cka: CKASpec
+    report: ReportSpec = ReportSpec()
+
+    @field_validator("stages")
+    @classmethod
+    def _left_out(cls, stages: dict[str, Any]) -> dict[str, Any]:
+        return {name: stage for name, stage in stages.items() if stage is not None}
+
+    @model_validator(mode="after")
+    def _a_graph(self) -> PipelineConfig:
+        order(self.stages)  # every input made by a stage, and no cycle
+        made = set(self.stages)
+        named = [("cka.reference", self.cka.reference)]
+        named += [("eval.demonstration_for", n) for n in self.eval.demonstration_for]
+        if self.report.degraded is not None:
+            named.append(("report.degraded", self.report.degraded))
+        for field, name in named:
+            if name not in made:
+                raise ValueError(
+                    f"{field} names {name!r}, which no stage makes (stages: "
+                    f"{', '.join(self.stages)}); name one of them or add a stage {name!r}"
+                )
+        worlds = [(n, s) for n, s in self.stages.items() if isinstance(s, WorldStage)]
+        if not worlds and self.data_dir is None:
+            raise ValueError("no stage has kind world: set data_dir to the task files' folder")
+        for name, world in worlds[1:]:  # one world's data for every stage
+            if _world_data(world) != _world_data(worlds[0][1]):
+                raise ValueError(
+                    f"world stages {worlds[0][0]!r} and {name!r} differ in more than `model` and "
+                    "`pretrain`; they must share seed, sizes and vocabulary (one task set)"
+                )
+        return self
+
+
+def _world_data(world: WorldStage) -> dict[str, Any]:
+    return world.model_dump(exclude={"kind", "model", "pretrain"})
+
+
+def order(stages: dict[str, Any]) -> list[str]:
+    """Stage names in dependency order (file order among independent stages).
+
+    Raises ValueError naming the stage and the input when an input is made by no stage, and
+    naming the states of a cycle when there is one.
+    """
+    for name, stage in stages.items():
+        for needed in inputs(stage):
+            if needed not in stages:
+                what = "teacher" if needed != getattr(stage, "source", None) else "from"
+                raise ValueError(
+                    f"stage {name!r}: {what} {needed!r} is made by no stage (stages: "
+                    f"{', '.join(stages)}); add a stage {needed!r} or name one of them"
+                )
+    done: list[str] = []
+    pending = list(stages)
+    while pending:
+        ready = [n for n in pending if all(i in done for i in inputs(stages[n]))]
+        if not ready:
+            raise ValueError(f"stages form a cycle: {' → '.join(_cycle(stages, pending))}")
+        done.append(ready[0])
+        pending.remove(ready[0])
+    return done
+
+
+def _cycle(stages: dict[str, Any], pending: list[str]) -> list[str]:
+    path = [pending[0]]
+    while True:
+        nxt = next(i for i in inputs(stages[path[-1]]) if i in pending)
+        if nxt in path:
+            return [*path[path.index(nxt) :], nxt]
+        path.append(nxt)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def up_to_date(lineage: Lineage, name: str, recorded: dict[str, Any], reads: list[str]) -> bool:
+    """Whether state `name` exists with `recorded` in its config and is newer than `reads`."""
+    if not lineage.exists(name):
+        return False
+    meta = lineage.meta(name)
+    if any(meta.config.get(k) != v for k, v in recorded.items()):
+        return False
+    if not all(r in meta.parents for r in reads[:1]):
+        return False
+    # ISO-8601 UTC timestamps sort as strings.
+    return all(lineage.meta(r).created_at <= meta.created_at for r in reads)
+
+
+def recorded_config(stage: Any) -> dict[str, Any]:
+    """What the stage's operator writes into the state's config, to compare on resume."""
+    options = spec(stage).model_dump(mode="json")
+    if isinstance(stage, SFTStage):
+        return {"sft": options}
+    if isinstance(stage, SDFTStage):
+        return {"recover": options}
+    if isinstance(stage, PruneStage):  # the calibration is not recorded (magnitude needs none)
+        return {k: options[k] for k in ("ratio", "importance", "multiple_of")}
+    return options
+
+
+def run_stage(
+    label: str, name: str, done: bool, work: Callable[[], Any], log: Log, timings: dict
+) -> None:
+    if done:
+        log(f"── {label}: {name} is up to date (same config), skipped")
+        timings[name] = 0.0
+        return
+    log(f"── {label}: {name}")
+    t0 = time.perf_counter()
+    work()
+    timings[name] = time.perf_counter() - t0
+    log(f"   {name} done in {timings[name]:.0f}s")
+
+
+def _describe(stage: Any) -> str:
+    if isinstance(stage, SDFTStage):
+        return f"SDFT {stage.mode} from {stage.source}, teacher {stage.teacher}"
+    if isinstance(stage, SFTStage):
+        return f"SFT {stage.source} on {' then '.join(stage.data)}"
+    if isinstance(stage, PruneStage):
+        return f"FFN pruning {stage.ratio:.0%} ({stage.importance}) of {stage.source}"
+    if isinstance(stage, QuantizeStage):
+        return f"{stage.quant_type.upper()} quantization of {stage.source}"
+    if isinstance(stage, WorldStage):
+        return f"tiny world (hidden {stage.model.hidden_size}, {stage.model.num_layers} layers)"
+    return f"import {stage.path}"
+
+
+def _execute(
+    name: str, stage: Any, lineage: Lineage, home: Path, data_dir: Path | None, log: Log
+) -> None:
+    from sdftlab.data.loaders import task_source
+    from sdftlab.degrade.prune import calibration_batches, prune_state
+    from sdftlab.degrade.quantize import quantize_state
+    from sdftlab.degrade.sft import run_sft
+    from sdftlab.distill.sdft import recover
+
+    sub: Log = lambda m: log("   " + m)  # noqa: E731
+    options = spec(stage)
+    if isinstance(stage, SFTStage):
+        run_sft(lineage, stage.source, name, options, data_dir=data_dir, log=sub, overwrite=True)
+    elif isinstance(stage, SDFTStage):
+        recover(lineage, stage.source, name, options, data_dir=data_dir, log=sub, overwrite=True)
+    elif isinstance(stage, QuantizeStage):
+        quantize_state(lineage, stage.source, name, overwrite=True, **options.model_dump())
+    elif isinstance(stage, PruneStage):
+        calibration = None
+        if options.importance == "taylor":
+            task, path = task_source(options.calibration, data_dir, "train")
+            tokenizer = lineage.load_tokenizer(stage.source)
+            calibration = calibration_batches(tokenizer, path, task, rows=options.calibration_rows)
+        prune_state(
+            lineage, stage.source, name, options.ratio, importance=options.importance,
+            multiple_of=options.multiple_of, calibration=calibration, overwrite=True,
+        )  # fmt: skip
+    elif isinstance(stage, ImportStage):
+        lineage.save_dir(name, Path(stage.path), kind="import", config={"path": stage.path},
+                         overwrite=lineage.exists(name))  # fmt: skip
+
+
+def run_pipeline(
+    cfg: PipelineConfig, lineage: Lineage, home: Path, log: Log = print
+) -> dict[str, Any]:
+    """Run (or resume) the pipeline; returns {'timings': ..., 'report': path}."""
+    from sdftlab.cka.run import compare_states, load_examples
+    from sdftlab.evaluate.run import default_task_files, evaluate_state
+    from sdftlab.report import write_report
+    from sdftlab.world.build import build_world
+
+    names = order(cfg.stages)
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else None
+    for i, name in enumerate(names, 1):
+        stage = cfg.stages[name]
+        label = f"stage {i}/{len(names)} {_describe(stage)}"
+        if isinstance(stage, WorldStage):
+            log(f"── {label}: {name}")
+            t0 = time.perf_counter()
+            world = build_world(spec(stage), lineage, home, name=name, log=lambda m: log("   " + m))
+            data_dir = data_dir or world.data_dir
+            timings[name] = time.perf_counter() - t0
+            continue
+        done = up_to_date(lineage, name, recorded_config(stage), inputs(stage))
+        work = partial(_execute, name, stage, lineage, home, data_dir, log)
+        run_stage(label, name, done, work, log, timings)
+    assert data_dir is not None  # PipelineConfig: a world stage or data_dir
+
+    log(f"── evaluation ({', '.join(cfg.eval.tasks)}, limit {cfg.eval.limit})")
+    t0 = time.perf_counter()
+    files = default_task_files(data_dir, cfg.eval.tasks)
+    for state in names:
+        have = lineage.meta(state).metrics
+        demo = state in cfg.eval.demonstration_for
+        wanted = [f"{t}/acc" for t in cfg.eval.tasks] + (["science/acc_demo"] if demo else [])
+        if all(k in have for k in wanted):
+            continue
+        log(f"   {state}")
+        evaluate_state(lineage, state, files, with_demonstration=demo, limit=cfg.eval.limit,
+                       log=lambda m: log("   " + m))  # fmt: skip
+    timings["evaluation"] = time.perf_counter() - t0
+
+    log(f"── CKA against {cfg.cka.reference} on {cfg.cka.data}")
+    t0 = time.perf_counter()
+    examples = load_examples(cfg.cka.data, data_dir, limit=cfg.cka.limit)
+    frames = {
+        s: compare_states(lineage, s, cfg.cka.reference, examples, actors=cfg.cka.actors)
+        for s in names
+        if s != cfg.cka.reference
+    }
+    timings["cka"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_all
+    report = write_report(
+        Path(cfg.report.dir), lineage, names, frames, reference=cfg.cka.reference,
+        degraded=cfg.report.degraded or names[0], timings=timings,
+        title=cfg.report.title or cfg.name, accuracy_metric=cfg.report.accuracy_metric,
+    )  # fmt: skip
+    log(f"report: {report}")
+    return {"timings": timings, "report": report}
+
+
+def main(argv: list[str] | None, default_config: Path, doc: str) -> int:
+    """`python jobs/<pipeline>.py [--config FILE] [key=value ...]`: load the config (the job's
+    own YAML by default), open the lineage (its `lineage`, else the home's), run."""
+    import argparse
+
+    from sdftlab.config import load_config
+    from sdftlab.errors import SdftlabError
+    from sdftlab.world.build import sdftlab_home
+
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--config", default=str(default_config), help="a pipeline YAML")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(PipelineConfig, args.config, args.overrides)
+        home = sdftlab_home()
+        run_pipeline(cfg, Lineage(cfg.lineage or str(home / "lineage")), home)
+    except SdftlabError as err:
+        print(f"sdftlab: error: {err}")
+        return 2
+    return 0
+
+
+def project_config(name: str) -> Path:
+    """`jobs/configs/<name>.yaml` of the project checkout sdftlab is installed from."""
+    path = Path(__file__).resolve().parents[3] / "jobs" / "configs" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"{path} not found: sdftlab is not installed from its project checkout "
+            f"(`pip install -e .`); pass --config with a pipeline YAML"
+        )
+    return path

@@ -1,0 +1,157 @@
+"""`ray job submit` as the README documents it, against a real local Ray head started by the
+test (`ray start --head`) with Ray's token authentication on."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from sdftlab.lineage import Lineage
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A one-node Ray cluster with RAY_AUTH_MODE=token; yields (dashboard address, client env
+    holding the token). Stopped by signalling its process group: other Ray clusters on the
+    machine are left alone."""
+    import ray
+
+    ray.shutdown()  # this test process must not hold a local Ray of its own
+    token = secrets.token_hex(16)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # `python` in a job: this venv's
+    )
+    dashboard = _free_port()
+    temp_dir = Path("/tmp") / f"sdftlab-ray-{secrets.token_hex(3)}"  # short: socket paths
+    head = subprocess.Popen(
+        [
+            str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+            f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        ],
+        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if head.poll() is not None:
+                pytest.fail(f"ray start --head exited with {head.returncode}")
+            probe = subprocess.run(
+                [str(BIN / "ray"), "job", "list", "--address", address],
+                env=env, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            if probe.returncode == 0:
+                break
+            time.sleep(3)
+        else:
+            pytest.fail("the Ray head's job server did not come up in 240 s")
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        subprocess.run(["rm", "-rf", str(temp_dir)], check=False)
+
+
+def _ray(env: dict[str, str], *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "ray"), *args], env=env, cwd=REPO, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_pipeline_job_submitted_with_the_token_runs_and_reports(ray_head, small_world, tmp_path):
+    address, env = ray_head
+    world, lineage, home = small_world
+    # The job's own lineage, seeded with the small world's `base` (no pretraining in the job).
+    job_lineage = Lineage(tmp_path / "lineage")
+    base = lineage.meta("base")
+    job_lineage.save_dir(
+        "base", lineage.local_path("base"), kind="world", config=base.config, metrics=base.metrics
+    )
+    config = {
+        "name": "submitted",
+        "lineage": str(job_lineage.root),
+        "stages": {
+            "base": {"kind": "world", **world.config.model_dump(mode="json")},
+            "expert": {"kind": "sft", "from": "base", "data": ["science"], "steps": 2,
+                       "batch_size": 8, "checkpoint_every": 2},
+        },  # fmt: skip
+        "eval": {"tasks": ["science"], "limit": 4},
+        "cka": {"reference": "base", "limit": 4},
+        "report": {"dir": str(tmp_path / "report")},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config))
+    job_id = f"sdftlab-test-{secrets.token_hex(4)}"
+    runtime_env = json.dumps({"env_vars": {"SDFTLAB_HOME": str(home)}})
+
+    submit = _ray(
+        env, "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
+        "--working-dir", ".", "--runtime-env-json", runtime_env,
+        "--", "python", "jobs/forgetting.py", "--config", str(path),
+    )  # fmt: skip
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+
+    deadline = time.time() + 1200
+    status = ""
+    while time.time() < deadline:
+        status = _ray(env, "job", "status", "--address", address, job_id).stdout
+        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(5)
+    logs = _ray(env, "job", "logs", "--address", address, job_id).stdout
+    assert "SUCCEEDED" in status, status + logs[-4000:]
+    assert "── stage 2/2 SFT base on science: expert" in logs
+    assert f"report: {tmp_path / 'report' / 'report.md'}" in logs
+
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "expert" in report
+    results = pd.read_parquet(tmp_path / "report" / "results.parquet")
+    assert {"base", "expert"} <= set(results["state"])
+    assert job_lineage.meta("expert").parents == ["base"]
+    assert env["RAY_AUTH_TOKEN"] not in logs + report  # the token never lands in logs/reports
+
+
+@pytest.mark.slow
+def test_a_client_without_the_token_is_refused(ray_head, tmp_path):
+    address, env = ray_head
+    anonymous = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_TOKEN")}
+    anonymous["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
+    refused = _ray(anonymous, "job", "list", "--address", address)
+    assert refused.returncode != 0
+    out = (refused.stdout + refused.stderr).lower()
+    assert "401" in out or "unauthorized" in out or "authentication" in out, out[-2000:]
+
+    wrong = {**anonymous, "RAY_AUTH_TOKEN": "not-the-token"}
+    assert _ray(wrong, "job", "list", "--address", address).returncode != 0
+    assert _ray(env, "job", "list", "--address", address).returncode == 0
