@@ -3,6 +3,7 @@ test (`ray start --head`) with Ray's token authentication on."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -73,12 +74,23 @@ def ray_head(tmp_path):
         yield address, env
     finally:
         os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=30)
+        _kill_session(head.pid)  # Ray's workers sit in their own process groups
+        head.wait()
         subprocess.run(["rm", "-rf", str(temp_dir)], check=False)
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid` (the head was started in a new session)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # after "pid (comm)": state, ppid, pgrp, session
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(stat.parent.name), signal.SIGKILL)
 
 
 def _ray(env: dict[str, str], *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -103,9 +115,15 @@ def test_a_pipeline_job_submitted_with_the_token_runs_and_reports(ray_head, smal
         "lineage": str(job_lineage.root),
         "stages": {
             "base": {"kind": "world", **world.config.model_dump(mode="json")},
-            "expert": {"kind": "sft", "from": "base", "data": ["science"], "steps": 2,
-                       "batch_size": 8, "checkpoint_every": 2},
-        },  # fmt: skip
+            "expert": {
+                "kind": "sft",
+                "from": "base",
+                "data": ["science"],
+                "steps": 2,
+                "batch_size": 8,
+                "checkpoint_every": 2,
+            },
+        },
         "eval": {"tasks": ["science"], "limit": 4},
         "cka": {"reference": "base", "limit": 4},
         "report": {"dir": str(tmp_path / "report")},
@@ -125,12 +143,13 @@ def test_a_pipeline_job_submitted_with_the_token_runs_and_reports(ray_head, smal
     deadline = time.time() + 1200
     status = ""
     while time.time() < deadline:
-        status = _ray(env, "job", "status", "--address", address, job_id).stdout
-        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+        polled = _ray(env, "job", "status", "--address", address, job_id)
+        status = (polled.stdout + polled.stderr).lower()
+        if any(f"job '{job_id}' {s}" in status for s in ("succeeded", "failed", "stopped")):
             break
         time.sleep(5)
     logs = _ray(env, "job", "logs", "--address", address, job_id).stdout
-    assert "SUCCEEDED" in status, status + logs[-4000:]
+    assert f"job '{job_id}' succeeded" in status, status + logs[-4000:]
     assert "── stage 2/2 SFT base on science: expert" in logs
     assert f"report: {tmp_path / 'report' / 'report.md'}" in logs
 

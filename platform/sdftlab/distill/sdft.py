@@ -399,7 +399,7 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
         max_new_tokens=cfg.rollout.max_new_tokens,
     )
     hidden_layers = cfg.loss.cka_layers if cfg.loss.cka_weight > 0 else []
-    busy_s, tokens_seen, history = 0.0, 0, []
+    busy_s, sync_total_s, tokens_seen, history = 0.0, 0.0, 0, []
     model.train()
     for step in range(start, cfg.steps):
         timings: dict[str, float] = {}
@@ -521,12 +521,15 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
 
         tokens_seen += int(valid_BC.sum())
         busy_s += sum(timings.values())
+        sync_total_s += timings["sync_s"]
         history.append(float(loss))
         done = step + 1
         metrics = {
             "step": done,
             "loss": float(np.mean(history[-10:])),
             "tokens_per_s": tokens_seen * world / max(busy_s, 1e-9),  # completion tokens
+            "step_s_mean": busy_s / (done - start),
+            "sync_fraction": sync_total_s / max(busy_s, 1e-9),  # of the step time, this run
             "lr": optimizer.param_groups[0]["lr"],
             "completion_len": float(np.mean([len(c) for c in completions])),
             **stats,
@@ -715,6 +718,8 @@ def recover(
                 "sdft/seconds": seconds,
                 "sdft/tokens_per_s": m["tokens_per_s"],
                 "sdft/sync_s": m.get("sync_s", 0.0),
+                "sdft/step_s": m["step_s_mean"],
+                "sdft/sync_fraction": m["sync_fraction"],
             },
         )
     log(f"  saved {dst}: loss {m['loss']:.4f}, {seconds:.0f}s ({m['tokens_per_s']:.0f} tok/s)")

@@ -53,12 +53,20 @@ TopKRows = list[tuple[list[int], list[float]]]
 
 
 class HFEngine:
-    """transformers `generate` on an in-memory causal LM (the fallback and test reference)."""
+    """transformers `generate` on an in-memory causal LM (the fallback and test reference).
 
-    def __init__(self, model: Any, eos_token_id: int, pad_token_id: int) -> None:
+    Prompts are generated `max_batch` at a time, left-padded; each sampled token's log-prob
+    comes from the raw logits `generate` returns (as vLLM's default raw log-probs), so no
+    second forward pass is needed.
+    """
+
+    def __init__(
+        self, model: Any, eos_token_id: int, pad_token_id: int, max_batch: int = 32
+    ) -> None:
         self.model = model
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
+        self.max_batch = max_batch
 
     @torch.no_grad()
     def generate(
@@ -66,42 +74,54 @@ class HFEngine:
     ) -> list[Completion]:
         was_training = self.model.training
         self.model.eval()
-        device = next(self.model.parameters()).device
-        generator_seed = sampling.seed
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
         out: list[Completion] = []
-        for prompt in prompts:
-            ids_1T = torch.tensor([prompt], device=device)
-            if generator_seed is not None:
-                torch.manual_seed(generator_seed)
-                generator_seed += 1
-            greedy = sampling.temperature == 0.0
-            gen = self.model.generate(
-                input_ids=ids_1T,
-                attention_mask=torch.ones_like(ids_1T),
-                max_new_tokens=sampling.max_new_tokens,
-                do_sample=not greedy,
-                temperature=None if greedy else sampling.temperature,
-                top_p=None if greedy else sampling.top_p,
-                top_k=None,
-                num_return_sequences=sampling.n,
-                eos_token_id=self.eos_token_id,
-                pad_token_id=self.pad_token_id,
-                output_scores=False,
-            )
-            for row in gen[:, len(prompt) :].tolist():
-                tokens = _strip_after_eos(row, self.eos_token_id, self.pad_token_id)
-                out.append(Completion(list(prompt), tokens, self._logprobs(prompt, tokens)))
+        for i in range(0, len(prompts), self.max_batch):
+            out += self._generate_batch(list(prompts[i : i + self.max_batch]), sampling)
         self.model.train(was_training)
         return out
 
-    def _logprobs(self, prompt: list[int], tokens: list[int]) -> list[float]:
-        if not tokens:
-            return []
+    def _generate_batch(
+        self, prompts: list[list[int]], sampling: SamplingSettings
+    ) -> list[Completion]:
         device = next(self.model.parameters()).device
-        ids = torch.tensor([prompt + tokens], device=device)
-        logp_TV = F.log_softmax(self.model(input_ids=ids).logits[0].float(), -1)
-        pos = torch.arange(len(prompt) - 1, len(prompt) + len(tokens) - 1, device=device)
-        return logp_TV[pos, torch.tensor(tokens, device=device)].tolist()
+        width = max(len(p) for p in prompts)
+        ids_BT = torch.full((len(prompts), width), self.pad_token_id, device=device)
+        mask_BT = torch.zeros_like(ids_BT)
+        for row, prompt in enumerate(prompts):
+            ids_BT[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
+            mask_BT[row, width - len(prompt) :] = 1
+        greedy = sampling.temperature == 0.0
+        gen = self.model.generate(
+            input_ids=ids_BT,
+            attention_mask=mask_BT,
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=None,
+            num_return_sequences=sampling.n,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        new_BN = gen.sequences[:, width:]
+        logp_BN = torch.stack(
+            [
+                F.log_softmax(step_BV.float(), -1).gather(1, new_BN[:, t : t + 1]).squeeze(1)
+                for t, step_BV in enumerate(gen.logits)
+            ],
+            dim=1,
+        )
+        out = []
+        for row, (tokens_N, logp_N) in enumerate(
+            zip(new_BN.tolist(), logp_BN.tolist(), strict=True)
+        ):
+            tokens = _strip_after_eos(tokens_N, self.eos_token_id, self.pad_token_id)
+            out.append(Completion(list(prompts[row // sampling.n]), tokens, logp_N[: len(tokens)]))
+        return out
 
     @torch.no_grad()
     def score(
