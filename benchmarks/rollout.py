@@ -54,7 +54,8 @@ def build_state(root: Path) -> tuple[Lineage, str, list[Any]]:
     rng = random.Random(0)
     rows = tasks.science_rows(facts, 600, rng)
     texts = [tasks.copy_document(rng) for _ in range(300)]
-    texts += [r["prompt"] + "\n" + "\n".join(r["golden_response"]) for r in rows[:300]]
+    texts += [m["content"] for r in rows[:300] for m in r["prompt"]]
+    texts += ["\n".join(r["golden_response"]) for r in rows[:300]]
     tok = train_tokenizer(texts, vocab_size=1024)
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(

@@ -121,6 +121,7 @@ def test_teacher_with_another_vocabulary_is_rejected(small_world, tmp_path, tiny
 def test_vllm_log_probs_match_the_trainer_after_a_sync_and_not_before(small_world):
     pytest.importorskip("vllm")
     from sdftlab.raycluster import ensure_ray
+    from sdftlab.rollout.engines import SamplingSettings
     from sdftlab.rollout.pool import RolloutPool
 
     _, lineage, _ = small_world
@@ -156,6 +157,11 @@ def test_vllm_log_probs_match_the_trainer_after_a_sync_and_not_before(small_worl
         # Tolerance: fp32 on both sides, different kernels: |Δ log p| ≤ 1e-4.
         assert torch.allclose(engine_logp(pool), trainer_logp(), atol=1e-4)
         assert seconds < 30
+
+        # A seeded batch larger than one scheduler step (chunked prefill) samples fine.
+        prompts = [list(range(3, 3 + 200 + i % 7)) for i in range(256)]
+        out = pool.generate(prompts, SamplingSettings(max_new_tokens=4, seed=1))
+        assert len(out) == 256 and all(len(c.token_ids) == len(c.logprobs) for c in out)
     finally:
         pool.shutdown()
 

@@ -204,7 +204,10 @@ class VLLMEngine:
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             max_tokens=sampling.max_new_tokens,
-            seed=sampling.seed,
+            # vLLM rewinds a seeded request's generator when chunked prefill discards a
+            # sampled token, and CPU generators cannot rewind ("CPU Generator does not use
+            # offset"): on CPU, sampling is seeded once per engine (`LLM(seed=...)`) instead.
+            seed=sampling.seed if torch.cuda.is_available() else None,
             logprobs=0,  # the sampled token's own log-prob
             detokenize=False,
         )
