@@ -396,8 +396,10 @@ def run_pipeline(
 
 def main(argv: list[str] | None, default_config: Path, doc: str) -> int:
     """`python jobs/<pipeline>.py [--config FILE] [key=value ...]`: load the config (the job's
-    own YAML by default), open the lineage (its `lineage`, else the home's), run."""
+    own YAML by default), open the lineage (the config's `lineage`, else $SDFTLAB_LINEAGE,
+    else `<home>/lineage`), run."""
     import argparse
+    import os
 
     from sdftlab.config import load_config
     from sdftlab.errors import SdftlabError
@@ -410,7 +412,8 @@ def main(argv: list[str] | None, default_config: Path, doc: str) -> int:
     try:
         cfg = load_config(PipelineConfig, args.config, args.overrides)
         home = sdftlab_home()
-        run_pipeline(cfg, Lineage(cfg.lineage or str(home / "lineage")), home)
+        root = cfg.lineage or os.environ.get("SDFTLAB_LINEAGE") or str(home / "lineage")
+        run_pipeline(cfg, Lineage(root), home)
     except SdftlabError as err:
         print(f"sdftlab: error: {err}")
         return 2
