@@ -30,15 +30,17 @@ The work, identical on both sides:
   `distillation_mode="full_logits" distillation_alpha=0 num_loss_tokens_to_skip=0
   distillation_is_clip=None`); AdamW (β 0.9/0.999, ε 1e-8, no weight decay), `--lr`, cosine
   decay to 0.1 × lr without warm-up, gradient clipping at norm 1; float32, no gradient
-  checkpointing, 2 torch threads, `steps` steps.
+  checkpointing, `--threads` torch threads (2), `steps` steps.
 
 Sides: ``sdftlab vllm`` (`recover`, rollouts on one vLLM-CPU actor, new weights pushed to it in
 memory each step), ``sdftlab hf`` (`recover`, rollouts with transformers `generate` beside the
 trainer), ``trl hf`` (`SDFTTrainer`, `use_vllm=False`: transformers `generate`).
 
 Reported per side: seconds per optimizer step (median over the steps after the first, which is
-the warm-up), completion tokens/s (tokens generated after the warm-up step / their steps'
-time; EOS included), and the share of this machine's float32 matmul peak the step reaches:
+the warm-up), completion tokens/s (tokens generated in the steps after the warm-up / their summed
+time; EOS included; TRL logs each step's mean completion length, sdftlab records the run's total,
+so each of its steps counts the run's mean), and the share of this machine's float32 matmul
+peak the step reaches:
 
     FLOPs/step ≈ N · [ 6 (B·P_s + C)      student forward + backward on prompt + completion
                      + 2 (B·P_t + C)      teacher forward on its prompt + the same completion
@@ -48,7 +50,7 @@ time; EOS included), and the share of this machine's float32 matmul peak the ste
 N = model parameters (tied embedding counted once: with a tied head that is the matmul weights),
 B = prompts per step, P_s/P_t = mean student/teacher prompt tokens, C = completion tokens per
 step (measured, mean over the timed steps); attention-score FLOPs and padding are not counted.
-peak = best of several 2048 × 2048 float32 `torch.matmul`s on 2 threads (2·n³ FLOPs each).
+peak = best of several 2048 × 2048 float32 `torch.matmul`s on the same threads (2·n³ FLOPs each).
 
 Step boundaries: sdftlab's step time is its own per-step timing (Ray Data batch fetch, rollout,
 teacher scoring, train step, weight push to vLLM), read from its per-step progress lines
@@ -63,8 +65,9 @@ Differences in the work that could not be removed:
 - loss normalisation: sdftlab takes the mean over all completion tokens of the batch, TRL the
   mean per sequence then over the batch (same FLOPs, differently weighted gradients);
 - TRL computes the LM head only at completion positions (`logits_to_keep`); sdftlab computes
-  logits at every position and gathers the completion's (the head is ~12% of N, so sdftlab does
-  a few % more matmul work on the prompt positions; the formula counts both the same);
+  logits at every position and gathers the completion's (the head is ~12% of N and prompts are
+  over half the positions, so sdftlab does up to ~10% more matmul work; the formula counts
+  both sides the same);
 - padding: TRL left-pads prompts and right-pads completions (width = longest prompt + longest
   completion), sdftlab right-pads prompt + completion (width = longest sum);
 - sdftlab runs the loop in a Ray Train worker beside a vLLM actor and Ray Data (all on the same 2
@@ -72,7 +75,11 @@ Differences in the work that could not be removed:
   (for its importance ratio; unused here), TRL's do not;
 - samples differ (each side's own RNG and prompt order): token counts are the ones generated.
 
-On a shared 2-core machine, absolute numbers move with other load; compare within one run.
+On a shared 2-core machine the numbers move with other load, and multi-threaded torch suffers
+most (a 2-thread matmul that finds one core busy runs ~10× slower): "load" is the 1-minute load
+average when each side ends (≈ `--threads` if the machine was the benchmark's alone). Compare
+sides within one run on a quiet machine, or use `--threads 1` on a busy one. Ray runs
+sdftlab's worker and vLLM actor at nice 15; the TRL subprocess gets the same niceness.
 """
 
 from __future__ import annotations
@@ -99,11 +106,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 TRL_PYTHON = ROOT / ".venv-trl" / "bin" / "python"
 RESULT_TAG = "TRL_SDFT_RESULT "
-THREADS = 2
 
 # sdftlab's per-step progress line (`sdftlab.distill.sdft.progress_line`)
 PROGRESS_RE = re.compile(
-    r"\[sdft\] step\s+(?P<step>\d+)/\d+.*?(?P<tps>[\d.]+) tok/s.*?rollout (?P<rollout>[\d.]+)s"
+    r"\[sdft\] step\s+(?P<step>\d+)/\d+.*?rollout (?P<rollout>[\d.]+)s"
     r"\s+teacher (?P<teacher>[\d.]+)s\s+train (?P<train>[\d.]+)s\s+sync (?P<sync_ms>[\d.]+)ms"
     r"\s+data (?P<data>[\d.]+)s"
 )
@@ -112,11 +118,11 @@ PROGRESS_RE = re.compile(
 # ----------------------------------------------------------------------------- 1. shared
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    """Best float32 matmul FLOP/s on `THREADS` threads (2·n³ per product)."""
+def matmul_peak_flops(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """Best float32 matmul FLOP/s on `threads` threads (2·n³ per product)."""
     import torch
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.matmul(a, b)  # warm-up
     best = float("inf")
@@ -180,7 +186,7 @@ def run_sdftlab(lineage: Any, state: str, task_file: Path, engine: str, args: An
         "rollout.n=1", "rollout.temperature=1.0", "rollout.top_p=1.0",
         f"rollout.max_new_tokens={args.max_new_tokens}", "scoring=exact",
         "loss.kind=forward_kl", "loss.mask_first_k=0", "loss.importance_cap=null",
-        f"lr={args.lr}", "warmup_steps=0", "weight_decay=0", f"threads_per_worker={THREADS}",
+        f"lr={args.lr}", "warmup_steps=0", "weight_decay=0", f"threads_per_worker={args.threads}",
         "log_every=1", f"checkpoint_every={args.steps}", "seed=0",
     ])  # fmt: skip
     tee = _Tee(sys.stdout)
@@ -192,17 +198,16 @@ def run_sdftlab(lineage: Any, state: str, task_file: Path, engine: str, args: An
         while time.time() < deadline and len(_progress(tee.lines)) < args.steps:
             time.sleep(0.2)
     m = {k.split("/")[1]: v for k, v in meta.metrics.items()}
-    total_tokens = m["tokens_per_s"] * m["step_s"] * args.steps  # = tokens seen, exactly
+    # sdftlab records the run's completion tokens only in total (tokens/s × mean step × steps,
+    # exact); the progress line's tok/s is rounded, so every step gets the mean.
+    tokens = [m["tokens_per_s"] * m["step_s"]] * args.steps
     rows = _progress(tee.lines)
     if len(rows) == args.steps:
         step_s = [r["rollout"] + r["teacher"] + r["train"] + r["sync_ms"] / 1e3 + r["data"]
                   for r in rows]  # fmt: skip
-        first = rows[0]["tps"] * step_s[0]  # cumulative tok/s × time after step 1
-        tokens = [first] + [(total_tokens - first) / (args.steps - 1)] * (args.steps - 1)
         timing = "per-step progress lines"
     else:  # lines lost: fall back to the run's mean, warm-up included
         step_s = [m["step_s"]] * args.steps
-        tokens = [total_tokens / args.steps] * args.steps
         timing = f"mean incl. warm-up (only {len(rows)}/{args.steps} progress lines seen)"
     return {"step_s": step_s, "tokens": tokens, "wall_s": wall, "timing": timing,
             "recorded": m}  # fmt: skip
@@ -228,7 +233,7 @@ def trl_side(spec_file: str) -> None:
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
     spec = json.loads(Path(spec_file).read_text())
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(spec["threads"])
     rows = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines()]
 
     class StepTimer(TrainerCallback):
@@ -321,9 +326,13 @@ def run_trl(spec: dict[str, Any], tmp: Path, log_path: Path) -> dict[str, Any]:
     spec_file.write_text(json.dumps(spec))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env |= {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # Ray starts sdftlab's train worker and vLLM actor at this niceness: the same for TRL, so
+    # both sides have the same priority against whatever else runs on the machine.
+    niceness = os.environ.get("RAY_worker_niceness", "15")  # noqa: SIM112 (Ray spells it so)
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [str(TRL_PYTHON), str(Path(__file__).resolve()), "--trl-side", str(spec_file)],
+        ["nice", "-n", niceness, str(TRL_PYTHON), str(Path(__file__).resolve()),
+         "--trl-side", str(spec_file)],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=3600,
     )  # fmt: skip
     wall = time.perf_counter() - t0
@@ -344,6 +353,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="prompts per optimizer step")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads, every side")
     ap.add_argument("--engines", default="vllm,hf", help="sdftlab rollout engines to run")
     ap.add_argument("--no-trl", action="store_true", help="sdftlab side only")
     ap.add_argument("--quick", action="store_true", help="3 steps, batch 4, 32 new tokens")
@@ -370,7 +380,8 @@ def main() -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    peak = matmul_peak_flops()
+    load_before = os.getloadavg()[0]  # other processes on the same cores skew every side
+    peak = matmul_peak_flops(args.threads)
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="trl-sdft-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -409,6 +420,7 @@ def main() -> None:
         ensure_ray(num_cpus=2)
         for engine in args.engines.split(","):
             run = run_sdftlab(lineage, state, task_file, engine, args)
+            run["load"] = os.getloadavg()[0]
             results[f"sdftlab {engine}"] = {**run, **summarise(run["step_s"], run["tokens"],
                                                                flops_of)}  # fmt: skip
         ray.shutdown()
@@ -419,7 +431,7 @@ def main() -> None:
             trl = run_trl(
                 {"model": str(lineage.resolve(state)), "data": str(trl_data),
                  "output_dir": str(tmp / "trl_out"), "steps": args.steps, "batch": args.batch,
-                 "max_new_tokens": args.max_new_tokens, "lr": args.lr,
+                 "max_new_tokens": args.max_new_tokens, "lr": args.lr, "threads": args.threads,
                  "teacher_template": DEMO_TEMPLATE.replace("{demonstration}",
                                                            "{privileged_context}")},
                 tmp, out.with_suffix(".trl.log"),
@@ -428,6 +440,7 @@ def main() -> None:
             if trl_error is None and len(trl["step_s"]) != args.steps:
                 trl_error = f"TRL ran {len(trl['step_s'])} of {args.steps} steps"
             if trl_error is None:
+                trl["load"] = os.getloadavg()[0]
                 results["trl hf"] = {**trl, **summarise(trl["step_s"], trl["tokens"], flops_of)}
                 if trl["prompt_tokens"] != prompt_tokens:
                     print(f"WARNING: prompt tokens differ: sdftlab {prompt_tokens}, "
@@ -438,24 +451,29 @@ def main() -> None:
           f"prompts/step (student {p_s:.0f}, teacher {p_t:.0f} prompt tokens), "
           f"{args.max_new_tokens} new tokens, full-vocab forward KL, {args.steps} steps "
           f"(median of the {args.steps - 1} after the warm-up); float32 matmul peak "
-          f"{peak / 1e9:.0f} GFLOP/s on {THREADS} threads")  # fmt: skip
+          f"{peak / 1e9:.0f} GFLOP/s on {args.threads} threads")  # fmt: skip
     print(f"{'side':<16} {'s/step':>7} {'tok/s':>7} {'tok/step':>9} {'GFLOP/step':>11} "
-          f"{'% peak':>7} {'run s':>6}")  # fmt: skip
+          f"{'% peak':>7} {'run s':>6} {'load':>5}")  # fmt: skip
     for name, r in results.items():
         r["peak_fraction"] = r["flops_per_step"] / r["step_s_median"] / peak
         label = f"trl {trl_version} hf" if name == "trl hf" else name
         print(f"{label:<16} {r['step_s_median']:>7.2f} {r['tokens_per_s']:>7.0f} "
               f"{r['tokens_per_step']:>9.0f} {r['flops_per_step'] / 1e9:>11.2f} "
-              f"{r['peak_fraction']:>6.1%} {r['wall_s']:>6.0f}")  # fmt: skip
+              f"{r['peak_fraction']:>6.1%} {r['wall_s']:>6.0f} {r['load']:>5.1f}")  # fmt: skip
     if "trl hf" in results:
         for name in (n for n in results if n.startswith("sdftlab")):
             ratio = results["trl hf"]["step_s_median"] / results[name]["step_s_median"]
             print(f"TRL step time / {name}: {ratio:.2f}x")
     if trl_error:
         print(f"trl: not run — {trl_error}")
+    load_after = os.getloadavg()[0]
+    if load_before > 1 or max(r["load"] for r in results.values()) > args.threads + 1.5:
+        print(f"note: load average {load_before:.1f} before this run, {load_after:.1f} after: "
+              "other processes shared the cores, timings are skewed")  # fmt: skip
     out.write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
-        "cpus": os.cpu_count(), "threads": THREADS, "torch": torch.__version__,
+        "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+        "load_average": {"before": load_before, "after": load_after},
         "trl_version": trl_version, "trl_error": trl_error,
         "workload": {"steps": args.steps, "batch": args.batch, "lr": args.lr,
                      "max_new_tokens": args.max_new_tokens, "n_params": n_params,
