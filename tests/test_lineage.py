@@ -133,6 +133,40 @@ def test_pickle_weights_are_refused(tmp_path, tiny):
         Lineage(tmp_path / "lin").save_dir("p", src, kind="import")
 
 
+def test_a_model_with_its_own_code_is_refused_and_its_code_never_runs(
+    tmp_path, tiny, monkeypatch
+):
+    """trust_remote_code is off unless turned on: a state whose config maps the Auto classes
+    to a Python file in its directory does not load, and that file is never imported."""
+    import json
+
+    from sdftlab.config import TRUST_REMOTE_CODE_ENV
+
+    monkeypatch.delenv(TRUST_REMOTE_CODE_ENV, raising=False)
+    model, tok = tiny
+    src = tmp_path / "custom"
+    model.save_pretrained(src, safe_serialization=True)
+    tok.save_pretrained(src)
+    marker = tmp_path / "code-ran"
+    (src / "custom_model.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    config = json.loads((src / "config.json").read_text())
+    config["auto_map"] = {
+        "AutoConfig": "custom_model.CustomConfig",
+        "AutoModelForCausalLM": "custom_model.CustomModel",
+    }
+    (src / "config.json").write_text(json.dumps(config))
+    lineage = Lineage(tmp_path / "lin")
+    lineage.save_dir("mapped", src, kind="import")
+    # A known architecture: transformers' own class is used, the mapped code is ignored.
+    assert type(lineage.load_model("mapped")).__name__ == "Qwen2ForCausalLM"
+    # An architecture only the directory's code defines: refused.
+    (src / "config.json").write_text(json.dumps({**config, "model_type": "sdftlab_custom"}))
+    lineage.save_dir("custom", src, kind="import")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        lineage.load_model("custom")
+    assert not marker.exists()
+
+
 def test_uri_root_round_trip(tmp_path, tiny):
     """A pyarrow.fs URI root (file://) works like a path, loading through a verified cache."""
     model, tok = tiny

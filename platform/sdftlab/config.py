@@ -29,6 +29,16 @@ from sdftlab.errors import ConfigError
 M = TypeVar("M", bound=BaseModel)
 
 
+TRUST_REMOTE_CODE_ENV = "SDFTLAB_TRUST_REMOTE_CODE"
+
+
+def trust_remote_code() -> bool:
+    """Whether a model directory may run its own Python code (transformers and vLLM
+    `trust_remote_code`). Off unless turned on explicitly: `trust_remote_code: true` in a
+    pipeline config, or SDFTLAB_TRUST_REMOTE_CODE=1 in the environment of one command."""
+    return os.environ.get(TRUST_REMOTE_CODE_ENV) == "1"
+
+
 class StrictModel(BaseModel):
     """A config section: unknown keys are errors, values are validated on assignment."""
 

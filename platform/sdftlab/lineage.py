@@ -33,6 +33,7 @@ from typing import Any
 import pyarrow.fs as pafs
 from pydantic import BaseModel, Field
 
+from sdftlab.config import trust_remote_code
 from sdftlab.errors import LineageError
 
 META_FILE = "sdftlab_state.json"
@@ -289,7 +290,7 @@ class Lineage:
         """`AutoModelForCausalLM.from_pretrained` on a state: safetensors only, no remote code."""
         from transformers import AutoModelForCausalLM
 
-        kwargs.setdefault("trust_remote_code", False)
+        kwargs.setdefault("trust_remote_code", trust_remote_code())
         model = AutoModelForCausalLM.from_pretrained(
             self.resolve(ref), use_safetensors=True, **kwargs
         )
@@ -303,7 +304,9 @@ class Lineage:
     def load_tokenizer(self, ref: str) -> Any:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.resolve(ref), trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(
+            self.resolve(ref), trust_remote_code=trust_remote_code()
+        )
 
     # -------------------------------------------------------------- display
 

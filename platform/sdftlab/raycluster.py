@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sdftlab.config import TRUST_REMOTE_CODE_ENV, trust_remote_code
+
 
 def ensure_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
     import ray
@@ -20,7 +22,10 @@ def ensure_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    runtime_env = {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    env_vars = {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if trust_remote_code():  # an explicit opt-in reaches every worker, or none
+        env_vars[TRUST_REMOTE_CODE_ENV] = "1"
+    runtime_env = {"env_vars": env_vars}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, **kwargs)
         return

@@ -59,6 +59,7 @@ from sdftlab.cka.capture import (
     unpack_arrays,
 )
 from sdftlab.cka.stats import Standardizer
+from sdftlab.config import trust_remote_code
 from sdftlab.errors import ConfigError, DataError
 from sdftlab.lineage import Lineage
 
@@ -171,14 +172,19 @@ class PairRunner:
 
         def load(d: str) -> torch.nn.Module:
             return AutoModelForCausalLM.from_pretrained(
-                d, dtype=DTYPES[opts.dtype], use_safetensors=True, trust_remote_code=False
+                d,
+                dtype=DTYPES[opts.dtype],
+                use_safetensors=True,
+                trust_remote_code=trust_remote_code(),
             )
 
-        tok_a = AutoTokenizer.from_pretrained(dir_a, trust_remote_code=False)
+        tok_a = AutoTokenizer.from_pretrained(dir_a, trust_remote_code=trust_remote_code())
         model_a = load(dir_a)
         if dir_b == dir_a:  # a state against itself: one copy of the weights is enough
             return cls(model_a, model_a, tok_a, opts)
-        _check_same_vocab(tok_a, AutoTokenizer.from_pretrained(dir_b, trust_remote_code=False))
+        _check_same_vocab(
+            tok_a, AutoTokenizer.from_pretrained(dir_b, trust_remote_code=trust_remote_code())
+        )
         return cls(model_a, load(dir_b), tok_a, opts)
 
     def new_accumulator(

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from sdftlab.config import trust_remote_code
 from sdftlab.data.records import TaskExample
 from sdftlab.errors import DataError
 
@@ -63,7 +64,9 @@ class ChatTokenizer:
     def __init__(self, tokenizer_dir: str, max_len: int) -> None:
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_dir, trust_remote_code=trust_remote_code()
+        )
         self.max_len = max_len
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 
-from sdftlab.config import StrictModel
+from sdftlab.config import StrictModel, trust_remote_code
 from sdftlab.data.loaders import iter_jsonl, row_to_example, task_source
 from sdftlab.data.templates import DEMO_TEMPLATE, student_messages, teacher_messages
 from sdftlab.degrade.sft import LoraSpec
@@ -161,7 +161,9 @@ class PromptEncoder:
     def __init__(self, tokenizer_dir: str, tasks: dict[str, str], cfg: dict[str, Any]) -> None:
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_dir, trust_remote_code=trust_remote_code()
+        )
         self.tasks = tasks
         self.cfg = RecoverConfig.model_validate(cfg)
 
@@ -301,7 +303,7 @@ def _build_student(cfg: RecoverConfig, path: str) -> Any:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        path, use_safetensors=True, trust_remote_code=False
+        path, use_safetensors=True, trust_remote_code=trust_remote_code()
     )
     quantized = getattr(model.config, "quantization_config", None) is not None
     if quantized:
@@ -348,7 +350,7 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
     teacher_model = None
     if cfg.scoring == "exact" and cfg.teacher not in SPECIAL_TEACHERS:
         teacher_model = AutoModelForCausalLM.from_pretrained(
-            config["teacher_dir"], use_safetensors=True, trust_remote_code=False
+            config["teacher_dir"], use_safetensors=True, trust_remote_code=trust_remote_code()
         ).to(device)
     if cfg.teacher == "ema":
         teacher_model = copy.deepcopy(model).to(device)
@@ -598,9 +600,11 @@ def check_same_vocabulary(lineage: Lineage, student: str, teacher_dir: Path | No
     from transformers import AutoConfig, AutoTokenizer
 
     s_tok = lineage.load_tokenizer(student)
-    t_tok = AutoTokenizer.from_pretrained(teacher_dir, trust_remote_code=False)
-    s_cfg = AutoConfig.from_pretrained(lineage.resolve(student), trust_remote_code=False)
-    t_cfg = AutoConfig.from_pretrained(teacher_dir, trust_remote_code=False)
+    t_tok = AutoTokenizer.from_pretrained(teacher_dir, trust_remote_code=trust_remote_code())
+    s_cfg = AutoConfig.from_pretrained(
+        lineage.resolve(student), trust_remote_code=trust_remote_code()
+    )
+    t_cfg = AutoConfig.from_pretrained(teacher_dir, trust_remote_code=trust_remote_code())
     if s_tok.get_vocab() != t_tok.get_vocab() or s_cfg.vocab_size != t_cfg.vocab_size:
         raise ConfigError(
             f"teacher {teacher_dir} has another vocabulary than student {student!r} "

@@ -34,6 +34,7 @@ capability through lm-eval), compared with `cka.reference` layer by layer, and r
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from functools import partial
@@ -42,7 +43,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from sdftlab.config import StrictModel, WorldConfig
+from sdftlab.config import TRUST_REMOTE_CODE_ENV, StrictModel, WorldConfig
 from sdftlab.degrade.sft import SFTConfig
 from sdftlab.distill.sdft import SPECIAL_TEACHERS, RecoverConfig
 from sdftlab.errors import ConfigError
@@ -172,6 +173,9 @@ class PipelineConfig(StrictModel):
     )
     data_dir: str | None = Field(None, description="task files; default the world stage's")
     lineage: str | None = Field(None, description="lineage root (path or URI); default home")
+    trust_remote_code: bool = Field(
+        False, description="let model directories run their own code (imported models only)"
+    )
     eval: EvalSpec = EvalSpec()
     cka: CKASpec
     report: ReportSpec = ReportSpec()
@@ -343,6 +347,8 @@ def run_pipeline(
     from sdftlab.world.build import build_world
 
     names = order(cfg.stages)
+    if cfg.trust_remote_code:  # before Ray starts: its workers inherit the environment
+        os.environ[TRUST_REMOTE_CODE_ENV] = "1"
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
@@ -399,7 +405,6 @@ def main(argv: list[str] | None, default_config: Path, doc: str) -> int:
     own YAML by default), open the lineage (the config's `lineage`, else $SDFTLAB_LINEAGE,
     else `<home>/lineage`), run."""
     import argparse
-    import os
 
     from sdftlab.config import load_config
     from sdftlab.errors import SdftlabError

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sdftlab.config import trust_remote_code
+
 EXTENSION = "sdftlab.rollout.vllm_ext.WeightSyncExtension"
 
 
@@ -187,7 +189,7 @@ class VLLMEngine:
             max_model_len=max_model_len,
             enforce_eager=True,
             worker_extension_cls=EXTENSION,
-            trust_remote_code=False,
+            trust_remote_code=trust_remote_code(),
             max_logprobs=max_logprobs,
             **kwargs,
         )
