@@ -39,3 +39,24 @@ def test_degrade_errors_are_one_line_and_write_nothing(small_world, capsys):
     assert main([*base, "degrade", "sft", "--from", "base", "--to", "bad", "--data", "chess"]) == 2
     assert "chess" in capsys.readouterr().err
     assert lineage.names() == before
+
+
+def test_demo_runs_the_projects_forgetting_config_and_rejects_a_bad_graph_first(
+    tmp_path, capsys
+):
+    """`sdftlab demo` reads jobs/configs/forgetting.yaml; a bad override fails before any
+    world is built or any state written."""
+    base = ["--home", str(tmp_path / "home"), "--lineage", str(tmp_path / "lineage")]
+    assert main([*base, "demo", "stages.rec_base.teacher=expret"]) == 2
+    assert "teacher 'expret' is made by no stage" in capsys.readouterr().err
+    assert not (tmp_path / "home").exists() and not (tmp_path / "lineage").exists()
+
+
+def test_degrade_prune_taylor_scores_on_calibration_data(small_world, capsys):
+    _, lineage, home = small_world
+    base = ["--home", str(home), "--lineage", lineage.root]
+    code = main([*base, "degrade", "prune", "--from", "base", "--to", "cli_taylor",
+                 "--ratio", "0.25", "--multiple-of", "8", "--importance", "taylor",
+                 "--calibration", "science"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert lineage.meta("cli_taylor").config["importance"] == "taylor"

@@ -133,9 +133,7 @@ def test_pickle_weights_are_refused(tmp_path, tiny):
         Lineage(tmp_path / "lin").save_dir("p", src, kind="import")
 
 
-def test_a_model_with_its_own_code_is_refused_and_its_code_never_runs(
-    tmp_path, tiny, monkeypatch
-):
+def test_a_model_with_its_own_code_is_refused_and_its_code_never_runs(tmp_path, tiny, monkeypatch):
     """trust_remote_code is off unless turned on: a state whose config maps the Auto classes
     to a Python file in its directory does not load, and that file is never imported."""
     import json
