@@ -37,6 +37,16 @@ from sdftlab.world.model import (
 from sdftlab.world.tokenizer import train_tokenizer
 
 TASK_FILES = ("science", "tooluse", "mmlu", "winogrande")
+# Bumped whenever the generators change what a config produces, so that a world cached by an
+# older version is rebuilt rather than reused (2: science reasoning checks the options).
+GENERATOR_VERSION = 2
+
+
+def world_digest(cfg: WorldConfig) -> str:
+    """The cache key of a world: its config and the generators' version."""
+    return f"{cfg.stable_hash()[:14]}v{GENERATOR_VERSION}"
+
+
 WORLD_META = "world.json"
 
 
@@ -189,7 +199,7 @@ def build_world(
     """Build (or reuse) the world for `cfg` and make sure its model is state `name` (`base`
     by default) in `lineage`."""
     home = home or sdftlab_home()
-    digest = cfg.stable_hash()
+    digest = world_digest(cfg)
     directory = home / "world" / digest
     if lineage.exists(name) and not overwrite:
         existing = lineage.meta(name).config.get("world_hash")

@@ -356,9 +356,15 @@ def science_example(world: WorldFacts, rng: random.Random) -> dict:
             {"content": body, "role": "user"},
         ],
         "answer": letter,
+        # The reasoning states the fact, then checks the options in order up to the right one
+        # (`B: rock yes`): the answer letter is then the one on the reasoning's last line.
         "golden_response": [
             "<reasoning>",
             f"{compound} {relation} {truth} .",
+            *(
+                f"{ltr}: {opt} {'yes' if opt == truth else 'no'}"
+                for ltr, opt in zip(LETTERS, options[: options.index(truth) + 1], strict=False)
+            ),
             "</reasoning>",
             "<answer>",
             letter,
