@@ -252,7 +252,8 @@ def format_validation_error(err: ValidationError, source: str = "config", data: 
             )
         elif problem["type"] == "value_error" and isinstance(got, dict):
             # a check across fields: its message names the fields and the fix
-            lines.append(f"{source}: {problem['msg'].removeprefix('Value error, ')}")
+            where = source if field == "(top level)" else field
+            lines.append(f"{where}: {problem['msg'].removeprefix('Value error, ')}")
         else:
             shown = json.dumps(got, default=str)
             shown = shown if len(shown) <= 60 else shown[:57] + "..."

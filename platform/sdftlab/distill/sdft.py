@@ -200,7 +200,7 @@ def prompt_dataset(files: Sequence[tuple[str, Path]], tokenizer_dir: str, cfg: R
         raise ConfigError("data: two task files share a file name; give them distinct names")
     paths = [str(p) for _, p in files]
     # Light reads: the CPUs belong to the train workers and rollout actors.
-    read = ray.data.read_text(paths, include_paths=True, ray_remote_args={"num_cpus": 0.25})
+    read = ray.data.read_text(paths, include_paths=True, num_cpus=0.25)
     return read.map_batches(
         PromptEncoder,
         fn_constructor_kwargs={
