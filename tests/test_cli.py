@@ -41,9 +41,7 @@ def test_degrade_errors_are_one_line_and_write_nothing(small_world, capsys):
     assert lineage.names() == before
 
 
-def test_demo_runs_the_projects_forgetting_config_and_rejects_a_bad_graph_first(
-    tmp_path, capsys
-):
+def test_demo_runs_the_projects_forgetting_config_and_rejects_a_bad_graph_first(tmp_path, capsys):
     """`sdftlab demo` reads jobs/configs/forgetting.yaml; a bad override fails before any
     world is built or any state written."""
     base = ["--home", str(tmp_path / "home"), "--lineage", str(tmp_path / "lineage")]
