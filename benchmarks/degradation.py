@@ -17,7 +17,7 @@ where the accuracy does not move.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +31,9 @@ from sdftlab.degrade.quantize import quantize_state
 from sdftlab.evaluate.run import default_task_files, evaluate_state
 from sdftlab.lineage import Lineage
 from sdftlab.world.build import current_world, sdftlab_home
+
+sys.path.insert(0, str(Path(__file__).parent))
+from rollout import write_results
 
 
 @torch.no_grad()
@@ -80,11 +83,7 @@ def main() -> None:
     for state, r in rows.items():
         print(f"{state:>16} " + " ".join(f"{100 * r[t]:>10.1f}" for t in tasks)
               + f" {r['logit_kl']:>9.4f}")  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "state": s, "rows": rows,
-                               "seconds": time.perf_counter() - t0}, indent=2))  # fmt: skip
-    print(f"results: {out}")
+    write_results(args.out, {"state": s, "rows": rows, "seconds": time.perf_counter() - t0})
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -46,6 +47,20 @@ from sdftlab.rollout.engines import HFEngine, SamplingSettings
 from sdftlab.rollout.pool import RolloutPool
 from sdftlab.world import tasks
 from sdftlab.world.tokenizer import train_tokenizer
+
+
+def write_results(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write a benchmark's JSON with the date, machine and CPU count, atomically (temp file,
+    then rename); every benchmark script here uses it."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
+            "cpus": os.cpu_count()}  # fmt: skip
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps({**meta, **payload}, indent=2))
+    os.replace(tmp, out)
+    print(f"results: {out}")
+    return out
 
 
 def build_state(root: Path) -> tuple[Lineage, str, list[Any]]:
@@ -150,14 +165,8 @@ def main() -> None:
         table.append({"batch": b, "vllm": v, "hf": h, "ratio": ratio})
         print(f"{b:>6} {v['tokens_per_s']:>11.0f} {h['tokens_per_s']:>9.0f} {ratio:>7.1f}x "
               f"{v['wall_s']:>7.2f} {h['wall_s']:>7.2f}")  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
-        "cpus": __import__("os").cpu_count(), "vllm_startup_s": startup,
-        "max_new_tokens": args.max_new_tokens, "rows": table,
-    }, indent=2))  # fmt: skip
-    print(f"results: {out}")
+    write_results(args.out, {"vllm_startup_s": startup, "max_new_tokens": args.max_new_tokens,
+                             "rows": table})  # fmt: skip
 
 
 if __name__ == "__main__":

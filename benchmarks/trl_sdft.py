@@ -89,7 +89,6 @@ import contextlib
 import io
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -373,7 +372,7 @@ def main() -> None:
     import ray
     import torch
 
-    from rollout import build_state
+    from rollout import build_state, write_results
     from sdftlab.data.loaders import write_task_file
     from sdftlab.data.templates import DEMO_TEMPLATE, student_messages, teacher_messages
     from sdftlab.raycluster import ensure_ray
@@ -470,17 +469,15 @@ def main() -> None:
     if load_before > 1 or max(r["load"] for r in results.values()) > args.threads + 1.5:
         print(f"note: load average {load_before:.1f} before this run, {load_after:.1f} after: "
               "other processes shared the cores, timings are skewed")  # fmt: skip
-    out.write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
-        "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+    write_results(out, {
+        "threads": args.threads, "torch": torch.__version__,
         "load_average": {"before": load_before, "after": load_after},
         "trl_version": trl_version, "trl_error": trl_error,
         "workload": {"steps": args.steps, "batch": args.batch, "lr": args.lr,
                      "max_new_tokens": args.max_new_tokens, "n_params": n_params,
                      "prompt_tokens": prompt_tokens},
         "matmul_peak_flops": peak, "sides": results,
-    }, indent=2))  # fmt: skip
-    print(f"results: {out}")
+    })  # fmt: skip
 
 
 if __name__ == "__main__":

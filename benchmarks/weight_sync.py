@@ -20,19 +20,16 @@ random weights, an in-process tokenizer; or `--hidden`/`--layers` for a larger o
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
+import random
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from rollout import build_state
+from rollout import build_state, write_results
 from sdftlab.config import load_config
 from sdftlab.data.loaders import write_task_file
 from sdftlab.distill.sdft import RecoverConfig, named_weights_for_sync, recover
@@ -68,7 +65,7 @@ def main() -> None:
         lineage, state, _ = build_state(Path(tmp) / "lineage")
         science = Path(tmp) / "science_train.jsonl"
         write_task_file(science, tasks.science_rows(tasks.WorldFacts.generate(0), 400,
-                                                    __import__("random").Random(1)))  # fmt: skip
+                                                    random.Random(1)))  # fmt: skip
         ensure_ray(num_cpus=2)
 
         pool = RolloutPool.start(lineage.resolve(state), cpus_per_actor=0.5)
@@ -97,13 +94,7 @@ def main() -> None:
         p, r = push[kind], runs[kind]
         print(f"{kind:>6} {p['mib']:>12.2f} {p['median_s'] * 1e3:>8.1f} {r['step_s']:>12.2f} "
               f"{r['sync_s'] * 1e3:>15.1f} {r['sync_fraction']:>10.1%}")  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
-        "cpus": os.cpu_count(), "steps": steps, "push": push, "sdft": runs,
-    }, indent=2))  # fmt: skip
-    print(f"results: {out}")
+    write_results(args.out, {"steps": steps, "push": push, "sdft": runs})
 
 
 if __name__ == "__main__":
