@@ -8,6 +8,7 @@ storage is safe to load.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -166,6 +167,14 @@ def load_parameters(model: torch.nn.Module, path: Path) -> None:
     result = model.load_state_dict(load_file(str(path)), strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"checkpoint has unexpected keys {result.unexpected_keys[:3]}")
+
+
+def run_name(kind: str, dst: str, cfg: Any, *inputs: str) -> str:
+    """The Ray Train run of a stage. A restarted run finds its checkpoints under the same
+    name — but only for the same config on the same input weights (`inputs`: content hashes),
+    never a finished run of another student that happens to share the config."""
+    digest = hashlib.sha256("|".join([cfg.stable_hash(), *inputs]).encode()).hexdigest()[:8]
+    return f"{kind}-{dst}-{digest}"
 
 
 def make_trainer(

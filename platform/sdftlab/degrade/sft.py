@@ -259,7 +259,7 @@ def run_sft(
         trainer = tu.make_trainer(
             sft_worker_loop,
             {"sft": cfg.model_dump(mode="json"), "init_dir": init_dir},
-            run_name=f"sft-{name}-{cfg.stable_hash()[:8]}",
+            run_name=tu.run_name("sft", name, cfg, lineage.meta(parent).content_hash),
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
             cpus_per_worker=cfg.cpus_per_worker,

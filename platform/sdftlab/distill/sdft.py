@@ -691,7 +691,15 @@ def recover(
                 "rollout_pool": rollout_pool,
                 "teacher_pool": teacher_pool,
             },
-            run_name=f"sdft-{dst}-{cfg.stable_hash()[:8]}",
+            run_name=tu.run_name(
+                "sdft",
+                dst,
+                cfg,
+                lineage.meta(student).content_hash,
+                lineage.meta(cfg.teacher).content_hash
+                if lineage.exists(cfg.teacher)
+                else cfg.teacher,
+            ),
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
             cpus_per_worker=cfg.cpus_per_worker,

@@ -259,7 +259,7 @@ def up_to_date(lineage: Lineage, name: str, recorded: dict[str, Any], reads: lis
     meta = lineage.meta(name)
     if any(meta.config.get(k) != v for k, v in recorded.items()):
         return False
-    if not all(r in meta.parents for r in reads[:1]):
+    if reads and reads[0] not in meta.parents:  # made from another state of that name
         return False
     # ISO-8601 UTC timestamps sort as strings.
     return all(lineage.meta(r).created_at <= meta.created_at for r in reads)
@@ -305,9 +305,7 @@ def _describe(stage: Any) -> str:
     return f"import {stage.path}"
 
 
-def _execute(
-    name: str, stage: Any, lineage: Lineage, home: Path, data_dir: Path | None, log: Log
-) -> None:
+def _execute(name: str, stage: Any, lineage: Lineage, data_dir: Path | None, log: Log) -> None:
     from sdftlab.data.loaders import task_source
     from sdftlab.degrade.prune import calibration_batches, prune_state
     from sdftlab.degrade.quantize import quantize_state
@@ -363,7 +361,7 @@ def run_pipeline(
             timings[name] = time.perf_counter() - t0
             continue
         done = up_to_date(lineage, name, recorded_config(stage), inputs(stage))
-        work = partial(_execute, name, stage, lineage, home, data_dir, log)
+        work = partial(_execute, name, stage, lineage, data_dir, log)
         run_stage(label, name, done, work, log, timings)
     assert data_dir is not None  # PipelineConfig: a world stage or data_dir
 
