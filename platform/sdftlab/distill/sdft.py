@@ -219,21 +219,21 @@ def prompt_dataset(files: Sequence[tuple[str, Path]], tokenizer_dir: str, cfg: R
 
 def pack(
     prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded prompt+completion ids [B, L], attention mask [B, L], and for every
-    completion token its predicting position [B, C] with a validity mask [B, C]."""
-    lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
-    width, c_max = max(lengths), max(1, max(len(c) for c in completions))
-    ids_BL = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attn_BL = torch.zeros((len(prompts), width), dtype=torch.long)
-    pos_BC = torch.zeros((len(prompts), c_max), dtype=torch.long)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Prompts left-padded to the longest and completions right-padded after them, so every
+    row's completion starts in the same column: ids [B, P+C], attention mask [B, P+C], the
+    completion mask [B, C], and P. The positions predicting completion tokens are then one
+    slice, [P − 1, P − 1 + C), shared by the batch."""
+    p_max = max(len(p) for p in prompts)
+    c_max = max(1, max(len(c) for c in completions))
+    ids_BL = torch.full((len(prompts), p_max + c_max), pad_id, dtype=torch.long)
+    attn_BL = torch.zeros((len(prompts), p_max + c_max), dtype=torch.long)
     valid_BC = torch.zeros((len(prompts), c_max), dtype=torch.bool)
     for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-        ids_BL[i, : lengths[i]] = torch.tensor([*p, *c])
-        attn_BL[i, : lengths[i]] = 1
-        pos_BC[i, : len(c)] = torch.arange(len(p) - 1, len(p) + len(c) - 1)
+        ids_BL[i, p_max - len(p) : p_max + len(c)] = torch.tensor([*p, *c])
+        attn_BL[i, p_max - len(p) : p_max + len(c)] = 1
         valid_BC[i, : len(c)] = True
-    return ids_BL, attn_BL, pos_BC, valid_BC
+    return ids_BL, attn_BL, valid_BC, p_max
 
 
 def completion_forward(
@@ -245,16 +245,24 @@ def completion_forward(
     hidden_layers: Sequence[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Logits predicting each completion token [B, C, V], their mask [B, C], and the hidden
-    states at those positions for `hidden_layers` ([B, C, d] each)."""
-    ids_BL, attn_BL, pos_BC, valid_BC = pack(prompts, completions, pad_id)
-    ids_BL, attn_BL, pos_BC = ids_BL.to(device), attn_BL.to(device), pos_BC.to(device)
-    out = model(input_ids=ids_BL, attention_mask=attn_BL, output_hidden_states=bool(hidden_layers))
-    index = pos_BC.unsqueeze(-1)
-    logits_BCV = out.logits.gather(1, index.expand(-1, -1, out.logits.shape[-1]))
-    hidden = [
-        out.hidden_states[layer].gather(1, index.expand(-1, -1, out.hidden_states[layer].shape[-1]))
-        for layer in hidden_layers
-    ]
+    states at those positions for `hidden_layers` ([B, C, d] each).
+
+    The output layer runs on the completion positions only (`logits_to_keep`): a prompt's
+    logits would cost B × P × V floats for nothing (1.2 GB a row for a 2k-token prompt over
+    Qwen's 152k vocabulary)."""
+    ids_BL, attn_BL, valid_BC, p_max = pack(prompts, completions, pad_id)
+    c_max = valid_BC.shape[1]
+    ids_BL, attn_BL = ids_BL.to(device), attn_BL.to(device)
+    position_ids_BL = (attn_BL.cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens
+    out = model(
+        input_ids=ids_BL,
+        attention_mask=attn_BL,
+        position_ids=position_ids_BL,
+        output_hidden_states=bool(hidden_layers),
+        logits_to_keep=c_max + 1,  # positions P − 1 … P + C − 1; the last predicts nothing
+    )
+    logits_BCV = out.logits[:, :c_max]
+    hidden = [out.hidden_states[layer][:, p_max - 1 : p_max - 1 + c_max] for layer in hidden_layers]
     return logits_BCV, valid_BC.to(device), hidden
 
 

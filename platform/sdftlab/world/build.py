@@ -38,8 +38,9 @@ from sdftlab.world.tokenizer import train_tokenizer
 
 TASK_FILES = ("science", "tooluse", "mmlu", "winogrande")
 # Bumped whenever the generators change what a config produces, so that a world cached by an
-# older version is rebuilt rather than reused (2: science reasoning checks the options).
-GENERATOR_VERSION = 2
+# older version is rebuilt rather than reused (2: science reasoning checks the options;
+# 3: tool names and numbers in the copy curriculum; Winogrande answers follow the animals).
+GENERATOR_VERSION = 3
 
 
 def world_digest(cfg: WorldConfig) -> str:

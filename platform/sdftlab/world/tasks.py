@@ -108,6 +108,10 @@ _TOOL_VERBS = {
     "search": ("search", "search for {noun} {args}"),
     "count": ("count", "how many {noun} are there {args}"),
 }
+# Every function name a world can draw (`countRecipes`, …).
+TOOL_NAMES = tuple(
+    prefix + noun.capitalize() for noun in _TOOL_DOMAINS.values() for prefix, _ in _TOOL_VERBS.values()
+)
 
 _COUNTRIES = (
     "arvia",
@@ -182,36 +186,26 @@ _NUMBER_WORDS = (
     "nine",
     "ten",
 )
-_WINO_NOUNS = (
-    "the cat",
-    "the dog",
-    "the fox",
-    "the bear",
-    "the wolf",
-    "the mouse",
-    "the bird",
-    "the horse",
-    "the goat",
-    "the pig",
-    "the owl",
-    "the deer",
-    "the crow",
-    "the hen",
-)
-# (verb, what follows "because _", who it refers to: 1 = the subject, 2 = the object)
+# Winogrande-format sentences: which animal a clause refers to follows from what the
+# animals are like (big ones are hungry, strong, kind; small ones scared, weak, grateful), as
+# the real benchmark's answers follow from common sense rather than from word order.
+_WINO_BIG = ("the bear", "the wolf", "the horse", "the dog", "the fox", "the deer", "the goat")
+_WINO_SMALL = ("the mouse", "the bird", "the hen", "the crow", "the owl", "the cat", "the pig")
+_WINO_NOUNS = _WINO_BIG + _WINO_SMALL
+# (verb, what follows "because _", which animal it fits: "big" or "small")
 WINO_RULES = (
-    ("chased", "was hungry", 1),
-    ("chased", "was scared", 2),
-    ("helped", "was kind", 1),
-    ("helped", "was weak", 2),
-    ("thanked", "was grateful", 1),
-    ("thanked", "was generous", 2),
-    ("beat", "was strong", 1),
-    ("beat", "was slow", 2),
-    ("called", "was lonely", 1),
-    ("called", "was far away", 2),
-    ("fed", "was caring", 1),
-    ("fed", "was starving", 2),
+    ("chased", "was hungry", "big"),
+    ("chased", "was scared", "small"),
+    ("helped", "was kind", "big"),
+    ("helped", "was weak", "small"),
+    ("thanked", "was generous", "big"),
+    ("thanked", "was grateful", "small"),
+    ("beat", "was strong", "big"),
+    ("beat", "was slow", "small"),
+    ("called", "was far away", "big"),
+    ("called", "was lonely", "small"),
+    ("fed", "was caring", "big"),
+    ("fed", "was starving", "small"),
 )
 
 _FILLER = (
@@ -325,7 +319,7 @@ class WorldFacts:
             funcs = []
             for verb in verbs:
                 params = tuple(rng.sample(sorted(TOOL_PARAMS), rng.choice((1, 2))))
-                name = _TOOL_VERBS[verb][0] + noun.capitalize()
+                name = _TOOL_VERBS[verb][0] + noun.capitalize()  # one of TOOL_NAMES
                 funcs.append(ToolFunction(api, name, verb, noun, params))
             tools[api] = tuple(funcs)
         capitals_pool = list(_CAPITALS)
@@ -490,10 +484,13 @@ def mmlu_text(row: dict) -> str:
     return "\n".join(lines) + f"\nAnswer: {LETTERS[row['answer']]}"
 
 
-def winogrande_example(rng: random.Random, nouns: tuple[str, ...] = _WINO_NOUNS) -> dict:
-    verb, tail, who = rng.choice(WINO_RULES)
-    first, second = rng.sample(nouns, 2)
+def winogrande_example(rng: random.Random) -> dict:
+    """One big and one small animal in either order; the clause fits one of them."""
+    verb, tail, fits = rng.choice(WINO_RULES)
+    big, small = rng.choice(_WINO_BIG), rng.choice(_WINO_SMALL)
+    first, second = (big, small) if rng.random() < 0.5 else (small, big)
     sentence = f"{first.capitalize()} {verb} {second} because _ {tail} ."
+    who = 1 if (first == big) == (fits == "big") else 2
     return {"sentence": sentence, "option1": first, "option2": second, "answer": str(who)}
 
 
@@ -512,6 +509,9 @@ def winogrande_text(row: dict) -> str:
 
 # Every general word of the world (no science compound): the copy curriculum's vocabulary.
 # A wide vocabulary keeps spans unambiguous, which is what lets induction heads form early.
+# Tool function names and tool-argument numbers are in it too: they are single, rare tokens
+# that only tool-use text would otherwise train, and a teacher must copy them from a
+# tool-use demonstration (without them, `base` copied the JSON but not the function name).
 COPY_WORDS = tuple(
     sorted(
         set(_FILLER + _CITIES + _GENRES + _NAMES + _COUNTRIES + _CAPITALS + _NUMBER_WORDS)
@@ -520,6 +520,8 @@ COPY_WORDS = tuple(
         | set(_OPPOSITES)
         | set(_OPPOSITES.values())
         | {w for noun in _WINO_NOUNS for w in noun.split()}
+        | set(TOOL_NAMES)
+        | {str(v) for _, _, values in TOOL_PARAMS.values() for v in values if isinstance(v, int)}
     )
 )
 
