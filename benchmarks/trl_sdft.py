@@ -64,12 +64,9 @@ Differences in the work that could not be removed:
 
 - loss normalisation: sdftlab takes the mean over all completion tokens of the batch, TRL the
   mean per sequence then over the batch (same FLOPs, differently weighted gradients);
-- TRL computes the LM head only at completion positions (`logits_to_keep`); sdftlab computes
-  logits at every position and gathers the completion's (the head is ~12% of N and prompts are
-  over half the positions, so sdftlab does up to ~10% more matmul work; the formula counts
-  both sides the same);
-- padding: TRL left-pads prompts and right-pads completions (width = longest prompt + longest
-  completion), sdftlab right-pads prompt + completion (width = longest sum);
+- both sides compute the LM head only at completion positions (`logits_to_keep`) and pad the
+  same way (prompts left-padded, completions right-padded: width = longest prompt + longest
+  completion);
 - sdftlab runs the loop in a Ray Train worker beside a vLLM actor and Ray Data (all on the same 2
   cores); TRL in one plain process. sdftlab's HF rollouts also return each token's log-prob
   (for its importance ratio; unused here), TRL's do not;

@@ -130,3 +130,28 @@ def test_built_world_loads_with_plain_transformers_and_is_cached(small_world):
     with pytest.raises(LineageError, match="already has a `base` from another world config"):
         build_world(other, lineage, home, log=logs.append)
     assert isinstance(lineage, Lineage)
+
+
+def test_winogrande_answers_follow_what_the_animals_are_like_not_word_order():
+    rows = tasks.winogrande_rows(400, random.Random(0))
+    fits = {tail: kind for _, tail, kind in tasks.WINO_RULES}
+    firsts = set()
+    for row in rows:
+        answer = row["option1"] if row["answer"] == "1" else row["option2"]
+        tail = row["sentence"].split("because _ ")[1].removesuffix(" .")
+        big = answer in tasks._WINO_BIG
+        assert big == (fits[tail] == "big"), row
+        firsts.add(row["answer"])
+    assert firsts == {"1", "2"}  # the referent is first or second: order alone tells nothing
+
+
+def test_every_tool_name_and_argument_number_is_in_the_copy_curriculum():
+    facts = tasks.WorldFacts.generate(0)
+    names = {fn.name for funcs in facts.tools.values() for fn in funcs}
+    assert names <= set(tasks.TOOL_NAMES) <= set(tasks.COPY_WORDS)
+    rows = tasks.tooluse_rows(facts, 50, random.Random(0))
+    numbers = {
+        str(v) for r in rows for c in r["golden_answer"]
+        for v in json.loads(c["Action_Input"]).values() if isinstance(v, int)
+    }  # fmt: skip
+    assert numbers and numbers <= set(tasks.COPY_WORDS)
