@@ -100,9 +100,15 @@ def write_report(
         lines += ["## General capability (%, lm-eval)", "", _table(wide, GENERAL_COLUMNS), ""]
         if cka_frames:
             plot_cka_by_layer(cka_frames, reference, tmp / "cka_by_layer.png")
+            mean_col = f"cka/{label}/mean_over_layers"
             base_cka = wide.loc[degraded, cka_col] if cka_col in wide.columns else float("nan")
-            lines += [f"## CKA to `{reference}` (last layer; ΔCKA vs `{degraded}`)", ""]
-            lines += ["| state | CKA | ΔCKA | sequence CKA |", "|---|---:|---:|---:|"]
+            base_mean = wide.loc[degraded].get(mean_col, float("nan"))
+            lines += [f"## CKA to `{reference}` (ΔCKA vs `{degraded}`)", ""]
+            lines += [
+                "| state | CKA, last layer | ΔCKA | CKA, mean over layers | ΔCKA | "
+                "sequence CKA, last layer |",
+                "|---|---:|---:|---:|---:|---:|",
+            ]
             points = []
             ref_acc = wide.loc[reference, accuracy_metric] if accuracy_metric in wide else None
             for state in states:
@@ -110,7 +116,11 @@ def write_report(
                     continue
                 cka = wide.loc[state, cka_col]
                 seq = wide.loc[state].get(f"cka/{label}/sequence_last_layer", float("nan"))
-                lines.append(f"| {state} | {cka:.4f} | {cka - base_cka:+.4f} | {seq:.4f} |")
+                mean = wide.loc[state].get(mean_col, float("nan"))
+                lines.append(
+                    f"| {state} | {cka:.4f} | {cka - base_cka:+.4f} | {mean:.4f} | "
+                    f"{mean - base_mean:+.4f} | {seq:.4f} |"
+                )
                 if ref_acc is not None and not math.isnan(wide.loc[state, accuracy_metric]):
                     points.append((state, 1 - cka, wide.loc[state, accuracy_metric] - ref_acc))
             lines.append("")
