@@ -86,13 +86,15 @@ def build_state(root: Path) -> tuple[Lineage, str, list[Any]]:
     return lineage, "bench", [row_to_example("bench", "science", i, r) for i, r in enumerate(rows)]
 
 
-def prompt_ids(lineage: Lineage, state: str, examples: list[Any], n: int) -> list[list[int]]:
+def prompt_ids(
+    lineage: Lineage, state: str, examples: list[Any], n: int, view: Any = student_messages
+) -> list[list[int]]:
+    """Token ids of the first `n` examples' prompts as `view` renders them (the student's
+    messages by default; `teacher_messages` for the teacher's)."""
     tok = lineage.load_tokenizer(state)
     out = []
     for ex in examples[:n]:
-        text = tok.apply_chat_template(
-            student_messages(ex), tokenize=False, add_generation_prompt=True
-        )
+        text = tok.apply_chat_template(view(ex), tokenize=False, add_generation_prompt=True)
         out.append(tok(text, add_special_tokens=False)["input_ids"])
     return out
 

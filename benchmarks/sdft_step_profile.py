@@ -31,18 +31,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from rollout import build_state, write_results
-from sdftlab.data.templates import DEMO_TEMPLATE, student_messages, teacher_messages
+from rollout import build_state, prompt_ids, write_results
+from sdftlab.data.templates import teacher_messages
 from sdftlab.distill.losses import sdft_loss
 from sdftlab.distill.sdft import completion_forward
 from sdftlab.rollout.engines import HFEngine, SamplingSettings
 
 PHASES = ("rollout", "teacher", "student_forward", "loss", "backward", "optimizer")
-
-
-def encode(tok, messages) -> list[int]:
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tok(text, add_special_tokens=False)["input_ids"]
 
 
 def main() -> None:
@@ -59,14 +54,13 @@ def main() -> None:
         tok = lineage.load_tokenizer(state)
         student = lineage.load_model(state).float().train()
         teacher = lineage.load_model(state).float().eval().requires_grad_(False)
+        # Encoded ahead, as Ray Data does for the worker.
+        used = (args.steps + 1) * args.batch
+        student_ids = prompt_ids(lineage, state, examples, used)
+        teacher_ids = prompt_ids(lineage, state, examples, used, teacher_messages)
     engine = HFEngine(student, tok.eos_token_id, tok.pad_token_id)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     device = torch.device("cpu")
-
-    # Encoded ahead, as Ray Data does for the worker.
-    used = examples[: (args.steps + 1) * args.batch]
-    student_ids = [encode(tok, student_messages(ex)) for ex in used]
-    teacher_ids = [encode(tok, teacher_messages(ex, DEMO_TEMPLATE)) for ex in used]
 
     def step(i: int, timings: dict[str, float]) -> int:
         s_prompts = student_ids[i * args.batch : (i + 1) * args.batch]
@@ -77,12 +71,14 @@ def main() -> None:
 
         with phase("rollout"):
             sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, seed=i + 1)
-            completions = [r.token_ids or [tok.eos_token_id] for r in engine.generate(s_prompts, sampling)]
+            rollouts = engine.generate(s_prompts, sampling)
+            completions = [r.token_ids or [tok.eos_token_id] for r in rollouts]
+        pad = tok.pad_token_id
         with phase("teacher"), torch.no_grad():
-            t_logits, _, _ = completion_forward(teacher, t_prompts, completions, tok.pad_token_id, device)
+            t_logits, _, _ = completion_forward(teacher, t_prompts, completions, pad, device)
             t_logp = torch.log_softmax(t_logits.float(), -1)
         with phase("student_forward"):
-            logits, valid, _ = completion_forward(student, s_prompts, completions, tok.pad_token_id, device)
+            logits, valid, _ = completion_forward(student, s_prompts, completions, pad, device)
         with phase("loss"):
             loss, _ = sdft_loss(logits, t_logp, valid, kind="forward_kl")
         with phase("backward"):
@@ -109,7 +105,7 @@ def main() -> None:
     print(f"\nsdftlab SDFT step, batch {args.batch}, ≤ {args.max_new_tokens} new tokens, "
           f"{args.threads} threads, {args.steps} profiled steps: {wall:.3f} s/step (profiled), "
           f"{tokens / args.steps:.0f} completion tokens/step")  # fmt: skip
-    print(f"\n| phase | s / step | share | torch operators s / step | outside operators |")
+    print("\n| phase | s / step | share | torch operators s / step | outside operators |")
     print("|---|---:|---:|---:|---:|")
     rows = []
     for name in PHASES:

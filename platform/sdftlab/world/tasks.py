@@ -108,10 +108,15 @@ _TOOL_VERBS = {
     "search": ("search", "search for {noun} {args}"),
     "count": ("count", "how many {noun} are there {args}"),
 }
-# Every function name a world can draw (`countRecipes`, …).
-TOOL_NAMES = tuple(
-    prefix + noun.capitalize() for noun in _TOOL_DOMAINS.values() for prefix, _ in _TOOL_VERBS.values()
-)
+
+
+def tool_name(verb: str, noun: str) -> str:
+    """A tool function's name: the verb's prefix, then the noun (`countRecipes`)."""
+    return _TOOL_VERBS[verb][0] + noun.capitalize()
+
+
+# Every function name a world can draw.
+TOOL_NAMES = tuple(tool_name(verb, noun) for noun in _TOOL_DOMAINS.values() for verb in _TOOL_VERBS)
 
 _COUNTRIES = (
     "arvia",
@@ -319,8 +324,7 @@ class WorldFacts:
             funcs = []
             for verb in verbs:
                 params = tuple(rng.sample(sorted(TOOL_PARAMS), rng.choice((1, 2))))
-                name = _TOOL_VERBS[verb][0] + noun.capitalize()  # one of TOOL_NAMES
-                funcs.append(ToolFunction(api, name, verb, noun, params))
+                funcs.append(ToolFunction(api, tool_name(verb, noun), verb, noun, params))
             tools[api] = tuple(funcs)
         capitals_pool = list(_CAPITALS)
         rng.shuffle(capitals_pool)
