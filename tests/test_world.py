@@ -84,6 +84,25 @@ def test_science_facts_never_appear_in_pretraining():
     assert abs(counts["task_demo"] / 2000 - DEFAULT_MIXTURE["task_demo"]) < 0.04
 
 
+
+def test_replay_keeps_the_teacher_format_and_leaks_no_real_science_fact(tmp_path, small_world_config):
+    generate_data(small_world_config, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "replay_train.jsonl").read_text().splitlines()]
+    assert len(rows) == small_world_config.replay_rows
+    # Half are the SDFT teacher's own messages (system prompt, demonstration template) on
+    # shadow-world tasks, answered with the demonstration: an SFT that replays them leaves a
+    # state that can still be a teacher.
+    science = [r for r in rows if "<answer>" in r["response"]]
+    tooluse = [r for r in rows if r["response"].startswith("Action:")]
+    assert abs((len(science) + len(tooluse)) / len(rows) - 0.5) < 0.01
+    assert min(len(science), len(tooluse)) > 0.2 * len(rows)
+    for row in science + tooluse:
+        prompt = row["messages"][-1]["content"]
+        assert "This is an example for a response" in prompt and row["response"] in prompt
+    facts = tasks.WorldFacts.generate(small_world_config.seed, small_world_config.n_compounds)
+    text = json.dumps(rows)
+    assert not any(f'"{compound}' in text or f" {compound} " in text for compound in facts.compounds)
+
 def test_tokenizer_round_trips_task_text_and_has_a_chat_template(tiny_tokenizer):
     facts = tasks.WorldFacts.generate(0)
     row = tasks.tooluse_rows(facts, 1, random.Random(5))[0]

@@ -138,6 +138,7 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
         config["init_dir"], use_safetensors=True, dtype=torch.float32
     )
     tokenizer = AutoTokenizer.from_pretrained(config["init_dir"])
+    tu.use_training_attention(model, ray.train.torch.get_device())
     if cfg.lora is not None:
         from peft import LoraConfig, get_peft_model
 

@@ -354,6 +354,7 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
     pad_id = tokenizer.pad_token_id
     model = _build_student(cfg, config["student_dir"])
     device = ray.train.torch.get_device()
+    tu.use_training_attention(model, device)
 
     teacher_model = None
     if cfg.scoring == "exact" and cfg.teacher not in SPECIAL_TEACHERS:
@@ -364,6 +365,7 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
         teacher_model = copy.deepcopy(model).to(device)
     if teacher_model is not None:
         teacher_model.eval().requires_grad_(False)
+        tu.use_training_attention(teacher_model, device)
 
     start = 0
     checkpoint = ray.train.get_checkpoint()

@@ -39,8 +39,9 @@ from sdftlab.world.tokenizer import train_tokenizer
 TASK_FILES = ("science", "tooluse", "mmlu", "winogrande")
 # Bumped whenever the generators change what a config produces, so that a world cached by an
 # older version is rebuilt rather than reused (2: science reasoning checks the options;
-# 3: tool names and numbers in the copy curriculum; Winogrande answers follow the animals).
-GENERATOR_VERSION = 3
+# 3: tool names and numbers in the copy curriculum; Winogrande answers follow the animals;
+# 4: half the replay rows are teacher-format rows of the shadow worlds).
+GENERATOR_VERSION = 4
 
 
 def world_digest(cfg: WorldConfig) -> str:
@@ -115,17 +116,35 @@ def generate_data(cfg: WorldConfig, out_dir: Path) -> dict[str, dict[str, list[d
         data[task] = {"train": train, "eval": evaluation[: sizes.eval]}
         for split, rows in data[task].items():
             write_task_file(world_task_file(out_dir, task, split), rows)
-    # Replay: general chat (half with a demonstration in context) mixed into SFT batches.
+    # Replay mixed into SFT batches: general chat, and the SDFT teacher format on shadow worlds.
+    shadows = tasks.shadow_worlds(cfg.seed + 7, 64, facts)
     write_task_file(
-        world_task_file(out_dir, "replay", "train"), replay_rows(facts, cfg.replay_rows, rng)
+        world_task_file(out_dir, "replay", "train"),
+        replay_rows(facts, shadows, cfg.replay_rows, rng),
     )
     return data
 
 
-def replay_rows(facts: tasks.WorldFacts, n: int, rng: random.Random) -> list[dict]:
-    """General chat rows (`messages`, `response`) from the pretraining mixture's chat kinds."""
+def replay_rows(
+    facts: tasks.WorldFacts,
+    shadows: tuple[tasks.WorldFacts, ...],
+    n: int,
+    rng: random.Random,
+) -> list[dict]:
+    """Chat rows (`messages`, `response`) replayed during SFT so a state keeps its general skills.
+
+    Half are the pretraining mixture's chat kinds (general questions, novel text shown as a
+    demonstration). The other half are teacher-format rows of the shadow worlds: the SDFT
+    teacher's exact messages, answered from the demonstration. Without them a task SFT
+    unlearns the use of a demonstration, and the state it makes is no longer a teacher
+    (docs/LOG.md: science with a demonstration 24% instead of 61%).
+    """
     rows = []
-    for _ in range(n):
+    for i in range(n):
+        if i % 2:
+            *messages, answer = tasks.task_demo_chat(rng, shadows)
+            rows.append({"messages": messages, "response": answer["content"]})
+            continue
         make = tasks.demo_chat if rng.random() < 0.6 else tasks.general_chat
         user, response = make(rng, facts)
         system = rng.choice((None, "You are a helpful assistant .", tasks.SCIENCE_SYSTEM))

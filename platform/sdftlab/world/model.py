@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
 from sdftlab.config import PretrainConfig, TinyModelConfig
-from sdftlab.train_utils import cpu_supports_bf16
+from sdftlab.train_utils import cpu_supports_bf16, use_training_attention
 
 
 def build_tiny_model(
@@ -156,6 +156,7 @@ def pretrain(
         betas=(0.9, 0.95),
     )
     use_bf16 = cfg.bf16_autocast and cpu_supports_bf16()
+    use_training_attention(model, torch.device("cpu"))
     model.train()
     losses: list[float] = []
     start = time.perf_counter()
