@@ -84,10 +84,12 @@ def test_science_facts_never_appear_in_pretraining():
     assert abs(counts["task_demo"] / 2000 - DEFAULT_MIXTURE["task_demo"]) < 0.04
 
 
-
-def test_replay_keeps_the_teacher_format_and_leaks_no_real_science_fact(tmp_path, small_world_config):
+def test_replay_keeps_the_teacher_format_and_leaks_no_real_science_fact(
+    tmp_path, small_world_config
+):
     generate_data(small_world_config, tmp_path)
-    rows = [json.loads(line) for line in (tmp_path / "replay_train.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "replay_train.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
     assert len(rows) == small_world_config.replay_rows
     # Half are the SDFT teacher's own messages (system prompt, demonstration template) on
     # shadow-world tasks, answered with the demonstration: an SFT that replays them leaves a
@@ -101,7 +103,10 @@ def test_replay_keeps_the_teacher_format_and_leaks_no_real_science_fact(tmp_path
         assert "This is an example for a response" in prompt and row["response"] in prompt
     facts = tasks.WorldFacts.generate(small_world_config.seed, small_world_config.n_compounds)
     text = json.dumps(rows)
-    assert not any(f'"{compound}' in text or f" {compound} " in text for compound in facts.compounds)
+    assert not any(
+        f'"{compound}' in text or f" {compound} " in text for compound in facts.compounds
+    )
+
 
 def test_tokenizer_round_trips_task_text_and_has_a_chat_template(tiny_tokenizer):
     facts = tasks.WorldFacts.generate(0)
