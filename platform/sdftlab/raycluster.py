@@ -2,7 +2,9 @@
 
 Under `ray job submit` (or with `RAY_ADDRESS` set) the driver joins the existing cluster;
 otherwise `ray.init()` starts a local one. The dashboard stays on (Ray Train V2 needs the
-State API behind it) but listens on 127.0.0.1 only.
+State API behind it) but listens on 127.0.0.1 only. `RAY_DATA_DISABLE_PROGRESS_BARS`, when
+set in the driver's environment, reaches every worker: the pipelines set it, since they print
+a progress line per stage and Ray Data's bars from inside the train workers would bury it.
 
     >>> ensure_ray()          # idempotent
 """
@@ -15,6 +17,17 @@ from typing import Any
 
 from sdftlab.config import TRUST_REMOTE_CODE_ENV, trust_remote_code
 
+PASSED_THROUGH = ("RAY_DATA_DISABLE_PROGRESS_BARS",)
+
+
+def worker_env() -> dict[str, str]:
+    """The environment every Ray worker gets (the `runtime_env` of `ensure_ray`)."""
+    env_vars = {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if trust_remote_code():  # an explicit opt-in reaches every worker, or none
+        env_vars[TRUST_REMOTE_CODE_ENV] = "1"
+    env_vars.update({k: os.environ[k] for k in PASSED_THROUGH if k in os.environ})
+    return env_vars
+
 
 def ensure_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
     import ray
@@ -22,10 +35,7 @@ def ensure_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    env_vars = {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if trust_remote_code():  # an explicit opt-in reaches every worker, or none
-        env_vars[TRUST_REMOTE_CODE_ENV] = "1"
-    runtime_env = {"env_vars": env_vars}
+    runtime_env = {"env_vars": worker_env()}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, **kwargs)
         return

@@ -347,6 +347,8 @@ def run_pipeline(
     names = order(cfg.stages)
     if cfg.trust_remote_code:  # before Ray starts: its workers inherit the environment
         os.environ[TRUST_REMOTE_CODE_ENV] = "1"
+    # One progress line per stage: no Ray Data progress bars from inside the workers.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
