@@ -93,6 +93,12 @@ def _dedupe_against(rows: list[dict], seen: set[str]) -> list[dict]:
     return out
 
 
+def world_shadows(cfg: WorldConfig, facts: tasks.WorldFacts) -> tuple[tasks.WorldFacts, ...]:
+    """The world's shadow worlds: pretraining's teacher-format documents and the SFT replay
+    use the same ones."""
+    return tasks.shadow_worlds(cfg.seed + 7, 64, facts)
+
+
 def generate_data(cfg: WorldConfig, out_dir: Path) -> dict[str, dict[str, list[dict]]]:
     """All task splits, eval rows kept disjoint from train rows; written as JSONL."""
     facts = tasks.WorldFacts.generate(cfg.seed, cfg.n_compounds)
@@ -117,10 +123,9 @@ def generate_data(cfg: WorldConfig, out_dir: Path) -> dict[str, dict[str, list[d
         for split, rows in data[task].items():
             write_task_file(world_task_file(out_dir, task, split), rows)
     # Replay mixed into SFT batches: general chat, and the SDFT teacher format on shadow worlds.
-    shadows = tasks.shadow_worlds(cfg.seed + 7, 64, facts)
     write_task_file(
         world_task_file(out_dir, "replay", "train"),
-        replay_rows(facts, shadows, cfg.replay_rows, rng),
+        replay_rows(facts, world_shadows(cfg, facts), cfg.replay_rows, rng),
     )
     return data
 
@@ -253,7 +258,7 @@ def build_world(
         log(f"[2/3] tokenizer: byte-level BPE, vocab {cfg.vocab_size}")
         rng = random.Random(cfg.seed + 2)
         corpus = [_render_row(task, row) for task in data for row in data[task]["train"]]
-        shadows = tasks.shadow_worlds(cfg.seed + 7, 64, facts)
+        shadows = world_shadows(cfg, facts)
         stream = pretrain_documents(facts, data, cfg.seed + 3, cfg.pretrain.mixture, shadows)
         # The vocabulary comes from the world's natural text, not from the synthetic copy and
         # demonstration documents: rarer names then stay split into several tokens, as rare
