@@ -5,8 +5,8 @@ Run from the repository root (about a minute on 2 cores):
     PYTHONPATH=platform .venv/bin/python benchmarks/attention_cpu.py \
         --out runs/bench/attention_cpu.json
 
-The tiny Qwen2 of the default world (hidden 128, 4 layers, vocab 1024) takes full training
-steps (forward with labels, backward, AdamW) on random token batches of the shapes the
+The tiny Qwen2 of the default world (`WorldConfig()`: hidden 128, 4 layers, vocab 1024) takes
+full training steps (forward with labels, backward, AdamW) on random token batches of the shapes the
 project trains on: a pretraining mixture batch [24, 256], a copy-curriculum batch [32, 96],
 and an SFT batch [32, 200] with right padding (an attention mask). Each combination of
 attention implementation and precision (bf16 autocast where the CPU has native bf16, else
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from sdftlab.config import WorldConfig
 from sdftlab.train_utils import cpu_supports_bf16
 
 SHAPES = {  # name: (batch, length, padded)
@@ -34,15 +35,18 @@ SHAPES = {  # name: (batch, length, padded)
 
 
 def tiny_model(attn: str) -> Qwen2ForCausalLM:
+    """The default world's model shape (`WorldConfig()`), freshly initialised."""
+    world = WorldConfig()
+    shape = world.model
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=1024,
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        vocab_size=world.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        max_position_embeddings=shape.max_position_embeddings,
         tie_word_embeddings=True,
     )
     model = Qwen2ForCausalLM(config)
@@ -54,16 +58,21 @@ def step_seconds(attn: str, bf16: bool, batch: int, length: int, padded: bool, s
     model = tiny_model(attn)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 1024, (batch, length), generator=gen)
+    ids = torch.randint(0, WorldConfig().vocab_size, (batch, length), generator=gen)
     mask = torch.ones(batch, length, dtype=torch.long)
     if padded:  # rows of decreasing length, right-padded
         for i in range(batch):
             mask[i, length - (i * length) // (2 * batch) :] = 0
     labels = ids.masked_fill(mask == 0, -100)
 
+    # As the project trains: pretraining passes no attention mask, SFT its padding mask.
+    inputs = {"input_ids": ids, "labels": labels}
+    if padded:
+        inputs["attention_mask"] = mask
+
     def one() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss = model(**inputs).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -95,10 +95,9 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
 def use_training_attention(model: torch.nn.Module, device: torch.device) -> None:
     """Pick the attention kernel for training on `device`: eager on CPU, the default elsewhere.
 
-    On CPU, PyTorch's SDPA with a causal or padding mask takes its unfused math path, and the
-    eager implementation is faster: 0.32 vs 0.41 s per pretraining step of the tiny world
-    ([24, 256], bf16 autocast), 0.35 vs 0.42 s per SFT step ([32, 200], padded). Only the
-    runtime choice changes; nothing of it is saved with the weights.
+    On CPU with bf16 autocast, the eager implementation is 11–29% faster per training step of
+    the tiny world than PyTorch's SDPA (benchmarks/attention_cpu.py; docs/BENCHMARKS.md).
+    Only the runtime choice changes; nothing of it is saved with the weights.
     """
     if device.type == "cpu" and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")
