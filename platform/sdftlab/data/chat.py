@@ -81,15 +81,16 @@ class ChatTokenizer:
         return pad_batch(rows, self.tokenizer.pad_token_id, width=self.max_len)
 
 
-def count_assistant_tokens(
+def chat_lengths(
     tokenizer: Any, rows: Sequence[dict[str, str]], max_len: int, source: str
-) -> int:
-    """Assistant (loss) tokens over `rows`; a `DataError` if there are none at all."""
-    total = 0
+) -> list[int]:
+    """Token count of each SFT row (≤ max_len); a `DataError` if no row has an assistant token."""
+    lengths, total = [], 0
     for row in rows:
         labels = tokenize_chat(tokenizer, json.loads(row["messages"]), row["response"], max_len)[
             "labels"
         ]
+        lengths.append(len(labels))
         total += sum(1 for label in labels if label != IGNORE)
     if total == 0:
         raise DataError(
@@ -97,4 +98,4 @@ def count_assistant_tokens(
             f"empty or cut off by max_len={max_len}); give rows a non-empty demonstration "
             "or raise max_len"
         )
-    return total
+    return lengths
