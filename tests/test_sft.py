@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 
-from sdftlab.data.chat import IGNORE, chat_lengths, pad_batch, tokenize_chat
-from sdftlab.degrade.sft import SFTConfig, run_sft, sft_rows, training_order
+from sdftlab.data.chat import IGNORE, count_assistant_tokens, pad_batch, tokenize_chat
+from sdftlab.degrade.sft import SFTConfig, run_sft, sft_rows
 from sdftlab.errors import ConfigError, DataError, LineageError
 
 
@@ -37,10 +36,10 @@ def test_labels_do_not_depend_on_the_prompt(tiny_tokenizer):
 def test_no_assistant_tokens_is_one_clear_error(tiny_tokenizer):
     rows = [{"messages": json.dumps([{"role": "user", "content": "q"}]), "response": ""}]
     with pytest.raises(DataError, match="no assistant tokens"):
-        chat_lengths(tiny_tokenizer, rows, 64, "data 'x'")
+        count_assistant_tokens(tiny_tokenizer, rows, 64, "data 'x'")
     long = [{"messages": json.dumps([{"role": "user", "content": "word " * 80}]), "response": "a"}]
     with pytest.raises(DataError, match="max_len=16"):
-        chat_lengths(tiny_tokenizer, long, 16, "data 'x'")
+        count_assistant_tokens(tiny_tokenizer, long, 16, "data 'x'")
 
 
 def test_config_errors_name_the_field():
@@ -56,33 +55,6 @@ def test_replay_mixes_in_at_the_requested_share(small_world):
     assert len(rows) == n_task + round(n_task / 3)
     with pytest.raises(ConfigError, match="no replay data"):
         sft_rows("science", cfg.model_copy(update={"replay_data": "/nope.jsonl"}), world.data_dir)
-
-
-def test_training_order_groups_lengths_and_still_shows_every_row_each_epoch():
-    rng = random.Random(3)
-    # mostly short task rows, a fifth long teacher-format replay rows (as in the tiny world)
-    lengths = [
-        rng.randint(180, 256) if rng.random() < 0.2 else rng.randint(40, 120) for _ in range(1000)
-    ]
-    batch, steps = 32, 80  # 2560 rows: two whole epochs and part of a third
-
-    def padded(order):
-        return sum(
-            max(lengths[j] for j in order[i : i + batch]) for i in range(0, len(order), batch)
-        )
-
-    grouped = training_order(lengths, batch, steps, seed=0, group_by_length=True)
-    plain = training_order(lengths, batch, steps, seed=0, group_by_length=False)
-    for order in (grouped, plain):
-        assert len(order) == batch * steps
-        assert sorted(order[:1000]) == sorted(order[1000:2000]) == list(range(1000))
-        assert len(set(order[2000:])) == 560
-    assert padded(grouped) < 0.75 * padded(plain)  # same rows, far less padding
-    assert grouped[:1000] != grouped[1000:2000]  # each epoch a fresh permutation
-    assert training_order(lengths, batch, steps, 0, True) == grouped
-    assert training_order(lengths, batch, steps, 1, True) != grouped
-    with pytest.raises(DataError, match="no rows"):
-        training_order([], batch, steps, 0, True)
 
 
 @pytest.mark.slow

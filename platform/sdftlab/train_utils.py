@@ -188,22 +188,6 @@ def run_name(kind: str, dst: str, cfg: Any, *inputs: str) -> str:
     return f"{kind}-{dst}-{digest}"
 
 
-@contextlib.contextmanager
-def ordered_data() -> Iterator[None]:
-    """Ray Data keeps block order inside this block: in the datasets built and materialized
-    here, and in the shards Ray Train hands its workers (its default ingest options copy the
-    driver's context when `fit` starts)."""
-    from ray.data import DataContext
-
-    options = DataContext.get_current().execution_options
-    before = options.preserve_order
-    options.preserve_order = True
-    try:
-        yield
-    finally:
-        options.preserve_order = before
-
-
 def make_trainer(
     loop: Any,
     loop_config: dict[str, Any],

@@ -81,16 +81,15 @@ class ChatTokenizer:
         return pad_batch(rows, self.tokenizer.pad_token_id, width=self.max_len)
 
 
-def chat_lengths(
+def count_assistant_tokens(
     tokenizer: Any, rows: Sequence[dict[str, str]], max_len: int, source: str
-) -> list[int]:
-    """Token count of each SFT row (≤ max_len); a `DataError` if no row has an assistant token."""
-    lengths, total = [], 0
+) -> int:
+    """Assistant (loss) tokens over `rows`; a `DataError` if there are none at all."""
+    total = 0
     for row in rows:
         labels = tokenize_chat(tokenizer, json.loads(row["messages"]), row["response"], max_len)[
             "labels"
         ]
-        lengths.append(len(labels))
         total += sum(1 for label in labels if label != IGNORE)
     if total == 0:
         raise DataError(
@@ -98,4 +97,4 @@ def chat_lengths(
             f"empty or cut off by max_len={max_len}); give rows a non-empty demonstration "
             "or raise max_len"
         )
-    return lengths
+    return total

@@ -2,13 +2,12 @@
 
 Each round is one `TorchTrainer` run (CPU workers with gloo here, GPU workers with NCCL on a
 cluster — the same code; `num_workers > 1` is DDP): full fine-tuning or LoRA (merged into the
-saved state), loss on the assistant tokens only, optional replay of general chat data mixed
-into the rows (≈ 25% keeps a fine-tuned model able to use a demonstration in its prompt, which
-is what makes it a usable SDFT teacher), batches of rows of similar length
-(`group_by_length`, as in HF Trainer), Ray Train checkpoints (safetensors) every
-`checkpoint_every` steps, resumed after a worker failure at the batch it stopped at. Every
-round lands in the lineage with its parent, config and metrics. It is also the plain-SFT
-baseline recovery is compared against.
+saved state), loss on the assistant tokens only, optional replay of general chat data in
+every batch (≈ 25% keeps a fine-tuned model able to use a demonstration in its prompt, which
+is what makes it a usable SDFT teacher), Ray Train checkpoints (safetensors) every
+`checkpoint_every` steps, resumed after a worker failure. Every round lands in the lineage
+with its parent, config and metrics. It is also the plain-SFT baseline recovery is
+compared against.
 
     sdftlab degrade sft --from base --to expert --data science --steps 300
     sdftlab degrade sft --from expert --to forgot --data tooluse
@@ -16,11 +15,10 @@ baseline recovery is compared against.
 
 from __future__ import annotations
 
-import itertools
 import json
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +26,9 @@ import torch
 from pydantic import Field, model_validator
 
 from sdftlab.config import StrictModel
-from sdftlab.data.chat import ChatTokenizer, chat_lengths, example_to_row
+from sdftlab.data.chat import ChatTokenizer, count_assistant_tokens, example_to_row
 from sdftlab.data.loaders import iter_jsonl, load_task_file, task_source, world_task_file
-from sdftlab.errors import ConfigError, DataError
+from sdftlab.errors import ConfigError
 from sdftlab.lineage import Lineage, StateMeta
 
 
@@ -65,11 +63,6 @@ class SFTConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     max_len: int = Field(256, gt=8)
     replay_frac: float = Field(0.25, ge=0, lt=1, description="share of replay rows in the data")
-    group_by_length: bool = Field(
-        True,
-        description="batches of rows of similar length (HF Trainer's group_by_length): each "
-        "epoch's shuffled rows sorted by length within pools of 8 batches, the batches shuffled",
-    )
     replay_data: str | None = Field(None, description="chat JSONL; default the world's replay")
     lora: LoraSpec | None = None
     num_workers: int = Field(1, gt=0)
@@ -127,37 +120,6 @@ def sft_rows(entry: str, cfg: SFTConfig, data_dir: Path | None) -> list[dict[str
     return rows
 
 
-def training_order(
-    lengths: Sequence[int], batch_size: int, steps: int, seed: int, group_by_length: bool
-) -> list[int]:
-    """Row indices for `steps` batches of `batch_size`, epoch after epoch.
-
-    Every epoch is a fresh seeded permutation of all rows. With `group_by_length`, the
-    permutation is cut into pools of 8 batches, each pool sorted by length and cut into
-    batches, and the epoch's batches shuffled: the same rows, far less padding (on the tiny
-    world's science data the padded width falls from 233 to 135 tokens on average).
-    """
-    import random
-
-    if not lengths:
-        raise DataError("the SFT data has no rows to train on")
-    rng = random.Random(seed)
-    order: list[int] = []
-    pool = 8 * batch_size
-    while len(order) < steps * batch_size:
-        epoch = list(range(len(lengths)))
-        rng.shuffle(epoch)
-        if group_by_length:
-            batches = []
-            for i in range(0, len(epoch), pool):
-                chunk = sorted(epoch[i : i + pool], key=lambda j: lengths[j])
-                batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
-            rng.shuffle(batches)
-            epoch = [j for batch in batches for j in batch]
-        order += epoch
-    return order[: steps * batch_size]
-
-
 # ----------------------------------------------------------------------------- worker
 
 
@@ -203,14 +165,14 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     per_worker = cfg.batch_size // cfg.num_workers
     shard = ray.train.get_dataset_shard("train")
-    # The dataset is the whole run's batch stream in order (`training_order`); a resumed
-    # worker skips the batches the checkpoint has already seen.
-    batches = itertools.islice(
-        tu.cycle_epochs(
-            lambda: shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device=device)
-        ),
-        start,
-        None,
+    batches = tu.cycle_epochs(
+        lambda: shard.iter_torch_batches(
+            batch_size=per_worker,
+            drop_last=True,
+            device=device,
+            local_shuffle_buffer_size=4 * per_worker,
+            local_shuffle_seed=cfg.seed,
+        )
     )
     model.train()
     t0, tokens, losses = time.perf_counter(), 0, []
@@ -275,9 +237,8 @@ def run_sft(
     round_rows = {}
     for entry in dict.fromkeys(cfg.data):
         rows = sft_rows(entry, cfg, data_dir)
-        lengths = chat_lengths(tokenizer, rows, cfg.max_len, f"data {entry!r}")
-        order = training_order(lengths, cfg.batch_size, cfg.steps, cfg.seed, cfg.group_by_length)
-        round_rows[entry] = [rows[i] for i in order]
+        count_assistant_tokens(tokenizer, rows, cfg.max_len, f"data {entry!r}")
+        round_rows[entry] = rows
 
     ensure_ray()
     parent = src
@@ -286,33 +247,28 @@ def run_sft(
         entry = cfg.data[r % len(cfg.data)]
         log(
             f"SFT round {r + 1}/{cfg.n_rounds}: {parent} → {name} on {entry} "
-            f"({len(round_rows[entry])} rows in {cfg.steps} steps)"
+            f"({len(round_rows[entry])} rows, {cfg.steps} steps)"
         )
         init_dir = str(lineage.resolve(parent))
+        dataset = ray.data.from_items(round_rows[entry]).map_batches(
+            ChatTokenizer,
+            fn_constructor_kwargs={"tokenizer_dir": init_dir, "max_len": cfg.max_len},
+            batch_size=256,
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=0.25,  # tokenizing is light; leave the CPUs to the train workers
+        )
+        trainer = tu.make_trainer(
+            sft_worker_loop,
+            {"sft": cfg.model_dump(mode="json"), "init_dir": init_dir},
+            run_name=tu.run_name("sft", name, cfg, lineage.meta(parent).content_hash),
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            cpus_per_worker=cfg.cpus_per_worker,
+            max_failures=cfg.max_failures,
+            datasets={"train": dataset},
+        )
         t0 = time.perf_counter()
-        with tu.ordered_data():  # the batches reach the worker in `training_order`
-            dataset = (
-                ray.data.from_items(round_rows[entry])
-                .map_batches(
-                    ChatTokenizer,
-                    fn_constructor_kwargs={"tokenizer_dir": init_dir, "max_len": cfg.max_len},
-                    batch_size=256,
-                    compute=ray.data.ActorPoolStrategy(size=1),
-                    num_cpus=0.25,  # tokenizing is light; leave the CPUs to the train workers
-                )
-                .materialize()
-            )  # tokenized once, before the workers start
-            trainer = tu.make_trainer(
-                sft_worker_loop,
-                {"sft": cfg.model_dump(mode="json"), "init_dir": init_dir},
-                run_name=tu.run_name("sft", name, cfg, lineage.meta(parent).content_hash),
-                num_workers=cfg.num_workers,
-                use_gpu=cfg.use_gpu,
-                cpus_per_worker=cfg.cpus_per_worker,
-                max_failures=cfg.max_failures,
-                datasets={"train": dataset},
-            )
-            result = trainer.fit()
+        result = trainer.fit()
         seconds = time.perf_counter() - t0
         if result.checkpoint is None:
             raise RuntimeError(f"SFT round {r + 1} finished without a checkpoint: {result.error}")
