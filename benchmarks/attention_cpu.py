@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 
 from sdftlab.config import WorldConfig
 from sdftlab.train_utils import cpu_supports_bf16
+from sdftlab.world.model import tiny_qwen2_config
 
 SHAPES = {  # name: (batch, length, padded)
     "pretrain mixture": (24, 256, False),
@@ -37,18 +38,8 @@ SHAPES = {  # name: (batch, length, padded)
 def tiny_model(attn: str) -> Qwen2ForCausalLM:
     """The default world's model shape (`WorldConfig()`), freshly initialised."""
     world = WorldConfig()
-    shape = world.model
     torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=world.vocab_size,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_layers,
-        num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_kv_heads,
-        max_position_embeddings=shape.max_position_embeddings,
-        tie_word_embeddings=True,
-    )
+    config = tiny_qwen2_config(world.model, world.vocab_size)
     model = Qwen2ForCausalLM(config)
     model.set_attn_implementation(attn)
     return model.train()

@@ -26,13 +26,15 @@ from sdftlab.config import PretrainConfig, TinyModelConfig
 from sdftlab.train_utils import cpu_supports_bf16, use_training_attention
 
 
-def build_tiny_model(
-    cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int
-) -> Qwen2ForCausalLM:
-    """A freshly initialised tiny Qwen2 whose vocabulary is the tokenizer's."""
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
+def tiny_qwen2_config(
+    cfg: TinyModelConfig,
+    vocab_size: int,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> Qwen2Config:
+    """The tiny world's Qwen2 architecture for a vocabulary of `vocab_size` tokens."""
+    return Qwen2Config(
+        vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers,
@@ -42,10 +44,18 @@ def build_tiny_model(
         tie_word_embeddings=True,
         rope_theta=10000.0,
         bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
         torch_dtype="float32",
     )
+
+
+def build_tiny_model(
+    cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int
+) -> Qwen2ForCausalLM:
+    """A freshly initialised tiny Qwen2 whose vocabulary is the tokenizer's."""
+    torch.manual_seed(seed)
+    config = tiny_qwen2_config(cfg, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
