@@ -126,10 +126,11 @@ def write_report(
             lines.append("")
             if points:
                 r = plot_misalignment_vs_accuracy(points, tmp / "misalignment_vs_accuracy.png")
+                why = " (undefined: fewer than 3 states or a constant axis)" if math.isnan(r) else ""
                 lines += [
                     f"Pearson r between CKA misalignment (1 − CKA) and the change in "
                     f"{accuracy_metric} against `{reference}`: {r:.3f} over {len(points)} "
-                    "states (NaN: too few points or a constant axis).",
+                    f"states{why}.",
                     "",
                 ]
         lines += ["## Wall time per stage (s)", "", "| stage | seconds |", "|---|---:|"]
