@@ -96,28 +96,51 @@ def main() -> None:
         sys.exit("py-spy is not installed: .venv/bin/python -m pip install py-spy")
     with tempfile.TemporaryDirectory(prefix="cka-profile-") as tmp:
         raw = Path(tmp) / "stacks.txt"
-        cmd = [pyspy, "record", "--native", "--format", "raw", "--rate", str(args.rate),
-               "--output", str(raw), "--", sys.executable, __file__, "--child",
-               "--d", str(args.d), "--n", str(args.n), "--repeat", str(args.repeat)]
+        cmd = [
+            pyspy,
+            "record",
+            "--native",
+            "--format",
+            "raw",
+            "--rate",
+            str(args.rate),
+            "--output",
+            str(raw),
+            "--",
+            sys.executable,
+            __file__,
+            "--child",
+            "--d",
+            str(args.d),
+            "--n",
+            str(args.n),
+            "--repeat",
+            str(args.repeat),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         timings = [json.loads(t) for t in proc.stdout.splitlines() if t.startswith("{")]
         counts = summarize(raw)
     flops = {"stats": 4 * args.n * args.d**2, "gram": 2 * args.n**2 * args.d}
-    print(f"d={args.d} n={args.n}, {args.repeat} runs each under py-spy --native "
-          f"({args.rate} Hz); statistics/Gram floating-point work = {flops['stats'] / flops['gram']:.1f}×")
+    ratio = flops["stats"] / flops["gram"]
+    print(
+        f"d={args.d} n={args.n}, {args.repeat} runs each under py-spy --native "
+        f"({args.rate} Hz); statistics/Gram floating-point work = {ratio:.1f}×"
+    )
     summary = []
     for t in timings:
         method = t["method"]
         total = sum(counts[method].values()) or 1
         best = min(t["wall_s"])
-        print(f"\n{method}: best wall {best:.3f} s (timed part {t['timed_s']:.3f} s), "
-              f"{flops[method] / 1e9:.1f} GFLOP → {flops[method] / t['timed_s'] / 1e9:.1f} GFLOP/s")
+        print(
+            f"\n{method}: best wall {best:.3f} s (timed part {t['timed_s']:.3f} s), "
+            f"{flops[method] / 1e9:.1f} GFLOP → {flops[method] / t['timed_s'] / 1e9:.1f} GFLOP/s"
+        )
         print("| share | line | native routine |\n|---:|---|---|")
         rows = counts[method].most_common(args.top)
         for (line, native), c in rows:
             print(f"| {100 * c / total:.1f}% | {line} | {native} |")
-        summary.append({**t, "gflop": flops[method] / 1e9, "samples": total,
-                        "top": [{"line": ln, "native": nt, "share": c / total} for (ln, nt), c in rows]})
+        top = [{"line": ln, "native": nt, "share": c / total} for (ln, nt), c in rows]
+        summary.append({**t, "gflop": flops[method] / 1e9, "samples": total, "top": top})
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2))
 

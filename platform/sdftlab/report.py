@@ -126,7 +126,8 @@ def write_report(
             lines.append("")
             if points:
                 r = plot_misalignment_vs_accuracy(points, tmp / "misalignment_vs_accuracy.png")
-                why = " (undefined: fewer than 3 states or a constant axis)" if math.isnan(r) else ""
+                undefined = math.isnan(r)
+                why = " (undefined: fewer than 3 states or a constant axis)" if undefined else ""
                 lines += [
                     f"Pearson r between CKA misalignment (1 − CKA) and the change in "
                     f"{accuracy_metric} against `{reference}`: {r:.3f} over {len(points)} "
