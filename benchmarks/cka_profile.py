@@ -139,6 +139,15 @@ def main() -> None:
         rows = counts[method].most_common(args.top)
         for (line, native), c in rows:
             print(f"| {100 * c / total:.1f}% | {line} | {native} |")
+        by_line: collections.Counter[str] = collections.Counter()
+        for (line, _), c in counts[method].items():
+            by_line[line] += c
+        print(
+            "\nby line: "
+            + "; ".join(
+                f"{line} {100 * c / total:.1f}%" for line, c in by_line.most_common(args.top)
+            )
+        )
         top = [{"line": ln, "native": nt, "share": c / total} for (ln, nt), c in rows]
         summary.append({**t, "gflop": flops[method] / 1e9, "samples": total, "top": top})
     if args.out:
