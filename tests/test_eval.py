@@ -47,6 +47,7 @@ def test_lm_eval_mmlu_and_winogrande_match_a_hand_computed_score(small_world):
         scores = [_logprob(model, tok, prompt, f" {ltr}") for ltr in "ABCD"]
         hits += int(max(range(4), key=scores.__getitem__) == row["answer"])
     assert got["mmlu/acc"] == pytest.approx(hits / len(mmlu))
+    assert got["mmlu/n"] == len(mmlu)  # rows scored, recorded beside the accuracy
 
     wino = [json.loads(line) for line in files["winogrande"].read_text().splitlines()]
     hits = 0

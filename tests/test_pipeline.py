@@ -120,6 +120,15 @@ def test_forgetting_pipeline_reports_and_skips_finished_stages(small_world, tmp_
     skipped = [line for line in lines if "up to date" in line]
     assert len(skipped) == 4, lines  # expert, forgot, rec_expert, sft_baseline
     assert all(again["timings"][s] == 0.0 for s in ("expert", "forgot", "rec_expert"))
+    evaluation = next(i for i, line in enumerate(lines) if line.startswith("── evaluation"))
+    assert lines[evaluation + 1].startswith("── CKA"), lines  # same limit: figures reused
+    assert lineage.meta("expert").metrics["science/n"] == 8
+
+    # Figures taken on another number of rows are not reused: every state is scored again.
+    wider = cfg.model_copy(deep=True)
+    wider.eval.limit = 12
+    run_pipeline(wider, lineage, home, log=lambda _: None)
+    assert all(lineage.meta(s).metrics["science/n"] == 12 for s in ("base", "expert", "forgot"))
 
     # A changed stage runs again, and so does every stage downstream of it.
     changed = cfg.model_copy(deep=True)

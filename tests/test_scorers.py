@@ -305,3 +305,11 @@ def test_score_rejects_answer_of_the_wrong_shape() -> None:
         score(_example("science", (FACTS,)), "")
     with pytest.raises(DataError, match="tooluse answer must be a sequence of ToolCall"):
         score(_example("tooluse", "A"), "")
+
+
+def test_metrics_table_shows_accuracies_not_row_counts():
+    from sdftlab.evaluate.run import metrics_table
+
+    table = metrics_table({"base": {"science/acc": 0.25, "science/n": 200.0, "mmlu/acc": 0.5}})
+    assert table.splitlines()[0] == "| state | science/acc | mmlu/acc |"
+    assert "| base | 25.0 | 50.0 |" in table

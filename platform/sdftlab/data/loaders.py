@@ -361,6 +361,11 @@ def load_task_file(
     return [row_to_example(where, task, i, row) for i, (where, row) in enumerate(rows)]
 
 
+def count_rows(path: str | os.PathLike[str], *, limit: int | None = None) -> int:
+    """How many rows of a task file (any format `load_task_file` reads) `limit` leaves."""
+    return len(_read_rows(Path(path), limit))
+
+
 def write_task_file(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> None:
     """Write ``rows`` as JSONL atomically: temp file in the same folder, fsync, os.replace."""
     p = Path(path)

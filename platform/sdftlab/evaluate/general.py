@@ -105,7 +105,8 @@ def general_capability(
     batch_size: int = 32,
     limit: int | None = None,
 ) -> dict[str, float]:
-    """Accuracy (`<task>/acc`) of an in-memory model on each general task file, via lm-eval."""
+    """Accuracy (`<task>/acc`) of an in-memory model on each general task file, via lm-eval,
+    and the number of rows it scored (`<task>/n`)."""
     if not files:
         return {}
     from lm_eval import evaluator
@@ -129,5 +130,7 @@ def general_capability(
     metrics: dict[str, float] = {}
     for name in names:
         result = out["results"][name]
-        metrics[f"{name.removeprefix('sdftlab_')}/acc"] = float(result["acc,none"])
+        task = name.removeprefix("sdftlab_")
+        metrics[f"{task}/acc"] = float(result["acc,none"])
+        metrics[f"{task}/n"] = float(out["n-samples"][name]["effective"])
     return metrics

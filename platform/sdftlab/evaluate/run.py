@@ -2,6 +2,8 @@
 
 Tasks: `science`, `tooluse` (greedy generation, reference scorers; optionally also with the
 demonstration in context: `<task>/acc_demo`) and `mmlu`, `winogrande` (lm-evaluation-harness).
+Each task also records `<task>/n`, the number of rows scored, so a pipeline can tell a figure
+taken at another `limit` from a current one.
 Data defaults to the tiny world's eval splits; `--data task=PATH` points at real files.
 
     sdftlab eval base --tasks science,tooluse,mmlu,winogrande --demo
@@ -23,6 +25,7 @@ from sdftlab.lineage import Lineage
 
 GENERATION_TASKS = ("science", "tooluse")
 ALL_TASKS = GENERATION_TASKS + GENERAL_TASKS
+ACCURACY_SUFFIXES = ("/acc", "/acc_demo")  # `<task>/n` (rows scored) is recorded beside them
 
 
 def parse_tasks(spec: str | Sequence[str]) -> list[str]:
@@ -64,6 +67,7 @@ def evaluate_model(
             model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size
         )
         metrics[f"{task}/acc"] = result.accuracy
+        metrics[f"{task}/n"] = float(result.n)  # rows scored: tells a stale figure from a new one
         if with_demonstration:
             demo = task_accuracy(
                 model,
@@ -108,7 +112,8 @@ def evaluate_state(
 
 def metrics_table(rows: Mapping[str, Mapping[str, float]]) -> str:
     """A markdown table: one row per state, one column per metric (accuracy in %)."""
-    columns = sorted({k for m in rows.values() for k in m}, key=_metric_order)
+    columns = sorted({k for m in rows.values() for k in m if k.endswith(ACCURACY_SUFFIXES)},
+                     key=_metric_order)  # fmt: skip
     header = "| state | " + " | ".join(columns) + " |"
     rule = "|---|" + "---:|" * len(columns)
     body = [

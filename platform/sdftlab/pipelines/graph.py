@@ -340,6 +340,7 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run (or resume) the pipeline; returns {'timings': ..., 'report': path}."""
     from sdftlab.cka.run import compare_states, load_examples
+    from sdftlab.data.loaders import count_rows
     from sdftlab.evaluate.run import default_task_files, evaluate_state
     from sdftlab.report import write_report
     from sdftlab.world.build import build_world
@@ -370,11 +371,13 @@ def run_pipeline(
     log(f"── evaluation ({', '.join(cfg.eval.tasks)}, limit {cfg.eval.limit})")
     t0 = time.perf_counter()
     files = default_task_files(data_dir, cfg.eval.tasks)
+    # A state's figures are reused only if they were taken on as many rows as asked for now.
+    rows = {f"{t}/n": float(count_rows(p, limit=cfg.eval.limit)) for t, p in files.items()}
     for state in names:
         have = lineage.meta(state).metrics
         demo = state in cfg.eval.demonstration_for
         wanted = [f"{t}/acc" for t in cfg.eval.tasks] + (["science/acc_demo"] if demo else [])
-        if all(k in have for k in wanted):
+        if all(k in have for k in wanted) and all(have.get(k) == n for k, n in rows.items()):
             continue
         log(f"   {state}")
         evaluate_state(lineage, state, files, with_demonstration=demo, limit=cfg.eval.limit,
