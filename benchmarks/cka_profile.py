@@ -8,7 +8,8 @@ The case benchmarks/cka_stats.py reports as a miss (d = 4096, n = 10³). A child
 `run_stats` and then `run_gram` from that benchmark on the same rows (`--repeat` times each)
 under `py-spy record --native`; this script reads py-spy's collapsed stacks and prints, per
 method, the share of its samples at each line of the statistics code (or of the Gram
-benchmark) and the native routine (BLAS kernel, numpy loop) underneath it. A sample's line is
+benchmark) and the native routine (BLAS kernel, numpy loop) underneath it, then the same
+shares summed per line. A sample's line is
 its innermost frame in `sdftlab/cka/stats.py` or `benchmarks/cka_stats.py`; its routine is its
 innermost native frame. The floating-point work of each form is printed beside it:
 statistics 4·n·d² (UᵀU and VᵀV as symmetric rank-n updates, UᵀV as a full product), Gram
