@@ -129,6 +129,7 @@ def test_forgetting_pipeline_reports_and_skips_finished_stages(small_world, tmp_
     wider.eval.limit = 12
     run_pipeline(wider, lineage, home, log=lambda _: None)
     assert all(lineage.meta(s).metrics["science/n"] == 12 for s in ("base", "expert", "forgot"))
+    assert lineage.meta("expert").metrics["science/n_demo"] == 12  # the teacher's demo figure too
 
     # A changed stage runs again, and so does every stage downstream of it.
     changed = cfg.model_copy(deep=True)

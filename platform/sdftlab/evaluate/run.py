@@ -2,8 +2,8 @@
 
 Tasks: `science`, `tooluse` (greedy generation, reference scorers; optionally also with the
 demonstration in context: `<task>/acc_demo`) and `mmlu`, `winogrande` (lm-evaluation-harness).
-Each task also records `<task>/n`, the number of rows scored, so a pipeline can tell a figure
-taken at another `limit` from a current one.
+Each task also records `<task>/n` (and `<task>/n_demo`), the number of rows scored, so a
+pipeline can tell a figure taken at another `limit` from a current one.
 Data defaults to the tiny world's eval splits; `--data task=PATH` points at real files.
 
     sdftlab eval base --tasks science,tooluse,mmlu,winogrande --demo
@@ -78,6 +78,7 @@ def evaluate_model(
                 batch_size=batch_size,
             )
             metrics[f"{task}/acc_demo"] = demo.accuracy
+            metrics[f"{task}/n_demo"] = float(demo.n)
         log(f"  {task:<10} n={result.n:<4} {time.perf_counter() - t0:5.1f}s")
     general = {t: p for t, p in files.items() if t in GENERAL_TASKS}
     if general:

@@ -377,7 +377,8 @@ def run_pipeline(
         have = lineage.meta(state).metrics
         demo = state in cfg.eval.demonstration_for
         wanted = [f"{t}/acc" for t in cfg.eval.tasks] + (["science/acc_demo"] if demo else [])
-        if all(k in have for k in wanted) and all(have.get(k) == n for k, n in rows.items()):
+        counts = {**rows, "science/n_demo": rows.get("science/n")} if demo else rows
+        if all(k in have for k in wanted) and all(have.get(k) == n for k, n in counts.items()):
             continue
         log(f"   {state}")
         evaluate_state(lineage, state, files, with_demonstration=demo, limit=cfg.eval.limit,
