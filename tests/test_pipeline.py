@@ -11,7 +11,7 @@ import pytest
 
 from sdftlab.config import WorldConfig, load_config
 from sdftlab.errors import ConfigError, LineageError
-from sdftlab.pipelines.graph import PipelineConfig, main, order, run_pipeline
+from sdftlab.pipelines.graph import PipelineConfig, main, needs_evaluation, order, run_pipeline
 from sdftlab.sweep import SweepConfig, run_sweep, validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,6 +75,31 @@ def test_a_bad_graph_fails_the_job_before_any_work(tmp_path, monkeypatch, capsys
     assert code == 2
     assert "teacher 'nobody' is made by no stage" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []  # no world built, no lineage written
+
+
+def test_evaluation_is_reused_only_when_every_figure_asked_for_is_there_at_the_same_rows():
+    rows = {"science/n": 200.0, "mmlu/n": 300.0}
+    done = {"science/acc": 0.4, "science/n": 200.0, "mmlu/acc": 0.3, "mmlu/n": 300.0}
+    assert not needs_evaluation(done, rows, with_demonstration=False)
+    assert needs_evaluation({**done, "mmlu/n": 100.0}, rows, with_demonstration=False)
+    assert needs_evaluation(
+        {"science/acc": 0.4, "science/n": 200.0}, rows, with_demonstration=False
+    )
+    # A teacher also needs its demonstration figures, taken on as many rows.
+    assert needs_evaluation(done, rows, with_demonstration=True)
+    teacher = {**done, "science/acc_demo": 0.9, "science/n_demo": 200.0}
+    assert not needs_evaluation(teacher, rows, with_demonstration=True)
+    assert needs_evaluation({**teacher, "science/n_demo": 100.0}, rows, with_demonstration=True)
+    # Without a generation task there is no demonstration figure to wait for.
+    general = {"mmlu/acc": 0.3, "mmlu/n": 300.0}
+    assert not needs_evaluation(general, {"mmlu/n": 300.0}, with_demonstration=True)
+    tool = {
+        "tooluse/acc": 0.9,
+        "tooluse/n": 200.0,
+        "tooluse/acc_demo": 0.2,
+        "tooluse/n_demo": 200.0,
+    }
+    assert not needs_evaluation(tool, {"tooluse/n": 200.0}, with_demonstration=True)
 
 
 def _world_stage(world_config: WorldConfig, **model: int) -> str:

@@ -335,6 +335,21 @@ def _execute(name: str, stage: Any, lineage: Lineage, data_dir: Path | None, log
                          overwrite=lineage.exists(name))  # fmt: skip
 
 
+def needs_evaluation(
+    metrics: dict[str, float], rows: dict[str, float], *, with_demonstration: bool
+) -> bool:
+    """Whether a state's recorded `metrics` lack a figure asked for, or hold one taken on
+    another number of rows. `rows` maps `<task>/n` to the rows the config scores; with the
+    demonstration, the generation tasks are scored a second time (`acc_demo`, `n_demo`)."""
+    from sdftlab.evaluate.run import GENERATION_TASKS
+
+    tasks = [key.removesuffix("/n") for key in rows]
+    demo_tasks = [t for t in tasks if t in GENERATION_TASKS] if with_demonstration else []
+    wanted = {f"{t}/acc" for t in tasks} | {f"{t}/acc_demo" for t in demo_tasks}
+    counts = {**rows, **{f"{t}/n_demo": rows[f"{t}/n"] for t in demo_tasks}}
+    return not wanted <= set(metrics) or any(metrics.get(k) != n for k, n in counts.items())
+
+
 def run_pipeline(
     cfg: PipelineConfig, lineage: Lineage, home: Path, log: Log = print
 ) -> dict[str, Any]:
@@ -374,11 +389,8 @@ def run_pipeline(
     # A state's figures are reused only if they were taken on as many rows as asked for now.
     rows = {f"{t}/n": float(count_rows(p, limit=cfg.eval.limit)) for t, p in files.items()}
     for state in names:
-        have = lineage.meta(state).metrics
         demo = state in cfg.eval.demonstration_for
-        wanted = [f"{t}/acc" for t in cfg.eval.tasks] + (["science/acc_demo"] if demo else [])
-        counts = {**rows, "science/n_demo": rows.get("science/n")} if demo else rows
-        if all(k in have for k in wanted) and all(have.get(k) == n for k, n in counts.items()):
+        if not needs_evaluation(lineage.meta(state).metrics, rows, with_demonstration=demo):
             continue
         log(f"   {state}")
         evaluate_state(lineage, state, files, with_demonstration=demo, limit=cfg.eval.limit,
