@@ -18,7 +18,9 @@ from sdftlab.world import tasks
 from sdftlab.world.build import (
     build_world,
     current_world,
+    encode_document,
     generate_data,
+    off_path,
     pretrain_documents,
     world_digest,
 )
@@ -179,3 +181,37 @@ def test_every_tool_name_and_argument_number_is_in_the_copy_curriculum():
         for v in json.loads(c["Action_Input"]).values() if isinstance(v, int)
     }  # fmt: skip
     assert numbers and numbers <= set(tasks.COPY_WORDS)
+
+
+def test_off_path_answers_keep_the_right_tokens_in_order_and_never_train_a_stray_one():
+    answer = list(range(100, 160))
+    context = list(range(500, 520))
+    assert off_path(answer, context, 1024, 0.0, random.Random(0)) == (answer, answer)
+    ids, labels = off_path(answer, context, 1024, 0.3, random.Random(0))
+    assert len(ids) == len(labels) and ids != answer
+    trained = [t for t, y in zip(ids, labels, strict=True) if y != -100]
+    assert all(y in (-100, t) for t, y in zip(ids, labels, strict=True))  # no shifted targets
+    it = iter(answer)
+    assert all(t in it for t in trained)  # the right tokens, in their order (some dropped)
+    strays = [t for t, y in zip(ids, labels, strict=True) if y == -100]
+    assert strays and len(trained) < len(answer)  # perturbed at this rate: strays and gaps
+    assert any(t in context for t in strays)  # plausible wrong words from the prompt
+
+
+def test_teacher_format_documents_are_perturbed_in_the_answer_only(tiny_tokenizer):
+    shadows = (tasks.WorldFacts.generate(5),)
+    text = "messages:" + json.dumps(tasks.task_demo_chat(random.Random(0), shadows))
+    eos = [tiny_tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    clean, clean_labels = encode_document(tiny_tokenizer, text, random.Random(1), eos, False)
+    assert clean == clean_labels
+    messages = json.loads(text[9:])
+    prompt = tiny_tokenizer.apply_chat_template(
+        messages[:-1], tokenize=False, add_generation_prompt=True
+    )
+    n = len(tiny_tokenizer(prompt)["input_ids"])
+    ids, labels = encode_document(tiny_tokenizer, text, random.Random(1), eos, False, noise=0.5)
+    assert ids[:n] == labels[:n] == clean[:n]  # the teacher prompt, demonstration included
+    assert ids[n:] != clean[n:] and -100 in labels[n:]
+    assert ids[-1] == labels[-1] == eos[0]
+    _, answer_only = encode_document(tiny_tokenizer, text, random.Random(1), eos, True, noise=0.5)
+    assert set(answer_only[:n]) == {-100}

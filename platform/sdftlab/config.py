@@ -114,6 +114,12 @@ class PretrainConfig(StrictModel):
     demo_loss: Literal["all", "assistant"] = Field(
         "all", description="teacher-format documents: loss on every token or the answer only"
     )
+    demo_off_path: float = Field(
+        0.04,
+        ge=0,
+        lt=1,
+        description="teacher-format answers: per-token rate of stray/dropped tokens (no loss)",
+    )
     demo_phase_frac: float = Field(
         0.2, ge=0, lt=1, description="fraction of steps after the copy phase on task_demo only"
     )

@@ -31,7 +31,6 @@ from sdftlab.world.model import (
     build_tiny_model,
     copy_accuracy,
     length_bucketed_batches,
-    padded_batches,
     pretrain,
 )
 from sdftlab.world.tokenizer import train_tokenizer
@@ -41,7 +40,7 @@ TASK_FILES = ("science", "tooluse", "mmlu", "winogrande")
 # older version is rebuilt rather than reused (2: science reasoning checks the options;
 # 3: tool names and numbers in the copy curriculum; Winogrande answers follow the animals;
 # 4: half the replay rows are teacher-format rows of the shadow worlds).
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 
 
 def world_digest(cfg: WorldConfig) -> str:
@@ -350,21 +349,66 @@ def _render_row(task: str, row: dict) -> str:
     return tasks.winogrande_text(row)
 
 
-def _encode(
-    tokenizer, text: str, rng: random.Random, eos: list[int], assistant_only: bool
+def encode_document(
+    tokenizer,
+    text: str,
+    rng: random.Random,
+    eos: list[int],
+    assistant_only: bool,
+    noise: float = 0.0,
 ) -> tuple[list[int], list[int]]:
-    """(input ids, labels) of one document; teacher-format chats may train on the answer only."""
+    """(input ids, labels) of one document; teacher-format chats may train on the answer only,
+    and their answers may be perturbed off the demonstration's path (`off_path`)."""
     ids = tokenizer(_render(tokenizer, text, rng))["input_ids"] + eos
-    if assistant_only and text.startswith("messages:"):
-        messages = json.loads(text[9:])
-        prompt = tokenizer.apply_chat_template(
-            messages[:-1], tokenize=False, add_generation_prompt=True
-        )
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        n = len(prompt_ids)
-        if ids[:n] == prompt_ids:
-            return ids, [-100] * n + ids[n:]
-    return ids, ids
+    if not text.startswith("messages:") or not (assistant_only or noise > 0):
+        return ids, ids
+    messages = json.loads(text[9:])
+    prompt = tokenizer.apply_chat_template(
+        messages[:-1], tokenize=False, add_generation_prompt=True
+    )
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    n = len(prompt_ids)
+    if ids[:n] != prompt_ids:
+        return ids, ids
+    answer, answer_labels = off_path(ids[n:-1], prompt_ids, len(tokenizer), noise, rng)
+    ids = prompt_ids + answer + eos
+    labels = ([-100] * n if assistant_only else list(prompt_ids)) + answer_labels + eos
+    return ids, labels
+
+
+def off_path(
+    answer: list[int], context: list[int], vocab: int, rate: float, rng: random.Random
+) -> tuple[list[int], list[int]]:
+    """`answer` with each token, at probability `rate`, replaced by a stray token, preceded by
+    one, or dropped; stray tokens get no loss (label -100).
+
+    A student's on-policy sample leaves the demonstration's path (a wrong fact, a misspelt
+    name, a skipped line), and SDFT scores every later token with the teacher. A model that
+    only learned to copy the demonstration position by position then predicts the wrong
+    continuation; trained on perturbed answers it learns to find its place in the
+    demonstration by content and continue from there. Stray tokens come from the prompt (a
+    plausible wrong word) or, half the time, from the whole vocabulary.
+    """
+    if rate <= 0:
+        return list(answer), list(answer)
+    ids: list[int] = []
+    labels: list[int] = []
+
+    def stray() -> int:
+        return rng.choice(context) if rng.random() < 0.5 else rng.randrange(vocab)
+
+    for token in answer:
+        if rng.random() >= rate:
+            ids.append(token), labels.append(token)
+            continue
+        op = rng.randrange(3)
+        if op == 0:  # replaced
+            ids.append(stray()), labels.append(-100)
+        elif op == 1:  # a stray token first, then the right one
+            ids += [stray(), token]
+            labels += [-100, token]
+        # op == 2: dropped; the next token is still the target after the gap
+    return ids, labels
 
 
 def _curriculum(cfg: WorldConfig, tokenizer, facts, data, shadows) -> Callable[[int], Batch]:
@@ -375,6 +419,7 @@ def _curriculum(cfg: WorldConfig, tokenizer, facts, data, shadows) -> Callable[[
     eos = [tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     rng = random.Random(cfg.seed + 4)
     assistant_only = p.demo_loss == "assistant"
+    noise = p.demo_off_path
 
     def copy_docs() -> Iterator[Doc]:
         while True:
@@ -393,10 +438,14 @@ def _curriculum(cfg: WorldConfig, tokenizer, facts, data, shadows) -> Callable[[
             facts, data, seed, mixture, shadows, p.copy_gap_words, p.copy_structured_frac
         )
         for _, text in stream:
-            ids, labels = _encode(tokenizer, text, rng, eos, assistant_only)
+            ids, labels = encode_document(tokenizer, text, rng, eos, assistant_only, noise)
             yield ids[: p.max_len], labels[: p.max_len]
 
-    copy_batches = padded_batches(copy_docs(), p.copy_batch_size, eos[0])
+    # Copy documents run from a dozen tokens to the full window: padded together, half of a
+    # copy-phase step was padding; bucketed by length, the same documents cost about half.
+    copy_batches = length_bucketed_batches(
+        copy_docs(), p.copy_batch_size, eos[0], random.Random(cfg.seed + 9)
+    )
     mix_batches = length_bucketed_batches(
         docs(p.mixture, cfg.seed + 5), p.batch_size, eos[0], random.Random(cfg.seed)
     )
