@@ -96,28 +96,3 @@ def test_two_round_sft_on_ray_train_writes_one_state_per_round(small_world, tmp_
         run_sft(lineage, "base", "lora_t", lora, data_dir=world.data_dir)
     with pytest.raises(LineageError, match="unknown state 'nobody'"):
         run_sft(lineage, "nobody", "x_t", lora, data_dir=world.data_dir)
-
-
-def test_length_grouping_batches_rows_of_similar_length_and_keeps_every_row():
-    from sdftlab.train_utils import length_grouped, trim_padding
-
-    gen = torch.Generator().manual_seed(0)
-    lengths = torch.randint(10, 256, (2, 64), generator=gen)  # two pools of 64 rows
-    pools = []
-    for pool_lengths in lengths:
-        mask = (torch.arange(256) < pool_lengths[:, None]).long()
-        pools.append({"input_ids": mask * torch.arange(64)[:, None], "attention_mask": mask})
-    batches = list(length_grouped(iter(pools), 16, seed=0))
-    assert len(batches) == 8
-    for i, pool in enumerate(pools):  # every row of a pool once, in that pool's batches
-        rows = torch.cat([b["input_ids"][:, 0] for b in batches[4 * i : 4 * i + 4]])
-        assert sorted(rows.tolist()) == sorted(pool["input_ids"][:, 0].tolist())
-    grouped = sum(trim_padding(b)["input_ids"].numel() for b in batches)
-    unsorted = sum(
-        trim_padding({k: v[j : j + 16] for k, v in p.items()})["input_ids"].numel()
-        for p in pools
-        for j in range(0, 64, 16)
-    )
-    assert grouped < 0.8 * unsorted  # far less padding than batches in arrival order
-    widths = [int(b["attention_mask"].sum(1).max()) for b in batches[:4]]
-    assert widths != sorted(widths)  # batch order shuffled, not short to long

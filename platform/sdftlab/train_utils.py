@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -108,27 +107,6 @@ def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Cut right padding common to the whole batch (fixed-width rows → the longest row)."""
     width = int(batch["attention_mask"].sum(dim=1).max().item())
     return {k: v[:, :width] for k, v in batch.items()}
-
-
-def length_grouped(
-    pools: Iterator[dict[str, torch.Tensor]], batch_size: int, seed: int
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Cut each pool of rows (a multiple of `batch_size`) into batches of rows of similar
-    length, yielded in a seeded random order: `group_by_length` of HF's Trainer.
-
-    SFT rows of the tiny world run from 40 to 256 tokens; drawn at random, a batch of 32 is
-    padded to its longest row and half of what it computes is padding. Sorted within a pool
-    of a few batches, each batch is cut (`trim_padding`) close to its own rows' length, and
-    the shuffle keeps short and long batches interleaved.
-    """
-    rng = random.Random(seed)
-    for pool in pools:
-        order = pool["attention_mask"].sum(dim=1).argsort(stable=True)
-        chunks = list(order.split(batch_size))
-        rng.shuffle(chunks)
-        for rows in chunks:
-            if len(rows) == batch_size:
-                yield {k: v[rows] for k, v in pool.items()}
 
 
 def cycle_epochs(make_iter: Any) -> Iterator[Any]:

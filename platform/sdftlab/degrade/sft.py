@@ -62,9 +62,6 @@ class SFTConfig(StrictModel):
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_len: int = Field(256, gt=8)
-    length_grouping: int = Field(
-        8, gt=0, description="rows of this many batches sorted by length together; 1 = off"
-    )
     replay_frac: float = Field(0.25, ge=0, lt=1, description="share of replay rows in the data")
     replay_data: str | None = Field(None, description="chat JSONL; default the world's replay")
     lora: LoraSpec | None = None
@@ -168,19 +165,14 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     per_worker = cfg.batch_size // cfg.num_workers
     shard = ray.train.get_dataset_shard("train")
-    pool = per_worker * config.get("length_grouping", 1)
-    batches = tu.length_grouped(
-        tu.cycle_epochs(
-            lambda: shard.iter_torch_batches(
-                batch_size=pool,
-                drop_last=True,
-                device=device,
-                local_shuffle_buffer_size=4 * pool,
-                local_shuffle_seed=cfg.seed,
-            )
-        ),
-        per_worker,
-        cfg.seed,
+    batches = tu.cycle_epochs(
+        lambda: shard.iter_torch_batches(
+            batch_size=per_worker,
+            drop_last=True,
+            device=device,
+            local_shuffle_buffer_size=4 * per_worker,
+            local_shuffle_seed=cfg.seed,
+        )
     )
     model.train()
     t0, tokens, losses = time.perf_counter(), 0, []
@@ -267,14 +259,7 @@ def run_sft(
         )
         trainer = tu.make_trainer(
             sft_worker_loop,
-            {
-                "sft": cfg.model_dump(mode="json"),
-                "init_dir": init_dir,
-                # Pools of sorted rows no larger than a worker's shard of the data.
-                "length_grouping": max(
-                    1, min(cfg.length_grouping, len(round_rows[entry]) // cfg.batch_size)
-                ),
-            },
+            {"sft": cfg.model_dump(mode="json"), "init_dir": init_dir},
             run_name=tu.run_name("sft", name, cfg, lineage.meta(parent).content_hash),
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,

@@ -31,6 +31,7 @@ from sdftlab.world.model import (
     build_tiny_model,
     copy_accuracy,
     length_bucketed_batches,
+    padded_batches,
     pretrain,
 )
 from sdftlab.world.tokenizer import train_tokenizer
@@ -441,11 +442,9 @@ def _curriculum(cfg: WorldConfig, tokenizer, facts, data, shadows) -> Callable[[
             ids, labels = encode_document(tokenizer, text, rng, eos, assistant_only, noise)
             yield ids[: p.max_len], labels[: p.max_len]
 
-    # Copy documents run from a dozen tokens to the full window: padded together, half of a
-    # copy-phase step was padding; bucketed by length, the same documents cost about half.
-    copy_batches = length_bucketed_batches(
-        copy_docs(), p.copy_batch_size, eos[0], random.Random(cfg.seed + 9)
-    )
+    # Not bucketed by length, though half of a copy step is padding: batches of only short or
+    # only long copies grow in-context copying less evenly (docs/LOG.md).
+    copy_batches = padded_batches(copy_docs(), p.copy_batch_size, eos[0])
     mix_batches = length_bucketed_batches(
         docs(p.mixture, cfg.seed + 5), p.batch_size, eos[0], random.Random(cfg.seed)
     )

@@ -83,9 +83,8 @@ def packed_batches(
 def padded_batches(documents: Iterator[Doc], batch_size: int, pad_id: int) -> Iterator[Batch]:
     """One document per row, right-padded (labels -100 on padding), each starting at position 0.
 
-    Pretraining uses these (through `length_bucketed_batches`) rather than packed windows:
-    packed windows put earlier documents' words in context, which gives induction wrong
-    targets and delays in-context copying by hundreds of steps.
+    The copy curriculum uses these: packed windows put earlier documents' words in context,
+    which gives induction wrong targets and delays in-context copying by hundreds of steps.
     """
     while True:
         rows = [next(documents) for _ in range(batch_size)]
@@ -107,9 +106,8 @@ def length_bucketed_batches(
 ) -> Iterator[Batch]:
     """`padded_batches` over a pool of documents sorted by length, batches yielded shuffled.
 
-    A mixture of 40-token questions and 250-token teacher prompts (or a 12-token copy and a
-    200-token one) padded together wastes most of a step on padding; grouping similar lengths
-    cuts the cost without changing the data.
+    A mixture of 40-token questions and 250-token teacher prompts padded together wastes most
+    of a step on padding; grouping similar lengths cuts the cost without changing the data.
     """
     while True:
         pool = sorted(
