@@ -96,3 +96,44 @@ def test_two_round_sft_on_ray_train_writes_one_state_per_round(small_world, tmp_
         run_sft(lineage, "base", "lora_t", lora, data_dir=world.data_dir)
     with pytest.raises(LineageError, match="unknown state 'nobody'"):
         run_sft(lineage, "nobody", "x_t", lora, data_dir=world.data_dir)
+
+
+def test_padding_free_rows_give_the_padded_loss_and_gradients_on_fewer_tokens():
+    import random
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from sdftlab.train_utils import pack_padded
+
+    config = Qwen2Config(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+        initializer_range=0.3,  # sharp attention, so that what a token attends to matters
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    model.set_attn_implementation("eager")  # the CPU training kernel
+    rng = random.Random(0)
+    rows = []
+    for _ in range(12):
+        ids = [rng.randrange(1, 300) for _ in range(rng.randrange(3, 60))]
+        prompt = rng.randrange(1, len(ids))  # loss on the "assistant" tail only
+        rows.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
+    padded = {k: torch.from_numpy(v) for k, v in pad_batch(rows, 0, width=64).items()}
+    packed = pack_padded(padded)
+    assert "attention_mask" not in packed and packed["input_ids"].numel() < 0.7 * 12 * 64
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    ref_loss, ref_grads = loss_and_grads(padded)
+    loss, grads = loss_and_grads(packed)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    # Without keeping the rows apart (a plain causal mask over each packed row) it differs.
+    leaky = model(input_ids=packed["input_ids"], labels=packed["labels"], use_cache=False).loss
+    assert abs(float(leaky) - float(ref_loss)) > 1e-2

@@ -5,7 +5,9 @@ cluster — the same code; `num_workers > 1` is DDP): full fine-tuning or LoRA (
 saved state), loss on the assistant tokens only, optional replay of general chat data in
 every batch (≈ 25% keeps a fine-tuned model able to use a demonstration in its prompt, which
 is what makes it a usable SDFT teacher), Ray Train checkpoints (safetensors) every
-`checkpoint_every` steps, resumed after a worker failure. Every round lands in the lineage
+`checkpoint_every` steps, resumed after a worker failure. Batches are padding-free by
+default (`padding_free`, as TRL's): each batch's rows laid end to end with their own
+positions, the padded batch's loss on about half the tokens. Every round lands in the lineage
 with its parent, config and metrics. It is also the plain-SFT baseline recovery is
 compared against.
 
@@ -62,6 +64,9 @@ class SFTConfig(StrictModel):
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_len: int = Field(256, gt=8)
+    padding_free: bool = Field(
+        True, description="rows laid end to end, each kept to itself (TRL's padding_free)"
+    )
     replay_frac: float = Field(0.25, ge=0, lt=1, description="share of replay rows in the data")
     replay_data: str | None = Field(None, description="chat JSONL; default the world's replay")
     lora: LoraSpec | None = None
@@ -179,15 +184,17 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
     for step in range(start, cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = tu.warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr)
-        batch = tu.trim_padding(next(batches))
+        batch = next(batches)
+        tokens += int(batch["attention_mask"].sum())
+        batch = tu.pack_padded(batch) if cfg.padding_free else tu.trim_padding(batch)
         with tu.autocast(device, cfg.bf16_autocast):
-            loss = model(**batch).loss  # mean cross-entropy over assistant tokens
+            # Mean cross-entropy over assistant tokens; no cache, so packed rows keep apart.
+            loss = model(**batch, use_cache=False).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         losses.append(loss.item())
-        tokens += int(batch["attention_mask"].sum())
         done = step + 1
         metrics = {
             "step": done,

@@ -31,7 +31,7 @@ from sdftlab.world.model import (
     build_tiny_model,
     copy_accuracy,
     length_bucketed_batches,
-    padded_batches,
+    padding_free_batches,
     pretrain,
 )
 from sdftlab.world.tokenizer import train_tokenizer
@@ -41,7 +41,7 @@ TASK_FILES = ("science", "tooluse", "mmlu", "winogrande")
 # older version is rebuilt rather than reused (2: science reasoning checks the options;
 # 3: tool names and numbers in the copy curriculum; Winogrande answers follow the animals;
 # 4: half the replay rows are teacher-format rows of the shadow worlds).
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 6
 
 
 def world_digest(cfg: WorldConfig) -> str:
@@ -442,9 +442,9 @@ def _curriculum(cfg: WorldConfig, tokenizer, facts, data, shadows) -> Callable[[
             ids, labels = encode_document(tokenizer, text, rng, eos, assistant_only, noise)
             yield ids[: p.max_len], labels[: p.max_len]
 
-    # Not bucketed by length, though half of a copy step is padding: batches of only short or
-    # only long copies grow in-context copying less evenly (docs/LOG.md).
-    copy_batches = padded_batches(copy_docs(), p.copy_batch_size, eos[0])
+    # Padding-free rather than bucketed by length: batches of only short or only long copies
+    # grow in-context copying less evenly (docs/LOG.md); packed, each batch is as drawn.
+    copy_batches = padding_free_batches(copy_docs(), p.copy_batch_size, p.max_len, eos[0])
     mix_batches = length_bucketed_batches(
         docs(p.mixture, cfg.seed + 5), p.batch_size, eos[0], random.Random(cfg.seed)
     )

@@ -62,7 +62,7 @@ def build_tiny_model(
     return model
 
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids_BT, labels_BT)
+Batch = dict[str, torch.Tensor]  # model inputs: input_ids, labels [B, T] (and position_ids)
 Doc = tuple[list[int], list[int]]  # (input ids, labels; -100 = no loss)
 
 
@@ -77,14 +77,14 @@ def packed_batches(
         while len(buffer) >= need:
             window, buffer = buffer[:need], buffer[need:]
             ids_BT = torch.tensor(window, dtype=torch.long).view(batch_size, seq_len)
-            yield ids_BT, ids_BT
+            yield {"input_ids": ids_BT, "labels": ids_BT}
 
 
 def padded_batches(documents: Iterator[Doc], batch_size: int, pad_id: int) -> Iterator[Batch]:
     """One document per row, right-padded (labels -100 on padding), each starting at position 0.
 
-    The copy curriculum uses these: packed windows put earlier documents' words in context,
-    which gives induction wrong targets and delays in-context copying by hundreds of steps.
+    Not packed windows: those put earlier documents' words in context, which gives induction
+    wrong targets and delays in-context copying by hundreds of steps.
     """
     while True:
         rows = [next(documents) for _ in range(batch_size)]
@@ -94,7 +94,21 @@ def padded_batches(documents: Iterator[Doc], batch_size: int, pad_id: int) -> It
         for i, (ids, labels) in enumerate(rows):
             ids_BT[i, : len(ids)] = torch.tensor(ids)
             labels_BT[i, : len(labels)] = torch.tensor(labels)
-        yield ids_BT, labels_BT
+        yield {"input_ids": ids_BT, "labels": labels_BT}
+
+
+def padding_free_batches(
+    documents: Iterator[Doc], batch_size: int, width: int, pad_id: int
+) -> Iterator[Batch]:
+    """`batch_size` documents a step, as `padded_batches` draws them, laid end to end in rows
+    of `width` tokens with their own positions and a mask that keeps each to itself
+    (`train_utils.pack_documents`): the same loss, without the padding. The copy curriculum
+    uses these: its documents run from a dozen tokens to the full window, and padded one a
+    row, half of a step was padding."""
+    from sdftlab.train_utils import pack_documents
+
+    while True:
+        yield pack_documents([next(documents) for _ in range(batch_size)], width, pad_id)
 
 
 def length_bucketed_batches(
@@ -153,7 +167,7 @@ def pretrain(
     log: Callable[[str], None] = print,
     probe: Callable[[], float] | None = None,
 ) -> list[float]:
-    """Next-token pretraining; `batch_for_step(step)` gives (ids, labels) [B, T]. Returns losses."""
+    """Next-token pretraining; `batch_for_step(step)` gives the model inputs. Returns losses."""
     torch.set_num_threads(cfg.threads)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -173,9 +187,9 @@ def pretrain(
     for step in range(cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        ids_BT, labels_BT = batch_for_step(step)
+        batch = batch_for_step(step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            loss = model(input_ids=ids_BT, labels=labels_BT).loss
+            loss = model(**batch, use_cache=False).loss  # no cache: packed rows keep apart
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
