@@ -115,13 +115,16 @@ class PretrainConfig(StrictModel):
         "all", description="teacher-format documents: loss on every token or the answer only"
     )
     demo_off_path: float = Field(
-        0.04,
+        0.0,
         ge=0,
         lt=1,
         description="teacher-format answers: per-token rate of stray/dropped tokens (no loss)",
     )
     demo_phase_frac: float = Field(
         0.2, ge=0, lt=1, description="fraction of steps after the copy phase on task_demo only"
+    )
+    padding_free: bool = Field(
+        True, description="copy phase: documents end to end, each kept to itself (no padding)"
     )
     threads: int = Field(2, gt=0)
     bf16_autocast: bool = Field(True, description="bf16 autocast where the CPU supports it")

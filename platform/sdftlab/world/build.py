@@ -31,6 +31,7 @@ from sdftlab.world.model import (
     build_tiny_model,
     copy_accuracy,
     length_bucketed_batches,
+    padded_batches,
     padding_free_batches,
     pretrain,
 )
@@ -444,7 +445,11 @@ def _curriculum(cfg: WorldConfig, tokenizer, facts, data, shadows) -> Callable[[
 
     # Padding-free rather than bucketed by length: batches of only short or only long copies
     # grow in-context copying less evenly (docs/LOG.md); packed, each batch is as drawn.
-    copy_batches = padding_free_batches(copy_docs(), p.copy_batch_size, p.max_len, eos[0])
+    copy_batches = (
+        padding_free_batches(copy_docs(), p.copy_batch_size, p.max_len, eos[0])
+        if p.padding_free
+        else padded_batches(copy_docs(), p.copy_batch_size, eos[0])
+    )
     mix_batches = length_bucketed_batches(
         docs(p.mixture, cfg.seed + 5), p.batch_size, eos[0], random.Random(cfg.seed)
     )
