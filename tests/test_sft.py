@@ -83,7 +83,10 @@ def test_two_round_sft_on_ray_train_writes_one_state_per_round(small_world, tmp_
     assert all(changed)  # full fine-tuning moves every tensor
 
     # LoRA: trains adapters, saves a plain merged model
-    lora = cfg.model_copy(update={"data": ["science"], "lora": {"r": 4, "alpha": 8}, "steps": 3})
+    # (padding-free batches here, so the worker's packed path runs through peft too)
+    lora = cfg.model_copy(
+        update={"data": ["science"], "lora": {"r": 4, "alpha": 8}, "steps": 3, "padding_free": True}
+    )
     run_sft(lineage, "base", "lora_t", lora, data_dir=world.data_dir, log=lambda _: None)
     merged = lineage.load_model("lora_t")
     assert type(merged).__name__ == "Qwen2ForCausalLM"

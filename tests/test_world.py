@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sdftlab.config import DEFAULT_MIXTURE
@@ -215,3 +216,37 @@ def test_teacher_format_documents_are_perturbed_in_the_answer_only(tiny_tokenize
     assert ids[-1] == labels[-1] == eos[0]
     _, answer_only = encode_document(tiny_tokenizer, text, random.Random(1), eos, True, noise=0.5)
     assert set(answer_only[:n]) == {-100}
+
+
+def test_pretraining_takes_padding_free_copy_batches_with_fewer_tokens(tiny_tokenizer):
+    from sdftlab.config import PretrainConfig, TinyModelConfig
+    from sdftlab.world.model import (
+        build_tiny_model,
+        padded_batches,
+        padding_free_batches,
+        pretrain,
+    )
+
+    eos = tiny_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+    def docs(seed):
+        rng = random.Random(seed)
+        while True:
+            ids = [*tiny_tokenizer(tasks.copy_document(rng))["input_ids"][:127], eos]
+            yield ids, ids
+
+    packed = next(padding_free_batches(docs(0), 16, 128, eos))
+    padded = next(padded_batches(docs(0), 16, eos))
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
+    assert int((packed["labels"] != -100).sum()) == int((padded["labels"][:, 1:] != -100).sum())
+    model = build_tiny_model(
+        TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                        intermediate_size=128),
+        tiny_tokenizer, seed=0,
+    )  # fmt: skip
+    before = model.model.embed_tokens.weight.clone()
+    stream = padding_free_batches(docs(1), 16, 128, eos)
+    losses = pretrain(model, lambda _: next(stream), PretrainConfig(steps=3, warmup_steps=1),
+                      log=lambda _: None)  # fmt: skip
+    assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+    assert not torch.equal(before, model.model.embed_tokens.weight)

@@ -124,7 +124,7 @@ class PretrainConfig(StrictModel):
         0.2, ge=0, lt=1, description="fraction of steps after the copy phase on task_demo only"
     )
     padding_free: bool = Field(
-        True, description="copy phase: documents end to end, each kept to itself (no padding)"
+        False, description="copy phase: documents end to end, each kept to itself (no padding)"
     )
     threads: int = Field(2, gt=0)
     bf16_autocast: bool = Field(True, description="bf16 autocast where the CPU supports it")

@@ -5,9 +5,11 @@ cluster — the same code; `num_workers > 1` is DDP): full fine-tuning or LoRA (
 saved state), loss on the assistant tokens only, optional replay of general chat data in
 every batch (≈ 25% keeps a fine-tuned model able to use a demonstration in its prompt, which
 is what makes it a usable SDFT teacher), Ray Train checkpoints (safetensors) every
-`checkpoint_every` steps, resumed after a worker failure. Batches are padding-free by
-default (`padding_free`, as TRL's): each batch's rows laid end to end with their own
-positions, the padded batch's loss on about half the tokens. Every round lands in the lineage
+`checkpoint_every` steps, resumed after a worker failure. With `padding_free=true` (TRL's
+option) each batch's rows are laid end to end with their own positions: the padded batch's
+loss on about half the tokens (benchmarks/padding_free.py). It is off by default because the
+tiny world's documented figures were taken with padded batches, and another rounding is
+another draw of those figures (docs/LOG.md). Every round lands in the lineage
 with its parent, config and metrics. It is also the plain-SFT baseline recovery is
 compared against.
 
@@ -65,7 +67,7 @@ class SFTConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     max_len: int = Field(256, gt=8)
     padding_free: bool = Field(
-        True, description="rows laid end to end, each kept to itself (TRL's padding_free)"
+        False, description="rows laid end to end, each kept to itself (TRL's padding_free)"
     )
     replay_frac: float = Field(0.25, ge=0, lt=1, description="share of replay rows in the data")
     replay_data: str | None = Field(None, description="chat JSONL; default the world's replay")

@@ -83,8 +83,9 @@ def packed_batches(
 def padded_batches(documents: Iterator[Doc], batch_size: int, pad_id: int) -> Iterator[Batch]:
     """One document per row, right-padded (labels -100 on padding), each starting at position 0.
 
-    Not packed windows: those put earlier documents' words in context, which gives induction
-    wrong targets and delays in-context copying by hundreds of steps.
+    The copy curriculum uses these by default. Not packed windows: those put earlier
+    documents' words in context, which gives induction wrong targets and delays in-context
+    copying by hundreds of steps.
     """
     while True:
         rows = [next(documents) for _ in range(batch_size)]
@@ -103,8 +104,8 @@ def padding_free_batches(
     """`batch_size` documents a step, as `padded_batches` draws them, laid end to end in rows
     of `width` tokens with their own positions and a mask that keeps each to itself
     (`train_utils.pack_documents`): the same loss, without the padding. The copy curriculum
-    uses these: its documents run from a dozen tokens to the full window, and padded one a
-    row, half of a step was padding."""
+    uses these with `pretrain.padding_free`: its documents run from a dozen tokens to the full
+    window, and padded one a row, half of a step is padding."""
     from sdftlab.train_utils import pack_documents
 
     while True:
