@@ -41,7 +41,9 @@ TASK_FILES = ("science", "tooluse", "mmlu", "winogrande")
 # Bumped whenever the generators change what a config produces, so that a world cached by an
 # older version is rebuilt rather than reused (2: science reasoning checks the options;
 # 3: tool names and numbers in the copy curriculum; Winogrande answers follow the animals;
-# 4: half the replay rows are teacher-format rows of the shadow worlds).
+# 4: half the replay rows are teacher-format rows of the shadow worlds; 5: off-path
+# teacher-format answers as an option; 6: the padding-free copy phase as an option — both off,
+# a build equals version 4's).
 GENERATOR_VERSION = 6
 
 
@@ -401,11 +403,13 @@ def off_path(
 
     for token in answer:
         if rng.random() >= rate:
-            ids.append(token), labels.append(token)
+            ids.append(token)
+            labels.append(token)
             continue
         op = rng.randrange(3)
         if op == 0:  # replaced
-            ids.append(stray()), labels.append(-100)
+            ids.append(stray())
+            labels.append(-100)
         elif op == 1:  # a stray token first, then the right one
             ids += [stray(), token]
             labels += [-100, token]
@@ -443,8 +447,9 @@ def _curriculum(cfg: WorldConfig, tokenizer, facts, data, shadows) -> Callable[[
             ids, labels = encode_document(tokenizer, text, rng, eos, assistant_only, noise)
             yield ids[: p.max_len], labels[: p.max_len]
 
-    # Padding-free rather than bucketed by length: batches of only short or only long copies
-    # grow in-context copying less evenly (docs/LOG.md); packed, each batch is as drawn.
+    # Padded as drawn, or padding-free (the same documents and loss on half the tokens); not
+    # bucketed by length: batches of only short or only long copies grow in-context copying
+    # less evenly (docs/LOG.md).
     copy_batches = (
         padding_free_batches(copy_docs(), p.copy_batch_size, p.max_len, eos[0])
         if p.padding_free
