@@ -265,6 +265,9 @@ def test_a_killed_train_worker_resumes_from_its_checkpoint_and_matches_an_unkill
     import ray
 
     world, lineage, _ = small_world
+    # Runs of its own: Ray Train restores a run of the same name from its storage, so an
+    # earlier session's finished run would make this one skip the step that kills it.
+    monkeypatch.setenv("SDFTLAB_STORAGE", str(tmp_path / "ray"))
     overrides = [
         *FAST, "steps=4", "checkpoint_every=2", "teacher=tutor", "data=[science]",
         "rollout.engine=hf", "max_failures=1", "seed=3",
