@@ -38,26 +38,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rollout import write_results
 from sdftlab import train_utils as tu
+from sdftlab.config import PretrainConfig
 from sdftlab.data.chat import pad_batch, tokenize_chat
 from sdftlab.degrade.sft import SFTConfig, sft_rows
 from sdftlab.lineage import Lineage
-from sdftlab.world import tasks
-from sdftlab.world.build import current_world, sdftlab_home
+from sdftlab.world.build import copy_curriculum_text, current_world, sdftlab_home
 
 
 def copy_documents(tokenizer, n: int, max_len: int, seed: int) -> list[tuple[list, list]]:
-    """Copy-curriculum documents in the default mix (20% lookups, 50% structured, 30% plain)."""
+    """Copy-curriculum documents as `world.build` draws them, at the default shares."""
     rng = random.Random(seed)
     eos = [tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     docs = []
     for _ in range(n):
-        r = rng.random()
-        if r < 0.2:
-            text = tasks.lookup_document(rng)
-        elif r < 0.7:
-            text = tasks.structured_copy_document(rng)
-        else:
-            text = tasks.copy_document(rng)
+        text = copy_curriculum_text(rng, PretrainConfig())
         ids = (tokenizer(text)["input_ids"] + eos)[:max_len]
         docs.append((ids, ids))
     return docs

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdftlab.config import WorldConfig
+from sdftlab.config import PretrainConfig, WorldConfig
 from sdftlab.data.loaders import world_task_file, write_task_file
 from sdftlab.errors import LineageError
 from sdftlab.lineage import Lineage
@@ -417,6 +417,17 @@ def off_path(
     return ids, labels
 
 
+def copy_curriculum_text(rng: random.Random, p: PretrainConfig) -> str:
+    """One copy-curriculum document: an option lookup, a structured copy or a plain copy, at
+    the config's shares."""
+    r = rng.random()
+    if r < p.copy_lookup_frac:
+        return tasks.lookup_document(rng)
+    if r < p.copy_lookup_frac + p.copy_structured_frac:
+        return tasks.structured_copy_document(rng)
+    return tasks.copy_document(rng)
+
+
 def _curriculum(cfg: WorldConfig, tokenizer, facts, data, shadows) -> Callable[[int], Batch]:
     """Batches for each step: copy spans, then (optionally) teacher-format demonstrations only,
     then the full mixture — one document a row, rows of similar length batched together so
@@ -429,14 +440,7 @@ def _curriculum(cfg: WorldConfig, tokenizer, facts, data, shadows) -> Callable[[
 
     def copy_docs() -> Iterator[Doc]:
         while True:
-            r = rng.random()
-            if r < p.copy_lookup_frac:
-                text = tasks.lookup_document(rng)
-            elif r < p.copy_lookup_frac + p.copy_structured_frac:
-                text = tasks.structured_copy_document(rng)
-            else:
-                text = tasks.copy_document(rng)
-            ids = tokenizer(text)["input_ids"] + eos
+            ids = tokenizer(copy_curriculum_text(rng, p))["input_ids"] + eos
             yield ids[: p.max_len], ids[: p.max_len]
 
     def docs(mixture: dict[str, float], seed: int) -> Iterator[Doc]:
