@@ -256,12 +256,18 @@ def make_trainer(
 ) -> Any:
     """The `TorchTrainer` every training stage uses: `num_workers` DDP workers (gloo on CPU,
     NCCL on GPU), the latest checkpoint kept under the Ray storage path, and `max_failures`
-    restarts from it when a worker dies."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    restarts from it when a worker dies.
+
+    The datasets reach the workers in order (`preserve_order`): batches are then the same
+    from run to run whatever the load, and a resumed worker that skips the batches it had
+    seen skips the very ones the killed run saw."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from sdftlab.raycluster import storage_path
 
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -277,4 +283,5 @@ def make_trainer(
             failure_config=FailureConfig(max_failures=max_failures),
         ),
         datasets=datasets,
+        dataset_config=DataConfig(execution_options=ingest),
     )
