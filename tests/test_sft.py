@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -31,6 +32,29 @@ def test_labels_do_not_depend_on_the_prompt(tiny_tokenizer):
     a = tokenize_chat(tiny_tokenizer, [{"role": "user", "content": "a b c"}], "done .", 64)
     b = tokenize_chat(tiny_tokenizer, [{"role": "user", "content": "a b c d e f"}], "done .", 64)
     assert [x for x in a["labels"] if x != IGNORE] == [x for x in b["labels"] if x != IGNORE]
+
+
+def test_demo_off_path_perturbs_only_rows_answered_from_their_demonstration(tiny_tokenizer):
+    demo = "dorzeol is found in ice .\nA: soil no\nD: ice yes"
+    teacher = [{"role": "user", "content": f"Which ?\n\nThis is an example:\n{demo}\n\nNow."}]
+    plain = [{"role": "user", "content": "Which of the following is dorzeol found in ?"}]
+    clean = tokenize_chat(tiny_tokenizer, teacher, demo, 128)
+    rng = random.Random(0)
+    noisy = tokenize_chat(tiny_tokenizer, teacher, demo, 128, demo_off_path=0.4, rng=rng)
+    n = clean["labels"].index(next(x for x in clean["labels"] if x != IGNORE))
+    assert noisy["input_ids"][:n] == clean["input_ids"][:n]  # the prompt is left as it is
+    assert noisy["input_ids"][n:] != clean["input_ids"][n:]
+    # The trained tokens are the right ones, in order (some dropped), ending with the end of
+    # turn; a stray token is never a target.
+    trained = [x for x in noisy["labels"] if x != IGNORE]
+    it = iter(x for x in clean["labels"] if x != IGNORE)
+    assert all(x in it for x in trained) and trained[-1] == tiny_tokenizer.eos_token_id
+    assert all(y in (IGNORE, t) for t, y in zip(noisy["input_ids"], noisy["labels"], strict=True))
+    assert IGNORE in noisy["labels"][n:]  # strays, without loss
+    # A row whose answer is not in its prompt is never perturbed.
+    untouched = tokenize_chat(tiny_tokenizer, plain, demo, 128, demo_off_path=0.4, rng=rng)
+    assert untouched == tokenize_chat(tiny_tokenizer, plain, demo, 128)
+    assert tokenize_chat(tiny_tokenizer, teacher, demo, 128, demo_off_path=0.0, rng=rng) == clean
 
 
 def test_no_assistant_tokens_is_one_clear_error(tiny_tokenizer):

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sdftlab.config import DEFAULT_MIXTURE
+from sdftlab.data.chat import off_path
 from sdftlab.data.loaders import load_task_file
 from sdftlab.data.templates import teacher_messages
 from sdftlab.errors import LineageError
@@ -21,7 +22,6 @@ from sdftlab.world.build import (
     current_world,
     encode_document,
     generate_data,
-    off_path,
     pretrain_documents,
     world_digest,
 )

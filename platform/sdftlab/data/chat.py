@@ -11,6 +11,7 @@ ids on the response and its end-of-turn token.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,18 +29,79 @@ def example_to_row(example: TaskExample) -> dict[str, str]:
     return {"messages": json.dumps(example.messages), "response": example.demonstration}
 
 
+def answers_from_demonstration(messages: Sequence[dict[str, str]], response: str) -> bool:
+    """Whether a row is in the SDFT teacher's format: its response is a demonstration shown
+    in its last user message."""
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    return bool(response.strip()) and bool(users) and response.strip() in users[-1]
+
+
 def tokenize_chat(
-    tokenizer: Any, messages: Sequence[dict[str, str]], response: str, max_len: int
+    tokenizer: Any,
+    messages: Sequence[dict[str, str]],
+    response: str,
+    max_len: int,
+    *,
+    demo_off_path: float = 0.0,
+    rng: random.Random | None = None,
 ) -> dict[str, list[int]]:
+    """Prompt and response ids, the loss on the response and its end of turn. With
+    `demo_off_path` > 0, a response answered from a demonstration in the prompt is perturbed
+    off the demonstration's path (`off_path`, strays without loss); other rows are untouched."""
     prompt = tokenizer.apply_chat_template(
         list(messages), tokenize=False, add_generation_prompt=True
     )
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(response, add_special_tokens=False)["input_ids"] if response else []
-    answer_ids = [*answer_ids, tokenizer.eos_token_id] if answer_ids else []
+    answer_labels = list(answer_ids)
+    if demo_off_path > 0 and answers_from_demonstration(messages, response):
+        rng = rng if rng is not None else random.Random(0)
+        answer_ids, answer_labels = off_path(
+            answer_ids, prompt_ids, len(tokenizer), demo_off_path, rng
+        )
+    if answer_ids:
+        answer_ids = [*answer_ids, tokenizer.eos_token_id]
+        answer_labels = [*answer_labels, tokenizer.eos_token_id]
     ids = (prompt_ids + answer_ids)[:max_len]
-    labels = ([IGNORE] * len(prompt_ids) + answer_ids)[:max_len]
+    labels = ([IGNORE] * len(prompt_ids) + answer_labels)[:max_len]
     return {"input_ids": ids, "labels": labels}
+
+
+def off_path(
+    answer: list[int], context: list[int], vocab: int, rate: float, rng: random.Random
+) -> tuple[list[int], list[int]]:
+    """`answer` with each token, at probability `rate`, replaced by a stray token, preceded by
+    one, or dropped; stray tokens get no loss (label -100).
+
+    A student's on-policy sample leaves the demonstration's path (a wrong fact, a misspelt
+    name, a skipped line), and SDFT scores every later token with the teacher. A model that
+    only learned to copy the demonstration position by position then predicts the wrong
+    continuation; trained on perturbed answers it learns to find its place in the
+    demonstration by content and continue from there. Stray tokens come from the prompt (a
+    plausible wrong word) or, half the time, from the whole vocabulary.
+    """
+    if rate <= 0:
+        return list(answer), list(answer)
+    ids: list[int] = []
+    labels: list[int] = []
+
+    def stray() -> int:
+        return rng.choice(context) if rng.random() < 0.5 else rng.randrange(vocab)
+
+    for token in answer:
+        if rng.random() >= rate:
+            ids.append(token)
+            labels.append(token)
+            continue
+        op = rng.randrange(3)
+        if op == 0:  # replaced
+            ids.append(stray())
+            labels.append(-100)
+        elif op == 1:  # a stray token first, then the right one
+            ids += [stray(), token]
+            labels += [-100, token]
+        # op == 2: dropped; the next token is still the target after the gap
+    return ids, labels
 
 
 def pad_batch(
@@ -61,17 +123,22 @@ def pad_batch(
 class ChatTokenizer:
     """Ray Data `map_batches` UDF: SFT rows → fixed-width padded arrays (a tokenizer per actor)."""
 
-    def __init__(self, tokenizer_dir: str, max_len: int) -> None:
+    def __init__(
+        self, tokenizer_dir: str, max_len: int, demo_off_path: float = 0.0, seed: int = 0
+    ) -> None:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(
             tokenizer_dir, trust_remote_code=trust_remote_code()
         )
         self.max_len = max_len
+        self.demo_off_path = demo_off_path
+        self.rng = random.Random(seed)  # batches arrive in order: the same strays every run
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        noise = {"demo_off_path": self.demo_off_path, "rng": self.rng}
         rows = [
-            tokenize_chat(self.tokenizer, json.loads(m), str(r), self.max_len)
+            tokenize_chat(self.tokenizer, json.loads(m), str(r), self.max_len, **noise)
             for m, r in zip(batch["messages"], batch["response"], strict=True)
         ]
         rows = [r for r in rows if any(label != IGNORE for label in r["labels"])]

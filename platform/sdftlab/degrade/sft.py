@@ -70,6 +70,13 @@ class SFTConfig(StrictModel):
         False, description="rows laid end to end, each kept to itself (TRL's padding_free)"
     )
     replay_frac: float = Field(0.25, ge=0, lt=1, description="share of replay rows in the data")
+    demo_off_path: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="rows answered from a demonstration in their prompt (the SDFT teacher's "
+        "format): per answer token, the rate of a stray token (no loss) or a dropped one",
+    )
     replay_data: str | None = Field(None, description="chat JSONL; default the world's replay")
     lora: LoraSpec | None = None
     num_workers: int = Field(1, gt=0)
@@ -261,7 +268,12 @@ def run_sft(
         init_dir = str(lineage.resolve(parent))
         dataset = ray.data.from_items(round_rows[entry]).map_batches(
             ChatTokenizer,
-            fn_constructor_kwargs={"tokenizer_dir": init_dir, "max_len": cfg.max_len},
+            fn_constructor_kwargs={
+                "tokenizer_dir": init_dir,
+                "max_len": cfg.max_len,
+                "demo_off_path": cfg.demo_off_path,
+                "seed": cfg.seed,
+            },
             batch_size=256,
             compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=0.25,  # tokenizing is light; leave the CPUs to the train workers

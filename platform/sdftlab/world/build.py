@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdftlab.config import PretrainConfig, WorldConfig
+from sdftlab.data.chat import off_path
 from sdftlab.data.loaders import world_task_file, write_task_file
 from sdftlab.errors import LineageError
 from sdftlab.lineage import Lineage
@@ -377,43 +378,6 @@ def encode_document(
     answer, answer_labels = off_path(ids[n:-1], prompt_ids, len(tokenizer), noise, rng)
     ids = prompt_ids + answer + eos
     labels = ([-100] * n if assistant_only else list(prompt_ids)) + answer_labels + eos
-    return ids, labels
-
-
-def off_path(
-    answer: list[int], context: list[int], vocab: int, rate: float, rng: random.Random
-) -> tuple[list[int], list[int]]:
-    """`answer` with each token, at probability `rate`, replaced by a stray token, preceded by
-    one, or dropped; stray tokens get no loss (label -100).
-
-    A student's on-policy sample leaves the demonstration's path (a wrong fact, a misspelt
-    name, a skipped line), and SDFT scores every later token with the teacher. A model that
-    only learned to copy the demonstration position by position then predicts the wrong
-    continuation; trained on perturbed answers it learns to find its place in the
-    demonstration by content and continue from there. Stray tokens come from the prompt (a
-    plausible wrong word) or, half the time, from the whole vocabulary.
-    """
-    if rate <= 0:
-        return list(answer), list(answer)
-    ids: list[int] = []
-    labels: list[int] = []
-
-    def stray() -> int:
-        return rng.choice(context) if rng.random() < 0.5 else rng.randrange(vocab)
-
-    for token in answer:
-        if rng.random() >= rate:
-            ids.append(token)
-            labels.append(token)
-            continue
-        op = rng.randrange(3)
-        if op == 0:  # replaced
-            ids.append(stray())
-            labels.append(-100)
-        elif op == 1:  # a stray token first, then the right one
-            ids += [stray(), token]
-            labels += [-100, token]
-        # op == 2: dropped; the next token is still the target after the gap
     return ids, labels
 
 
