@@ -9,7 +9,11 @@ is what makes it a usable SDFT teacher), Ray Train checkpoints (safetensors) eve
 option) each batch's rows are laid end to end with their own positions: the padded batch's
 loss on about half the tokens (benchmarks/padding_free.py). It is off by default because the
 tiny world's documented figures were taken with padded batches, and another rounding is
-another draw of those figures (docs/LOG.md). Every round lands in the lineage
+another draw of those figures (docs/LOG.md). With `demo_off_path` > 0, the rows answered
+from a demonstration in their prompt (the teacher-format replay rows) are perturbed off the
+demonstration's path, as `pretrain.demo_off_path` does in pretraining: stray tokens without
+loss and dropped tokens, so the SDFT teacher learns to find its place again after a
+student's sample leaves the demonstration (off by default). Every round lands in the lineage
 with its parent, config and metrics. It is also the plain-SFT baseline recovery is
 compared against.
 
