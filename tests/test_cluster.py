@@ -1,8 +1,10 @@
-"""cluster.yaml validates against Ray's own cluster-launcher schema; a broken copy does not."""
+"""cluster.yaml validates against Ray's own cluster-launcher schema; a broken copy does not; the
+local cluster's worker settings."""
 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,18 @@ def test_worker_env_passes_the_progress_bar_switch_and_only_opt_ins(monkeypatch)
     monkeypatch.setenv(TRUST_REMOTE_CODE_ENV, "1")
     env = worker_env()
     assert env["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1" and env[TRUST_REMOTE_CODE_ENV] == "1"
+
+
+def test_a_local_cluster_runs_its_workers_at_niceness_zero():
+    """Ray's default of 15 lets every raylet, GCS or driver wake-up preempt a train worker."""
+    import ray
+
+    from sdftlab.raycluster import ensure_ray
+
+    ensure_ray(num_cpus=2)
+
+    @ray.remote(num_cpus=0)
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray.get(niceness.remote()) == 0

@@ -6,6 +6,13 @@ State API behind it) but listens on 127.0.0.1 only. `RAY_DATA_DISABLE_PROGRESS_B
 set in the driver's environment, reaches every worker: the pipelines set it, since they print
 a progress line per stage and Ray Data's bars from inside the train workers would bury it.
 
+A local cluster starts its workers at niceness 0 instead of Ray's 15
+(`RAY_worker_niceness`; a value already in the environment wins). On a laptop the train
+workers and rollout actors do all the work, and at 15 a busy driver (drawing Ray Data's
+progress bars under `sdftlab degrade` / `recover`) preempts one of a worker's two compute
+threads and stalls the other: an SFT stage ran 1.08× faster at 0 with the bars on, and the
+same with them off (benchmarks/ray_niceness.py). A cluster keeps its own setting.
+
     >>> ensure_ray()          # idempotent
 """
 
@@ -39,6 +46,7 @@ def ensure_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, **kwargs)
         return
+    os.environ.setdefault("RAY_worker_niceness", "0")  # read by the raylet ray.init starts
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=True,
