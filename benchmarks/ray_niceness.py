@@ -7,7 +7,7 @@ the defaults; nothing else should run):
     PYTHONPATH=platform .venv/bin/python benchmarks/ray_niceness.py \
         --out runs/bench/ray_niceness.json
 
-Each run is a fresh process: `ray.init` starts a local cluster with `RAY_worker_niceness`
+Each run is a fresh process: `ensure_ray` starts a local cluster with `RAY_worker_niceness`
 set to the value under test, then `degrade.sft.run_sft` makes an expert from `base` on the
 current world's science data (`--steps` steps, the expert stage's defaults) into a scratch
 lineage beside the world's. The two settings alternate, `--repeats` times each, so a change
@@ -37,9 +37,8 @@ from sdftlab.world.build import sdftlab_home
 CHILD = """
 import json, os, sys, time
 from pathlib import Path
-import ray
-from sdftlab.raycluster import worker_env
-ray.init(include_dashboard=True, dashboard_host="127.0.0.1", runtime_env={"env_vars": worker_env()})
+from sdftlab.raycluster import ensure_ray
+ensure_ray()  # the project's own start-up; RAY_worker_niceness from the environment wins
 from sdftlab.degrade.sft import SFTConfig, run_sft
 from sdftlab.lineage import Lineage
 from sdftlab.world.build import current_world
@@ -55,7 +54,6 @@ def run_once(lineage_root: Path, niceness: int, steps: int, name: str, bars: boo
     env = {
         **os.environ,
         "RAY_worker_niceness": str(niceness),
-        "RAY_TRAIN_V2_ENABLED": "1",
         # Ray Train runs of their own: a finished run of the same name would be restored.
         "SDFTLAB_STORAGE": str(lineage_root.parent / "ray_results"),
     }

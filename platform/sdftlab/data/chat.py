@@ -71,7 +71,7 @@ def off_path(
     answer: list[int], context: list[int], vocab: int, rate: float, rng: random.Random
 ) -> tuple[list[int], list[int]]:
     """`answer` with each token, at probability `rate`, replaced by a stray token, preceded by
-    one, or dropped; stray tokens get no loss (label -100).
+    one, or dropped; stray tokens get no loss (label `IGNORE`).
 
     A student's on-policy sample leaves the demonstration's path (a wrong fact, a misspelt
     name, a skipped line), and SDFT scores every later token with the teacher. A model that
@@ -96,10 +96,10 @@ def off_path(
         op = rng.randrange(3)
         if op == 0:  # replaced
             ids.append(stray())
-            labels.append(-100)
+            labels.append(IGNORE)
         elif op == 1:  # a stray token first, then the right one
             ids += [stray(), token]
-            labels += [-100, token]
+            labels += [IGNORE, token]
         # op == 2: dropped; the next token is still the target after the gap
     return ids, labels
 
