@@ -7,70 +7,26 @@ the defaults; nothing else should run):
     PYTHONPATH=platform .venv/bin/python benchmarks/ray_niceness.py \
         --out runs/bench/ray_niceness.json
 
-Each run is a fresh process: `ensure_ray` starts a local cluster with `RAY_worker_niceness`
-set to the value under test, then `degrade.sft.run_sft` makes an expert from `base` on the
-current world's science data (`--steps` steps, the expert stage's defaults) into a scratch
-lineage beside the world's. The two settings alternate, `--repeats` times each, so a change
-in the machine's speed hits both. Prints the table: the stage's wall time, the loop's tokens
-per second as the worker reports them, and whether the runs' final losses agree (the
-setting changes scheduling only, not the arithmetic).
+Each run is a fresh process (`sft_stage.run_stage`): `ensure_ray` starts a local cluster
+with `RAY_worker_niceness` set to the value under test, then `degrade.sft.run_sft` makes an
+expert from `base` on the current world's science data (`--steps` steps, the expert stage's
+defaults) into a scratch lineage beside the world's. The two settings alternate, `--repeats`
+times each, so a change in the machine's speed hits both. Prints the table: the stage's wall
+time, the loop's tokens per second as the worker reports them, and whether the runs' final
+losses agree (the setting changes scheduling only, not the arithmetic).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from rollout import write_results
-from sdftlab.lineage import Lineage
-from sdftlab.world.build import sdftlab_home
-
-CHILD = """
-import json, os, sys, time
-from pathlib import Path
-from sdftlab.raycluster import ensure_ray
-ensure_ray()  # the project's own start-up; RAY_worker_niceness from the environment wins
-from sdftlab.degrade.sft import SFTConfig, run_sft
-from sdftlab.lineage import Lineage
-from sdftlab.world.build import current_world
-lineage = Lineage(sys.argv[1])
-t0 = time.perf_counter()
-meta = run_sft(lineage, "base", sys.argv[2], SFTConfig(data=["science"], steps=int(sys.argv[3])),
-               data_dir=current_world().data_dir, log=lambda _: None, overwrite=True)
-print("RESULT " + json.dumps({"wall_s": time.perf_counter() - t0, **meta.metrics}))
-"""
-
-
-def run_once(lineage_root: Path, niceness: int, steps: int, name: str, bars: bool) -> dict:
-    env = {
-        **os.environ,
-        "RAY_worker_niceness": str(niceness),
-        # Ray Train runs of their own: a finished run of the same name would be restored.
-        "SDFTLAB_STORAGE": str(lineage_root.parent / "ray_results"),
-    }
-    env.pop("RAY_DATA_DISABLE_PROGRESS_BARS", None)
-    if not bars:  # as the pipelines run; `sdftlab degrade` / `recover` show Ray Data's bars
-        env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(lineage_root), name, str(steps)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        raise RuntimeError(f"run at niceness {niceness} failed:\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+from sft_stage import run_stage, scratch_lineage
 
 
 def main() -> None:
@@ -83,18 +39,16 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
 
-    home = sdftlab_home()
-    source = Lineage(home / "lineage")
-    scratch = Path(tempfile.mkdtemp(prefix="bench-niceness-", dir=home))
-    try:
-        root = scratch / "lineage"
-        (root / "states").mkdir(parents=True)
-        shutil.copytree(source.local_path("base"), root / "states" / "base")
-        runs: dict[int, list[dict]] = {15: [], 0: []}
+    runs: dict[int, list[dict]] = {15: [], 0: []}
+    with scratch_lineage("bench-niceness-") as root:
         for r in range(args.repeats):
             for niceness in runs:
-                result = run_once(
-                    root, niceness, args.steps, f"nice{niceness}_{r}", args.progress_bars
+                result = run_stage(
+                    root,
+                    f"nice{niceness}_{r}",
+                    args.steps,
+                    env={"RAY_worker_niceness": str(niceness)},
+                    bars=args.progress_bars,
                 )
                 runs[niceness].append(result)
                 print(
@@ -102,8 +56,6 @@ def main() -> None:
                     f"{result['sft/tokens_per_s']:.0f} tokens/s",
                     flush=True,
                 )
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
     losses = {round(x["sft/loss"], 8) for rs in runs.values() for x in rs}
     bars = "on" if args.progress_bars else "off"

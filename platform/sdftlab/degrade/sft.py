@@ -5,7 +5,9 @@ cluster — the same code; `num_workers > 1` is DDP): full fine-tuning or LoRA (
 saved state), loss on the assistant tokens only, optional replay of general chat data in
 every batch (≈ 25% keeps a fine-tuned model able to use a demonstration in its prompt, which
 is what makes it a usable SDFT teacher), Ray Train checkpoints (safetensors) every
-`checkpoint_every` steps, resumed after a worker failure. With `padding_free=true` (TRL's
+`checkpoint_every` steps, resumed after a worker failure. The rows are tokenized once
+and kept in Ray's object store (`materialize`, Ray Train's advice for data that fits in
+memory; `materialize=false` re-tokenizes each epoch). With `padding_free=true` (TRL's
 option) each batch's rows are laid end to end with their own positions: the padded batch's
 loss on about half the tokens (benchmarks/padding_free.py). It is off by default because the
 tiny world's documented figures were taken with padded batches, and another rounding is
@@ -74,6 +76,11 @@ class SFTConfig(StrictModel):
         False, description="rows laid end to end, each kept to itself (TRL's padding_free)"
     )
     replay_frac: float = Field(0.25, ge=0, lt=1, description="share of replay rows in the data")
+    materialize: bool = Field(
+        True,
+        description="tokenize once and keep the rows in Ray's object store for every epoch; "
+        "false re-tokenizes each epoch, for data larger than the object store",
+    )
     demo_off_path: float = Field(
         0.0,
         ge=0,
@@ -270,9 +277,6 @@ def run_sft(
             f"({len(round_rows[entry])} rows, {cfg.steps} steps)"
         )
         init_dir = str(lineage.resolve(parent))
-        # Tokenized once, kept in the object store: every epoch reads the same blocks instead of
-        # re-running the tokenizer (a new actor, seconds of start-up, and CPU taken from the
-        # training step each epoch). Ray Train's advice for data that fits in memory.
         dataset = ray.data.from_items(round_rows[entry]).map_batches(
             ChatTokenizer,
             fn_constructor_kwargs={
@@ -284,7 +288,11 @@ def run_sft(
             batch_size=256,
             compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=0.25,  # tokenizing is light; leave the CPUs to the train workers
-        ).materialize()
+        )
+        if cfg.materialize:
+            # Every epoch then reads the same blocks instead of re-running the tokenizer (a new
+            # actor, its start-up, and CPU taken from the training step, each epoch).
+            dataset = dataset.materialize()
         trainer = tu.make_trainer(
             sft_worker_loop,
             {"sft": cfg.model_dump(mode="json"), "init_dir": init_dir},

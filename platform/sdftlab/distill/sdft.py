@@ -386,6 +386,11 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
     teacher_pool = config.get("teacher_pool")
     bare = tu.unwrap(model)
     hf_engine = HFEngine(bare, tokenizer.eos_token_id, pad_id)
+    for pool in (rollout_pool, teacher_pool):  # started while this worker group came up
+        if pool is not None:
+            up_s = pool.wait_ready()
+            if rank == 0 and up_s:
+                print(f"[sdft] vLLM engines up ({up_s:.0f}s to load)", flush=True)
     if rollout_pool is not None and start > 0 and rank == 0:
         rollout_pool.sync(named_weights_for_sync(bare))  # resumed: engines get trained weights
         if cfg.teacher == "ema" and teacher_pool is not None and teacher_model is not None:
@@ -670,7 +675,6 @@ def recover(
 
     ensure_ray()
     rollout_pool = teacher_pool = None
-    t_setup = time.perf_counter()
     try:
         if cfg.mode == "on_policy" and cfg.rollout.engine == "vllm":
             rollout_pool = RolloutPool.start(
@@ -680,6 +684,7 @@ def recover(
                 gpus_per_actor=cfg.rollout.gpus_per_actor,
                 seed=cfg.seed,
                 engine_kwargs={"max_logprobs": max(20, cfg.loss.topk or 0)},  # live scoring
+                wait=False,  # the engines load while the worker group starts
             )
         if cfg.scoring == "vllm" and cfg.teacher != "live":
             teacher_pool = RolloutPool.start(
@@ -689,9 +694,8 @@ def recover(
                 gpus_per_actor=cfg.rollout.gpus_per_actor,
                 seed=cfg.seed + 1000,
                 engine_kwargs={"max_logprobs": max(20, cfg.loss.topk or 0)},
+                wait=False,
             )
-        if rollout_pool is not None or teacher_pool is not None:
-            log(f"  vLLM engines up in {time.perf_counter() - t_setup:.0f}s")
         trainer = tu.make_trainer(
             recover_worker_loop,
             {

@@ -61,8 +61,9 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
 class RolloutPool:
     """Handles to rollout actors (picklable: Ray Train workers receive the pool itself)."""
 
-    def __init__(self, actors: list[Any]) -> None:
+    def __init__(self, actors: list[Any], startup: list[Any] | None = None) -> None:
         self.actors = actors
+        self._startup = startup or []  # refs to each engine's start-up seconds, until awaited
 
     @classmethod
     def start(
@@ -74,7 +75,11 @@ class RolloutPool:
         gpus_per_actor: float = 0.0,
         seed: int = 0,
         engine_kwargs: dict[str, Any] | None = None,
+        wait: bool = True,
     ) -> RolloutPool:
+        """Start `actors` engines on `model_path`. With `wait=False` the engines load in the
+        background (a Ray Train worker group can start meanwhile); `wait_ready` then blocks
+        until they are up and raises an engine's start-up error."""
         import ray
 
         remote = ray.remote(RolloutServer).options(
@@ -85,8 +90,18 @@ class RolloutPool:
         handles = [
             remote.remote(str(model_path), seed + i, engine_kwargs or {}) for i in range(actors)
         ]
-        ray.get([h.startup_seconds.remote() for h in handles])  # wait until all are up
-        return cls(handles)
+        pool = cls(handles, [h.startup_seconds.remote() for h in handles])
+        if wait:
+            pool.wait_ready()
+        return pool
+
+    def wait_ready(self) -> float:
+        """Block until every engine is up; the slowest engine's start-up seconds (0 if the
+        pool was already awaited)."""
+        import ray
+
+        startup, self._startup = self._startup, []
+        return max(ray.get(startup), default=0.0)
 
     def generate(
         self, prompts: Sequence[list[int]], sampling: SamplingSettings
