@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sdftlab.data.chat import IGNORE, count_assistant_tokens, pad_batch, tokenize_chat
-from sdftlab.degrade.sft import SFTConfig, run_sft, sft_rows
+from sdftlab.degrade.sft import SFTConfig, run_sft, sft_dataset, sft_rows
 from sdftlab.errors import ConfigError, DataError, LineageError
 
 
@@ -79,6 +79,28 @@ def test_replay_mixes_in_at_the_requested_share(small_world):
     assert len(rows) == n_task + round(n_task / 3)
     with pytest.raises(ConfigError, match="no replay data"):
         sft_rows("science", cfg.model_copy(update={"replay_data": "/nope.jsonl"}), world.data_dir)
+
+
+def test_materialized_rows_are_tokenized_once_and_equal_the_per_epoch_stream(small_world):
+    from ray.data.dataset import MaterializedDataset
+
+    from sdftlab.raycluster import ensure_ray
+
+    world, lineage, _ = small_world
+    ensure_ray(num_cpus=2)
+    cfg = SFTConfig(data=["science"])
+    rows = sft_rows("science", cfg, world.data_dir)[:96]
+    tokenizer_dir = str(lineage.local_path("base"))
+    once = sft_dataset(rows, tokenizer_dir, cfg)
+    stream = sft_dataset(rows, tokenizer_dir, cfg.model_copy(update={"materialize": False}))
+    assert isinstance(once, MaterializedDataset) and not isinstance(stream, MaterializedDataset)
+
+    def epoch(ds) -> list[list[int]]:
+        return [r["input_ids"].tolist() for r in ds.iter_rows()]
+
+    first = epoch(once)
+    assert 0 < len(first) <= len(rows) and epoch(once) == first  # every epoch the same rows
+    assert epoch(stream) == first  # and the ones the tokenizer gives every epoch
 
 
 @pytest.mark.slow

@@ -240,6 +240,28 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
+def sft_dataset(rows: list[dict[str, str]], tokenizer_dir: str, cfg: SFTConfig) -> Any:
+    """The Ray Dataset a round trains on: `rows` tokenized by `ChatTokenizer` actors into
+    fixed-width arrays, materialized in the object store unless `cfg.materialize` is off."""
+    import ray.data
+
+    dataset = ray.data.from_items(rows).map_batches(
+        ChatTokenizer,
+        fn_constructor_kwargs={
+            "tokenizer_dir": tokenizer_dir,
+            "max_len": cfg.max_len,
+            "demo_off_path": cfg.demo_off_path,
+            "seed": cfg.seed,
+        },
+        batch_size=256,
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=0.25,  # tokenizing is light; leave the CPUs to the train workers
+    )
+    # Materialized, every epoch reads the same blocks instead of re-running the tokenizer (a
+    # new actor, its start-up, and CPU taken from the training step, each epoch).
+    return dataset.materialize() if cfg.materialize else dataset
+
+
 def run_sft(
     lineage: Lineage,
     src: str,
@@ -251,8 +273,6 @@ def run_sft(
     overwrite: bool = False,
 ) -> StateMeta:
     """SFT `src` for `cfg.n_rounds` rounds; save each round (the last as `dst`); its meta."""
-    import ray.data
-
     from sdftlab import train_utils as tu
     from sdftlab.raycluster import ensure_ray
 
@@ -277,22 +297,7 @@ def run_sft(
             f"({len(round_rows[entry])} rows, {cfg.steps} steps)"
         )
         init_dir = str(lineage.resolve(parent))
-        dataset = ray.data.from_items(round_rows[entry]).map_batches(
-            ChatTokenizer,
-            fn_constructor_kwargs={
-                "tokenizer_dir": init_dir,
-                "max_len": cfg.max_len,
-                "demo_off_path": cfg.demo_off_path,
-                "seed": cfg.seed,
-            },
-            batch_size=256,
-            compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=0.25,  # tokenizing is light; leave the CPUs to the train workers
-        )
-        if cfg.materialize:
-            # Every epoch then reads the same blocks instead of re-running the tokenizer (a new
-            # actor, its start-up, and CPU taken from the training step, each epoch).
-            dataset = dataset.materialize()
+        dataset = sft_dataset(round_rows[entry], init_dir, cfg)
         trainer = tu.make_trainer(
             sft_worker_loop,
             {"sft": cfg.model_dump(mode="json"), "init_dir": init_dir},
