@@ -145,8 +145,13 @@ def test_vllm_log_probs_match_the_trainer_after_a_sync_and_not_before(small_worl
         )
 
     ensure_ray(num_cpus=2)
-    pool = RolloutPool.start(path, actors=1, cpus_per_actor=0.5)
+    broken = RolloutPool.start(path / "nowhere", cpus_per_actor=0.5, wait=False)  # no wait...
+    with pytest.raises(Exception, match="nowhere"):  # ...until a worker asks for the engines
+        broken.wait_ready()
+    broken.shutdown()
+    pool = RolloutPool.start(path, actors=1, cpus_per_actor=0.5, wait=False)
     try:
+        assert pool.wait_ready() > 0 and pool.wait_ready() == 0.0  # awaited once
         assert torch.allclose(engine_logp(pool), trainer_logp(), atol=1e-4)
         with torch.no_grad():  # an optimizer step's worth of change, trainer side only
             for p in model.parameters():
