@@ -26,7 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from rollout import write_results
-from sft_stage import run_stage, scratch_lineage
+from sft_stage import alternate, same_loss, scratch_lineage
+
+NICENESS = (15, 0)  # Ray's default, then what `ensure_ray` starts a local cluster with
 
 
 def main() -> None:
@@ -39,25 +41,13 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
 
-    runs: dict[int, list[dict]] = {15: [], 0: []}
+    settings = {
+        f"niceness {n}": {"env": {"RAY_worker_niceness": str(n)}, "bars": args.progress_bars}
+        for n in NICENESS
+    }
     with scratch_lineage("bench-niceness-") as root:
-        for r in range(args.repeats):
-            for niceness in runs:
-                result = run_stage(
-                    root,
-                    f"nice{niceness}_{r}",
-                    args.steps,
-                    env={"RAY_worker_niceness": str(niceness)},
-                    bars=args.progress_bars,
-                )
-                runs[niceness].append(result)
-                print(
-                    f"  niceness {niceness:2d}, run {r + 1}: {result['wall_s']:.1f} s, "
-                    f"{result['sft/tokens_per_s']:.0f} tokens/s",
-                    flush=True,
-                )
-
-    losses = {round(x["sft/loss"], 8) for rs in runs.values() for x in rs}
+        runs = alternate(root, settings, args.steps, args.repeats)
+    same = same_loss(runs)
     bars = "on" if args.progress_bars else "off"
     print(
         f"\nSFT stage, {args.steps} steps, {args.repeats} runs per setting, alternating, "
@@ -66,7 +56,7 @@ def main() -> None:
     print("| worker niceness | stage wall s (mean) | runs | loop tokens/s (mean) |")
     print("|---:|---:|---|---:|")
     rows = []
-    for niceness, rs in runs.items():
+    for niceness, rs in zip(NICENESS, runs.values(), strict=True):
         walls = [x["wall_s"] for x in rs]
         rate = statistics.mean(x["sft/tokens_per_s"] for x in rs)
         rows.append({"niceness": niceness, "wall_s": walls, "tokens_per_s": rate})
@@ -76,7 +66,7 @@ def main() -> None:
         )
     speedup = statistics.mean(rows[0]["wall_s"]) / statistics.mean(rows[1]["wall_s"])
     print(f"\nniceness 0 vs 15: {speedup:.2f}× the stage's speed; final losses equal: "
-          f"{len(losses) == 1}")  # fmt: skip
+          f"{same}")  # fmt: skip
     if args.out:
         write_results(
             args.out,
@@ -85,7 +75,7 @@ def main() -> None:
                 "progress_bars": args.progress_bars,
                 "rows": rows,
                 "speedup": speedup,
-                "same_loss": len(losses) == 1,
+                "same_loss": same,
             },
         )
 

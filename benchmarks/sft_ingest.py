@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from rollout import write_results
-from sft_stage import run_stage, scratch_lineage
+from sft_stage import alternate, same_loss, scratch_lineage
 
 
 def main() -> None:
@@ -36,22 +36,10 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
 
-    runs: dict[str, list[dict]] = {"per epoch": [], "materialized": []}
+    settings = {"per epoch": {"sft": {"materialize": False}}, "materialized": {}}
     with scratch_lineage("bench-ingest-") as root:
-        for r in range(args.repeats):
-            for mode in runs:
-                materialize = mode == "materialized"
-                name = f"{'mat' if materialize else 'stream'}_{r}"
-                result = run_stage(root, name, args.steps, sft={"materialize": materialize})
-                runs[mode].append(result)
-                print(
-                    f"  {mode:12s} run {r + 1}: {result['wall_s']:.1f} s "
-                    f"(fit {result['sft/seconds']:.1f} s), "
-                    f"{result['sft/tokens_per_s']:.0f} tokens/s",
-                    flush=True,
-                )
-
-    losses = {round(x["sft/loss"], 8) for rs in runs.values() for x in rs}
+        runs = alternate(root, settings, args.steps, args.repeats)
+    same = same_loss(runs)
     print(f"\nSFT stage, {args.steps} steps, {args.repeats} runs per setting, alternating\n")
     print("| tokenized | stage wall s (mean) | runs | in fit s (mean) | loop tokens/s (mean) |")
     print("|---|---:|---|---:|---:|")
@@ -67,11 +55,11 @@ def main() -> None:
         )
     speedup = statistics.mean(rows[0]["wall_s"]) / statistics.mean(rows[1]["wall_s"])
     print(f"\nmaterialized vs per epoch: {speedup:.2f}× the stage's speed; final losses equal: "
-          f"{len(losses) == 1}")  # fmt: skip
+          f"{same}")  # fmt: skip
     if args.out:
         write_results(
             args.out,
-            {"steps": args.steps, "rows": rows, "speedup": speedup, "same_loss": len(losses) == 1},
+            {"steps": args.steps, "rows": rows, "speedup": speedup, "same_loss": same},
         )
 
 

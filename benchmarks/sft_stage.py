@@ -83,3 +83,27 @@ def run_stage(
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"SFT run {name} failed:\n{out.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT ") :])
+
+
+def alternate(
+    lineage_root: Path, settings: Mapping[str, Mapping[str, Any]], steps: int, repeats: int
+) -> dict[str, list[dict[str, Any]]]:
+    """`run_stage` for each setting (label → its keyword arguments) in turn, `repeats` rounds,
+    so a change in the machine's speed hits every setting alike; each setting's results, and
+    a line per run as it ends."""
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label in settings}
+    for r in range(repeats):
+        for i, (label, kwargs) in enumerate(settings.items()):
+            result = run_stage(lineage_root, f"setting{i}_{r}", steps, **kwargs)
+            runs[label].append(result)
+            print(
+                f"  {label}, run {r + 1}: {result['wall_s']:.1f} s "
+                f"(fit {result['sft/seconds']:.1f} s), {result['sft/tokens_per_s']:.0f} tokens/s",
+                flush=True,
+            )
+    return runs
+
+
+def same_loss(runs: Mapping[str, list[dict[str, Any]]]) -> bool:
+    """Whether every run ended at the same loss (settings that change no arithmetic must)."""
+    return len({round(x["sft/loss"], 8) for rs in runs.values() for x in rs}) == 1
