@@ -22,6 +22,7 @@ import os
 import sys
 from pathlib import Path
 
+from sdftlab.allocator import tune_cpu_allocator
 from sdftlab.errors import SdftlabError
 
 
@@ -341,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        tune_cpu_allocator()  # world builds, evaluation and CKA in this process reuse freed memory
         return int(args.func(args) or 0)
     except SdftlabError as err:
         print(f"sdftlab: error: {err}", file=sys.stderr)

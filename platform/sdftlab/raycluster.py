@@ -24,7 +24,7 @@ from typing import Any
 
 from sdftlab.config import TRUST_REMOTE_CODE_ENV, trust_remote_code
 
-PASSED_THROUGH = ("RAY_DATA_DISABLE_PROGRESS_BARS",)
+PASSED_THROUGH = ("RAY_DATA_DISABLE_PROGRESS_BARS", "SDFTLAB_CPU_ALLOC")
 
 
 def worker_env() -> dict[str, str]:

@@ -422,6 +422,7 @@ def main(argv: list[str] | None, default_config: Path, doc: str) -> int:
     else `<home>/lineage`), run."""
     import argparse
 
+    from sdftlab.allocator import tune_cpu_allocator
     from sdftlab.config import load_config
     from sdftlab.errors import SdftlabError
     from sdftlab.world.build import sdftlab_home
@@ -431,6 +432,7 @@ def main(argv: list[str] | None, default_config: Path, doc: str) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     try:
+        tune_cpu_allocator()  # the world build, evaluation and CKA in this process
         cfg = load_config(PipelineConfig, args.config, args.overrides)
         home = sdftlab_home()
         root = cfg.lineage or os.environ.get("SDFTLAB_LINEAGE") or str(home / "lineage")
