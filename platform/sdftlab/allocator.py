@@ -21,8 +21,8 @@ def tune_cpu_allocator() -> bool:
     """Let glibc reuse freed tensor memory instead of handing it back to the OS (CPU training).
 
     glibc serves every allocation above its mmap threshold (at most 32 MiB) with fresh pages
-    from `mmap` and unmaps them on `free`, and it trims freed heap in threads other than the
-    main one (Ray Train runs the loop in one). PyTorch's CPU allocator has no cache of its own,
+    from `mmap` and unmaps them on `free`, and gives freed memory at the top of a heap back to
+    the OS past its trim threshold. PyTorch's CPU allocator has no cache of its own,
     so each training step page-faults much of its activations in anew: 20–30 thousand faults
     a step on the tiny world's SFT batches. With `mmap` off for malloc and no trimming, a step
     reuses the previous step's memory: the same arithmetic, 1.09–1.14× faster steps in a
