@@ -10,10 +10,10 @@ Two measurements, each alternating the two settings (`system`: the C library's d
 a change in the machine's speed hits both alike:
 
 - **bare steps in a plain process** (as `sdftlab world build` pretrains): full training
-  steps (bf16 autocast where the CPU has it, eager attention, gradient clipping, AdamW, 2
-  threads) on the world's copy-curriculum and SFT batches (`benchmarks/padding_free.py`
-  draws them), each run a fresh process; seconds and minor page faults per step after 3
-  warm-up steps, and a checksum of the trained weights;
+  steps (`benchmarks/padding_free.py`'s `time_steps`: bf16 autocast where the CPU has it,
+  eager attention, gradient clipping, AdamW, 2 threads) on the world's copy-curriculum and
+  SFT batches as that script draws them, each run a fresh process; seconds and minor page
+  faults per step after 3 warm-up steps, and a checksum of the trained weights;
 - **a whole SFT stage in a Ray Train worker** (as the pipelines run it): the expert stage
   (`benchmarks/sft_stage.py`), each run a fresh process and Ray cluster; wall seconds,
   `trainer.fit` seconds, tokens/s of the loop, and the final loss.
@@ -25,25 +25,24 @@ losses must be equal, and the script says so.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
+from statistics import mean
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from rollout import write_results
-from sft_stage import alternate, same_loss, scratch_lineage
+from sft_stage import alternate, run_child, same_loss, scratch_lineage
 
 SETTINGS = ("system", "heap")
 
 BARE_CHILD = """
-import json, os, resource, sys, time
+import json, sys
 sys.path.insert(0, sys.argv[1])
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from padding_free import copy_documents, padded, sft_documents
+from padding_free import copy_documents, padded, sft_documents, time_steps
 from sdftlab import train_utils as tu
 from sdftlab.allocator import tune_cpu_allocator
 from sdftlab.lineage import Lineage
@@ -60,19 +59,7 @@ batches = [padded(docs[i : i + 32], tokenizer.pad_token_id) for i in range(0, le
 torch.manual_seed(0)
 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 tu.use_training_attention(model, torch.device("cpu"))
-optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-model.train()
-for i, batch in enumerate(batches):
-    if i == 3:  # after the warm-up
-        faults, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-    with tu.autocast(torch.device("cpu"), True):
-        loss = model(**batch, use_cache=False).loss
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-seconds = (time.perf_counter() - t0) / steps
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
+seconds, faults = time_steps(model, batches, 3)
 checksum = float(sum(p.double().sum() for p in model.parameters()))
 print("RESULT " + json.dumps({"s_per_step": seconds, "faults_per_step": faults,
                              "checksum": checksum, "tuned": tuned}))
@@ -80,25 +67,15 @@ print("RESULT " + json.dumps({"s_per_step": seconds, "faults_per_step": faults,
 
 
 def bare_run(kind: str, setting: str, steps: int) -> dict:
-    env = {**os.environ, "SDFTLAB_CPU_ALLOC": setting}
-    out = subprocess.run(
-        [sys.executable, "-c", BARE_CHILD, str(Path(__file__).parent), kind, str(steps)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
+    result = run_child(
+        BARE_CHILD,
+        [str(Path(__file__).parent), kind, str(steps)],
+        {**os.environ, "SDFTLAB_CPU_ALLOC": setting},
+        f"bare run {kind}/{setting}",
     )
-    lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        raise RuntimeError(f"bare run {kind}/{setting} failed:\n{out.stderr[-3000:]}")
-    result = json.loads(lines[-1][len("RESULT ") :])
     if result["tuned"] != (setting == "heap"):
         raise RuntimeError(f"{setting}: the allocator tuning was {result['tuned']}")
     return result
-
-
-def mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
 
 
 def main() -> None:

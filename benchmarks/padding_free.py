@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import sys
 import time
 from pathlib import Path
@@ -71,21 +72,24 @@ def padded(docs: list[tuple[list, list]], pad_id: int) -> dict[str, torch.Tensor
     return {k: torch.from_numpy(v) for k, v in pad_batch(rows, pad_id).items()}
 
 
-def time_steps(model, batches: list[dict[str, torch.Tensor]], warmup: int) -> float:
-    """Seconds per full training step over `batches` (the first `warmup` not timed)."""
+def time_steps(model, batches: list[dict[str, torch.Tensor]], warmup: int) -> tuple[float, float]:
+    """Seconds and minor page faults per full training step over `batches` (the first
+    `warmup` not counted)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
     use_bf16 = tu.cpu_supports_bf16()
     for i, batch in enumerate(batches):
         if i == warmup:
-            t0 = time.perf_counter()
+            t0, faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
             loss = model(**batch, use_cache=False).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-    return (time.perf_counter() - t0) / (len(batches) - warmup)
+    timed = len(batches) - warmup
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return (time.perf_counter() - t0) / timed, faults / timed
 
 
 def main() -> None:
@@ -118,7 +122,7 @@ def main() -> None:
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
             tu.use_training_attention(model, torch.device("cpu"))
-            row[f"{form} s/step"] = time_steps(model, batches, args.warmup)
+            row[f"{form} s/step"] = time_steps(model, batches, args.warmup)[0]
             row[f"{form} tokens/step"] = sum(b["input_ids"].numel() for b in batches) / n
         row["speed-up"] = row["padded s/step"] / row["padding-free s/step"]
         results.append(row)

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,16 +72,23 @@ def run_stage(
     child_env.pop("RAY_DATA_DISABLE_PROGRESS_BARS", None)
     if not bars:  # as the pipelines run; `sdftlab degrade` / `recover` show Ray Data's bars
         child_env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    args = [str(lineage_root), name, str(steps), json.dumps(sft or {})]
+    return run_child(CHILD, args, child_env, f"SFT run {name}")
+
+
+def run_child(code: str, args: Sequence[str], env: Mapping[str, str], what: str) -> dict[str, Any]:
+    """Run `code` in a fresh Python process with `args` and `env`; the JSON of its last
+    `RESULT ` line (a `RuntimeError` naming `what`, with the stderr tail, if it fails)."""
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(lineage_root), name, str(steps), json.dumps(sft or {})],
-        env=child_env,
+        [sys.executable, "-c", code, *args],
+        env=dict(env),
         capture_output=True,
         text=True,
         check=False,
     )
     lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
-        raise RuntimeError(f"SFT run {name} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{what} failed:\n{out.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT ") :])
 
 
