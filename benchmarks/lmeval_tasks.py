@@ -46,7 +46,7 @@ def main() -> None:
                 names = write_task_yamls(files, Path(tmp))
                 t0 = time.perf_counter()
                 manager = TaskManager(include_path=tmp, include_defaults=defaults)
-                tasks = manager.load_task_or_group(names)
+                tasks = manager.load_task_or_group(list(names))
                 seconds[defaults].append(time.perf_counter() - t0)
                 loaded[defaults] = sorted(tasks)
     lineage = Lineage(sdftlab_home() / "lineage")

@@ -49,6 +49,13 @@ def test_lm_eval_mmlu_and_winogrande_match_a_hand_computed_score(small_world):
     assert got["mmlu/acc"] == pytest.approx(hits / len(mmlu))
     assert got["mmlu/n"] == len(mmlu)  # rows scored, recorded beside the accuracy
 
+    hits = 0  # the cloze formulation (lm-eval's mmlu_continuation): each option's own text
+    for row in mmlu:
+        prompt = f"Question: {row['question'].strip()}\nAnswer:"
+        scores = [_logprob(model, tok, prompt, f" {choice}") for choice in row["choices"]]
+        hits += int(max(range(4), key=scores.__getitem__) == row["answer"])
+    assert got["mmlu/acc_cloze"] == pytest.approx(hits / len(mmlu))
+
     wino = [json.loads(line) for line in files["winogrande"].read_text().splitlines()]
     hits = 0
     for row in wino:  # partial scoring: option substituted, shared continuation scored
@@ -100,7 +107,8 @@ def test_cli_eval_prints_a_table_and_records_metrics(small_world, capsys):
     assert "| state | science/acc | science/acc_demo | tooluse/acc |" in out
     printed = json.loads(out.strip().splitlines()[-1])
     recorded = lineage.meta("base").metrics
-    for key in ("science/acc", "science/acc_demo", "tooluse/acc", "tooluse/acc_demo", "mmlu/acc"):
+    keys = ("science/acc", "science/acc_demo", "tooluse/acc", "tooluse/acc_demo", "mmlu/acc")
+    for key in (*keys, "mmlu/acc_cloze"):
         assert 0.0 <= printed[key] <= 1.0
         assert recorded[key] == printed[key]
 

@@ -79,8 +79,12 @@ def test_a_bad_graph_fails_the_job_before_any_work(tmp_path, monkeypatch, capsys
 
 def test_evaluation_is_reused_only_when_every_figure_asked_for_is_there_at_the_same_rows():
     rows = {"science/n": 200.0, "mmlu/n": 300.0}
-    done = {"science/acc": 0.4, "science/n": 200.0, "mmlu/acc": 0.3, "mmlu/n": 300.0}
+    mmlu = {"mmlu/acc": 0.3, "mmlu/acc_cloze": 0.4, "mmlu/n": 300.0}  # both formulations
+    done = {"science/acc": 0.4, "science/n": 200.0, **mmlu}
     assert not needs_evaluation(done, rows, with_demonstration=False)
+    # A state scored before MMLU's cloze figure existed is scored again.
+    letter_only = {k: v for k, v in done.items() if k != "mmlu/acc_cloze"}
+    assert needs_evaluation(letter_only, rows, with_demonstration=False)
     assert needs_evaluation({**done, "mmlu/n": 100.0}, rows, with_demonstration=False)
     assert needs_evaluation(
         {"science/acc": 0.4, "science/n": 200.0}, rows, with_demonstration=False
@@ -91,8 +95,7 @@ def test_evaluation_is_reused_only_when_every_figure_asked_for_is_there_at_the_s
     assert not needs_evaluation(teacher, rows, with_demonstration=True)
     assert needs_evaluation({**teacher, "science/n_demo": 100.0}, rows, with_demonstration=True)
     # Without a generation task there is no demonstration figure to wait for.
-    general = {"mmlu/acc": 0.3, "mmlu/n": 300.0}
-    assert not needs_evaluation(general, {"mmlu/n": 300.0}, with_demonstration=True)
+    assert not needs_evaluation(mmlu, {"mmlu/n": 300.0}, with_demonstration=True)
     tool = {
         "tooluse/acc": 0.9,
         "tooluse/n": 200.0,
@@ -136,7 +139,10 @@ def test_forgetting_pipeline_reports_and_skips_finished_stages(small_world, tmp_
     results = pd.read_parquet(report.parent / "results.parquet")
     assert {"base", "expert", "forgot", "rec_expert", "sft_baseline"} <= set(results["state"])
     assert "rec_base" not in set(results["state"])  # left out with stages.rec_base=null
-    assert {"science/acc", "mmlu/acc", "cka/expert/last_layer"} <= set(results["metric"])
+    assert {"science/acc", "mmlu/acc", "mmlu/acc_cloze", "cka/expert/last_layer"} <= set(
+        results["metric"]
+    )
+    assert "| state | mmlu/acc | mmlu/acc_cloze | winogrande/acc |" in text
     assert lineage.meta("rec_expert").parents == ["forgot", "expert"]
 
     # Resubmitted with the same config: every training stage is skipped.

@@ -45,6 +45,7 @@ KEY_METRICS = (
     "tooluse/acc",
     "tooluse/acc_demo",
     "mmlu/acc",
+    "mmlu/acc_cloze",
     "winogrande/acc",
 )
 

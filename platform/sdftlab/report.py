@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from sdftlab.evaluate.general import GENERAL_METRICS
 from sdftlab.lineage import Lineage
 
 TASK_COLUMNS = ("science/acc", "science/acc_demo", "tooluse/acc", "tooluse/acc_demo")
-GENERAL_COLUMNS = ("mmlu/acc", "winogrande/acc")
+GENERAL_COLUMNS = GENERAL_METRICS  # mmlu/acc, mmlu/acc_cloze, winogrande/acc
 
 
 def results_frame(lineage: Lineage, states: Sequence[str]) -> pd.DataFrame:
@@ -98,6 +99,13 @@ def write_report(
         lines = [f"# {title}", ""]
         lines += ["## Task accuracy (%)", "", _table(wide, TASK_COLUMNS), ""]
         lines += ["## General capability (%, lm-eval)", "", _table(wide, GENERAL_COLUMNS), ""]
+        if "mmlu/acc_cloze" in wide.columns:
+            lines += [
+                "`mmlu/acc`: the letter after `Answer:` (lm-eval's `mmlu`); `mmlu/acc_cloze`: "
+                "each option's own text (its `mmlu_continuation`), the form small models are "
+                "read by. Chance: 25% (MMLU), 50% (Winogrande).",
+                "",
+            ]
         if cka_frames:
             plot_cka_by_layer(cka_frames, reference, tmp / "cka_by_layer.png")
             mean_col = f"cka/{label}/mean_over_layers"

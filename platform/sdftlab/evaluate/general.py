@@ -6,8 +6,16 @@ and the task files here *include* lm-eval's own `mmlu` and `winogrande` task def
 JSON/JSONL/parquet file with the same columns — so the tiny world's files and real
 `cais/mmlu` / `allenai/winogrande` exports drop in alike.
 
+MMLU is scored in both of lm-eval's formulations over the same file: `mmlu/acc`, the letter
+after `Answer:` (its `mmlu` task, the multiple-choice formulation the paper's tables use),
+and `mmlu/acc_cloze`, each option's own text after `Question: …\nAnswer:` (its
+`mmlu_continuation` task, the cloze formulation). Small models answer the letter form at
+chance long before they know nothing — pointing at the option that holds a fact is a skill
+of its own — so evaluations of small models (OLMES, SmolLM) read the cloze form; the tiny
+world's `base` scores 26% on the letter form and 41% on the cloze form (chance 25%).
+
     >>> general_capability(model, tokenizer, {"mmlu": "mmlu_eval.jsonl"})
-    {'mmlu/acc': 0.71}
+    {'mmlu/acc': 0.26, 'mmlu/n': 300.0, 'mmlu/acc_cloze': 0.41}
 """
 
 from __future__ import annotations
@@ -23,11 +31,16 @@ import yaml
 from sdftlab.errors import DataError
 
 GENERAL_TASKS = ("mmlu", "winogrande")
-# The lm-eval task each of ours includes (paths inside the installed lm_eval package).
-_UPSTREAM = {
-    "mmlu": ("mmlu", "default", "_default_template_yaml"),
-    "winogrande": ("winogrande", "default.yaml"),
+# Each task's formulations: the metric each records and the lm-eval task file it includes
+# (a path inside the installed lm_eval package).
+FORMULATIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "mmlu": {
+        "acc": ("mmlu", "default", "_default_template_yaml"),
+        "acc_cloze": ("mmlu", "continuation", "_continuation_template_yaml"),
+    },
+    "winogrande": {"acc": ("winogrande", "default.yaml")},
 }
+GENERAL_METRICS = tuple(f"{t}/{m}" for t, forms in FORMULATIONS.items() for m in forms)
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _REQUIRED = {
     "mmlu": ("question", "choices", "answer"),
@@ -35,10 +48,10 @@ _REQUIRED = {
 }
 
 
-def _upstream_yaml(task: str) -> Path:
+def _upstream_yaml(task: str, metric: str = "acc") -> Path:
     import lm_eval
 
-    path = Path(lm_eval.__file__).parent / "tasks" / Path(*_UPSTREAM[task])
+    path = Path(lm_eval.__file__).parent / "tasks" / Path(*FORMULATIONS[task][metric])
     if not path.is_file():
         raise RuntimeError(f"lm-eval {lm_eval.__version__} has no {path}; reinstall lm-eval 0.4.x")
     return path
@@ -73,27 +86,31 @@ def _check_file(task: str, path: Path) -> str:
     return builder
 
 
-def write_task_yamls(files: Mapping[str, str | Path], directory: Path) -> list[str]:
-    """Write one lm-eval task YAML per general task into `directory`; return the task names."""
-    names = []
+def write_task_yamls(files: Mapping[str, str | Path], directory: Path) -> dict[str, str]:
+    """Write one lm-eval task YAML per general task and formulation into `directory`; return
+    {lm-eval task name: the metric it records (`mmlu/acc`, `mmlu/acc_cloze`, …)}."""
+    names = {}
     for task, file in files.items():
         path = Path(file).resolve()
         builder = _check_file(task, path)
-        spec: dict[str, Any] = {
-            "include": str(_upstream_yaml(task)),
-            "task": f"sdftlab_{task}",
-            "dataset_path": builder,
-            "dataset_name": None,
-            "dataset_kwargs": {"data_files": {"test": str(path)}},
-            "test_split": "test",
-            "validation_split": None,
-            "training_split": None,
-            "fewshot_split": None,
-        }
-        if task == "mmlu":
-            spec["fewshot_config"] = None
-        (directory / f"sdftlab_{task}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-        names.append(f"sdftlab_{task}")
+        for metric in FORMULATIONS[task]:
+            form = metric.removeprefix("acc").removeprefix("_")  # "", "cloze"
+            name = f"sdftlab_{task}_{form}" if form else f"sdftlab_{task}"
+            spec: dict[str, Any] = {
+                "include": str(_upstream_yaml(task, metric)),
+                "task": name,
+                "dataset_path": builder,
+                "dataset_name": None,
+                "dataset_kwargs": {"data_files": {"test": str(path)}},
+                "test_split": "test",
+                "validation_split": None,
+                "training_split": None,
+                "fewshot_split": None,
+            }
+            if task == "mmlu":
+                spec["fewshot_config"] = None
+            (directory / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+            names[name] = f"{task}/{metric}"
     return names
 
 
@@ -105,8 +122,9 @@ def general_capability(
     batch_size: int = 32,
     limit: int | None = None,
 ) -> dict[str, float]:
-    """Accuracy (`<task>/acc`) of an in-memory model on each general task file, via lm-eval,
-    and the number of rows it scored (`<task>/n`)."""
+    """Accuracy of an in-memory model on each general task file, via lm-eval, in each of the
+    task's formulations (`mmlu/acc`, `mmlu/acc_cloze`, `winogrande/acc`), and the number of
+    rows it scored (`<task>/n`)."""
     if not files:
         return {}
     from lm_eval import evaluator
@@ -122,7 +140,7 @@ def general_capability(
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = evaluator.simple_evaluate(
             model=lm,
-            tasks=names,
+            tasks=list(names),
             task_manager=manager,
             num_fewshot=0,
             limit=limit,
@@ -130,9 +148,7 @@ def general_capability(
             bootstrap_iters=0,
         )
     metrics: dict[str, float] = {}
-    for name in names:
-        result = out["results"][name]
-        task = name.removeprefix("sdftlab_")
-        metrics[f"{task}/acc"] = float(result["acc,none"])
-        metrics[f"{task}/n"] = float(out["n-samples"][name]["effective"])
+    for name, metric in names.items():
+        metrics[metric] = float(out["results"][name]["acc,none"])
+        metrics[f"{metric.split('/')[0]}/n"] = float(out["n-samples"][name]["effective"])
     return metrics

@@ -1,7 +1,8 @@
 """Evaluate a lineage state on task accuracy and general capability; record the metrics.
 
 Tasks: `science`, `tooluse` (greedy generation, reference scorers; optionally also with the
-demonstration in context: `<task>/acc_demo`) and `mmlu`, `winogrande` (lm-evaluation-harness).
+demonstration in context: `<task>/acc_demo`) and `mmlu`, `winogrande` (lm-evaluation-harness;
+MMLU in its letter and its cloze formulation, `mmlu/acc` and `mmlu/acc_cloze`).
 Each task also records `<task>/n` (and `<task>/n_demo`), the number of rows scored, so a
 pipeline can tell a figure taken at another `limit` from a current one.
 Data defaults to the tiny world's eval splits; `--data task=PATH` points at real files.
@@ -25,7 +26,7 @@ from sdftlab.lineage import Lineage
 
 GENERATION_TASKS = ("science", "tooluse")
 ALL_TASKS = GENERATION_TASKS + GENERAL_TASKS
-ACCURACY_SUFFIXES = ("/acc", "/acc_demo")  # `<task>/n` (rows scored) is recorded beside them
+ACCURACY_SUFFIXES = ("/acc", "/acc_demo", "/acc_cloze")  # `<task>/n` (rows scored) beside them
 
 
 def parse_tasks(spec: str | Sequence[str]) -> list[str]:

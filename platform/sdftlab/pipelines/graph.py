@@ -341,11 +341,13 @@ def needs_evaluation(
     """Whether a state's recorded `metrics` lack a figure asked for, or hold one taken on
     another number of rows. `rows` maps `<task>/n` to the rows the config scores; with the
     demonstration, the generation tasks are scored a second time (`acc_demo`, `n_demo`)."""
+    from sdftlab.evaluate.general import FORMULATIONS
     from sdftlab.evaluate.run import GENERATION_TASKS
 
     tasks = [key.removesuffix("/n") for key in rows]
     demo_tasks = [t for t in tasks if t in GENERATION_TASKS] if with_demonstration else []
-    wanted = {f"{t}/acc" for t in tasks} | {f"{t}/acc_demo" for t in demo_tasks}
+    wanted = {f"{t}/{m}" for t in tasks for m in FORMULATIONS.get(t, ("acc",))}
+    wanted |= {f"{t}/acc_demo" for t in demo_tasks}
     counts = {**rows, **{f"{t}/n_demo": rows[f"{t}/n"] for t in demo_tasks}}
     return not wanted <= set(metrics) or any(metrics.get(k) != n for k, n in counts.items())
 
