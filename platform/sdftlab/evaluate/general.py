@@ -10,9 +10,10 @@ MMLU is scored in both of lm-eval's formulations over the same file: `mmlu/acc`,
 after `Answer:` (its `mmlu` task, the multiple-choice formulation the paper's tables use),
 and `mmlu/acc_cloze`, each option's own text after `Question: …\nAnswer:` (its
 `mmlu_continuation` task, the cloze formulation). Small models answer the letter form at
-chance long before they know nothing — pointing at the option that holds a fact is a skill
-of its own — so evaluations of small models (OLMES, SmolLM) read the cloze form; the tiny
-world's `base` scores 26% on the letter form and 41% on the cloze form (chance 25%).
+chance while they already know part of the content — pointing at the option that holds a
+fact is a skill of its own — so evaluations of small models (OLMES, SmolLM) read the cloze
+form; the tiny world's `base` scores 26% on the letter form and 41% on the cloze form
+(chance 25%).
 
     >>> general_capability(model, tokenizer, {"mmlu": "mmlu_eval.jsonl"})
     {'mmlu/acc': 0.26, 'mmlu/n': 300.0, 'mmlu/acc_cloze': 0.41}
@@ -48,7 +49,7 @@ _REQUIRED = {
 }
 
 
-def _upstream_yaml(task: str, metric: str = "acc") -> Path:
+def _upstream_yaml(task: str, metric: str) -> Path:
     import lm_eval
 
     path = Path(lm_eval.__file__).parent / "tasks" / Path(*FORMULATIONS[task][metric])
@@ -94,8 +95,7 @@ def write_task_yamls(files: Mapping[str, str | Path], directory: Path) -> dict[s
         path = Path(file).resolve()
         builder = _check_file(task, path)
         for metric in FORMULATIONS[task]:
-            form = metric.removeprefix("acc").removeprefix("_")  # "", "cloze"
-            name = f"sdftlab_{task}_{form}" if form else f"sdftlab_{task}"
+            name = f"sdftlab_{task}{metric.removeprefix('acc')}"  # sdftlab_mmlu, …_mmlu_cloze
             spec: dict[str, Any] = {
                 "include": str(_upstream_yaml(task, metric)),
                 "task": name,
