@@ -72,3 +72,28 @@ def test_a_local_cluster_runs_its_workers_at_niceness_zero():
         return os.nice(0)
 
     assert ray.get(niceness.remote()) == 0
+
+
+def test_a_train_workers_print_reaches_the_driver_once(tmp_path):
+    """Ray Train V2 patches `print` in its workers to log it, and tees it to stdout as well when
+    `sys.stdout` is wrapped — which in a Ray worker it always is — so every progress line of an
+    SFT or SDFT worker was shown twice. The workers run with the patch off."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from sdftlab.raycluster import ensure_ray
+
+    ensure_ray(num_cpus=2)
+
+    def loop(_config: dict) -> None:
+        import builtins
+
+        if builtins.print.__name__ != "print":
+            raise AssertionError(f"print in the train worker is {builtins.print.__qualname__}")
+
+    trainer = TorchTrainer(
+        loop,
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name="print-once", storage_path=str(tmp_path)),
+    )
+    assert trainer.fit().error is None  # a worker's error fails fit(); this one did not

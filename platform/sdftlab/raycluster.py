@@ -5,6 +5,9 @@ otherwise `ray.init()` starts a local one. The dashboard stays on (Ray Train V2 
 State API behind it) but listens on 127.0.0.1 only. `RAY_DATA_DISABLE_PROGRESS_BARS`, when
 set in the driver's environment, reaches every worker: the pipelines set it, since they print
 a progress line per stage and Ray Data's bars from inside the train workers would bury it.
+Ray Train's print patching is off in every worker (`RAY_TRAIN_ENABLE_PRINT_PATCH=0`): it
+logs each `print` and also tees it to stdout whenever `sys.stdout` is wrapped, which in a Ray
+worker it always is, so every progress line of a train worker reached the driver twice.
 
 A local cluster starts its workers at niceness 0 instead of Ray's 15
 (`RAY_worker_niceness`; a value already in the environment wins). On a laptop the train
@@ -29,7 +32,11 @@ PASSED_THROUGH = ("RAY_DATA_DISABLE_PROGRESS_BARS", "SDFTLAB_CPU_ALLOC")
 
 def worker_env() -> dict[str, str]:
     """The environment every Ray worker gets (the `runtime_env` of `ensure_ray`)."""
-    env_vars = {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env_vars = {
+        "RAY_TRAIN_V2_ENABLED": "1",
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # a worker's print reaches the driver once
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     if trust_remote_code():  # an explicit opt-in reaches every worker, or none
         env_vars[TRUST_REMOTE_CODE_ENV] = "1"
     env_vars.update({k: os.environ[k] for k in PASSED_THROUGH if k in os.environ})
