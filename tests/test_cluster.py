@@ -44,19 +44,20 @@ def test_a_broken_copy_fails_validation(breakage, error, message):
     assert type(info.value).__name__ == error and message in str(info.value)
 
 
-def test_worker_env_passes_the_progress_bar_switch_and_only_opt_ins(monkeypatch):
+def test_worker_env_passes_the_progress_bar_switches_and_only_opt_ins(monkeypatch):
     from sdftlab.config import TRUST_REMOTE_CODE_ENV
     from sdftlab.raycluster import worker_env
 
-    monkeypatch.delenv("RAY_DATA_DISABLE_PROGRESS_BARS", raising=False)
-    monkeypatch.delenv(TRUST_REMOTE_CODE_ENV, raising=False)
+    switches = ("RAY_DATA_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS")
+    for name in (*switches, TRUST_REMOTE_CODE_ENV):
+        monkeypatch.delenv(name, raising=False)
     base = worker_env()
     assert base["RAY_TRAIN_V2_ENABLED"] == "1"
-    assert "RAY_DATA_DISABLE_PROGRESS_BARS" not in base and TRUST_REMOTE_CODE_ENV not in base
-    monkeypatch.setenv("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    monkeypatch.setenv(TRUST_REMOTE_CODE_ENV, "1")
+    assert not {*switches, TRUST_REMOTE_CODE_ENV} & set(base)
+    for name in (*switches, TRUST_REMOTE_CODE_ENV):
+        monkeypatch.setenv(name, "1")
     env = worker_env()
-    assert env["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1" and env[TRUST_REMOTE_CODE_ENV] == "1"
+    assert all(env[name] == "1" for name in (*switches, TRUST_REMOTE_CODE_ENV))
 
 
 def test_a_local_cluster_runs_its_workers_at_niceness_zero():

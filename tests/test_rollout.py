@@ -1,7 +1,10 @@
 """The transformers rollout engine: batched, left-padded generation whose log-probs are the
-model's own (what the trainer computes), per prompt and per sample."""
+model's own (what the trainer computes), per prompt and per sample; which vLLM reload warnings
+the rollout actors drop."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from sdftlab.rollout.engines import HFEngine, SamplingSettings
+from sdftlab.rollout.vllm_ext import RELOAD_LOGGER, ComputedCacheReloadFilter
 
 EOS, PAD = 1, 0
 
@@ -58,3 +62,21 @@ def test_a_seed_makes_sampling_repeatable(model):
     settings = SamplingSettings(max_new_tokens=8, seed=7)
     first = [c.token_ids for c in engine.generate(PROMPTS, settings)]
     assert first == [c.token_ids for c in engine.generate(PROMPTS, settings)]
+
+
+def _reload_warning(layer: str) -> logging.LogRecord:
+    return logging.LogRecord(
+        RELOAD_LOGGER, logging.WARNING, __file__, 0, "%s: Failed to load weights", (layer,), None
+    )
+
+
+def test_only_the_rotary_caches_reload_warning_is_dropped():
+    """The rotary cos/sin cache is computed, never loaded: vLLM's per-sync warning about it
+    is dropped. A layer with real weights that failed to load still warns."""
+    keep = ComputedCacheReloadFilter()
+    assert not keep.filter(_reload_warning("RotaryEmbedding"))
+    assert not keep.filter(_reload_warning("Llama3RotaryEmbedding"))
+    assert keep.filter(_reload_warning("QKVParallelLinear"))
+    other = logging.LogRecord(RELOAD_LOGGER, logging.WARNING, "", 0, "reload %s", ("x",), None)
+    assert keep.filter(other)
+    assert keep.dropped == 2

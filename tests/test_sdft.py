@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -120,6 +121,8 @@ def test_teacher_with_another_vocabulary_is_rejected(small_world, tmp_path, tiny
 @pytest.mark.slow
 def test_vllm_log_probs_match_the_trainer_after_a_sync_and_not_before(small_world):
     pytest.importorskip("vllm")
+    import ray
+
     from sdftlab.raycluster import ensure_ray
     from sdftlab.rollout.engines import SamplingSettings
     from sdftlab.rollout.pool import RolloutPool
@@ -134,6 +137,15 @@ def test_vllm_log_probs_match_the_trainer_after_a_sync_and_not_before(small_worl
             logits = model(input_ids=torch.tensor([prompt + completion])).logits[0]
         logp = F.log_softmax(logits[len(prompt) - 1 : -1].float(), -1)
         return logp.gather(-1, torch.tensor(completion).unsqueeze(-1)).squeeze(-1)
+
+    def reload_log_state(_actor) -> tuple[int, int]:  # runs in the rollout actor
+        import logging
+
+        from sdftlab.rollout.vllm_ext import RELOAD_LOGGER, ComputedCacheReloadFilter
+
+        reload_logger = logging.getLogger(RELOAD_LOGGER)
+        kept = [f for f in reload_logger.filters if isinstance(f, ComputedCacheReloadFilter)]
+        return sum(f.dropped for f in kept), logging.getLogger("vllm").getEffectiveLevel()
 
     def engine_logp(pool) -> torch.Tensor:
         rows = pool.score([prompt + completion], [len(prompt)], k=1)[0]  # top-1 + the token
@@ -162,6 +174,10 @@ def test_vllm_log_probs_match_the_trainer_after_a_sync_and_not_before(small_worl
         # Tolerance: fp32 on both sides, different kernels: |Δ log p| ≤ 1e-4.
         assert torch.allclose(engine_logp(pool), trainer_logp(), atol=1e-4)
         assert seconds < 30
+        # The sync's one warning about the computed rotary cache was dropped, and vLLM logs
+        # at WARNING in the actor (its INFO lines buried the progress lines).
+        dropped, level = ray.get(pool.actors[0].__ray_call__.remote(reload_log_state))
+        assert dropped >= 1 and level == logging.WARNING
 
         # A seeded batch larger than one scheduler step (chunked prefill) samples fine.
         prompts = [list(range(3, 3 + 200 + i % 7)) for i in range(256)]

@@ -2,9 +2,10 @@
 
 Under `ray job submit` (or with `RAY_ADDRESS` set) the driver joins the existing cluster;
 otherwise `ray.init()` starts a local one. The dashboard stays on (Ray Train V2 needs the
-State API behind it) but listens on 127.0.0.1 only. `RAY_DATA_DISABLE_PROGRESS_BARS`, when
-set in the driver's environment, reaches every worker: the pipelines set it, since they print
-a progress line per stage and Ray Data's bars from inside the train workers would bury it.
+State API behind it) but listens on 127.0.0.1 only. `RAY_DATA_DISABLE_PROGRESS_BARS` and
+`HF_HUB_DISABLE_PROGRESS_BARS` (transformers' loading and saving bars), when set in the
+driver's environment, reach every worker: the pipelines set them, since they print a progress
+line per stage and the bars from inside the train workers would bury it.
 Ray Train's print patching is off in every worker (`RAY_TRAIN_ENABLE_PRINT_PATCH=0`): it
 logs each `print` and also tees it to stdout whenever `sys.stdout` is wrapped, which in a Ray
 worker it always is, so every progress line of a train worker reached the driver twice.
@@ -27,7 +28,11 @@ from typing import Any
 
 from sdftlab.config import TRUST_REMOTE_CODE_ENV, trust_remote_code
 
-PASSED_THROUGH = ("RAY_DATA_DISABLE_PROGRESS_BARS", "SDFTLAB_CPU_ALLOC")
+PASSED_THROUGH = (
+    "RAY_DATA_DISABLE_PROGRESS_BARS",
+    "HF_HUB_DISABLE_PROGRESS_BARS",
+    "SDFTLAB_CPU_ALLOC",
+)
 
 
 def worker_env() -> dict[str, str]:

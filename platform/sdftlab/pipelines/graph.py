@@ -365,8 +365,14 @@ def run_pipeline(
     names = order(cfg.stages)
     if cfg.trust_remote_code:  # before Ray starts: its workers inherit the environment
         os.environ[TRUST_REMOTE_CODE_ENV] = "1"
-    # One progress line per stage: no Ray Data progress bars from inside the workers.
+    # One progress line per stage: no Ray Data or transformers progress bars (the workers
+    # inherit the switches; this process has imported transformers already).
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None

@@ -3,7 +3,9 @@
 Each actor loads one state once (`VLLMEngine`); the pool splits a batch of prompts across
 actors, and pushes new weights to all of them from one object-store copy (`ray.put` once,
 one `collective_rpc` per actor with every tensor in it). On a cluster, give actors GPUs with
-`gpus_per_actor`; on a laptop they share the CPUs with the train workers.
+`gpus_per_actor`; on a laptop they share the CPUs with the train workers. vLLM logs at
+WARNING in the actors (its INFO lines, a few per weight sync, buried the progress lines); set
+`VLLM_LOGGING_LEVEL` in the driver's environment to choose another level.
 
     >>> pool = RolloutPool.start(lineage.local_path("forgot"), actors=2, cpus_per_actor=0.5)
     >>> completions = pool.generate(prompt_ids, SamplingSettings(n=1, max_new_tokens=64))
@@ -80,12 +82,16 @@ class RolloutPool:
         """Start `actors` engines on `model_path`. With `wait=False` the engines load in the
         background (a Ray Train worker group can start meanwhile); `wait_ready` then blocks
         until they are up and raises an engine's start-up error."""
+        import os
+
         import ray
 
+        env = {
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+        }
         remote = ray.remote(RolloutServer).options(
-            num_cpus=cpus_per_actor,
-            num_gpus=gpus_per_actor,
-            runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}},
+            num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, runtime_env={"env_vars": env}
         )
         handles = [
             remote.remote(str(model_path), seed + i, engine_kwargs or {}) for i in range(actors)
