@@ -14,6 +14,7 @@ WARNING in the actors (its INFO lines, a few per weight sync, buried the progres
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -82,8 +83,6 @@ class RolloutPool:
         """Start `actors` engines on `model_path`. With `wait=False` the engines load in the
         background (a Ray Train worker group can start meanwhile); `wait_ready` then blocks
         until they are up and raises an engine's start-up error."""
-        import os
-
         import ray
 
         env = {
