@@ -4,7 +4,7 @@ Everything is seeded by `WorldConfig.seed` and cached under `<home>/world/<confi
 a second build with the same config reuses it. The base model lands in the lineage as the
 state `base` (kind `world`), the root of every pipeline.
 
-    sdftlab world build                       # defaults: ≈ 5–8 min on 2 cores (cached)
+    sdftlab world build                       # defaults: ≈ 5–6 min on 2 cores (cached)
     sdftlab world build pretrain.steps=400    # smaller, for a quick look
 """
 
