@@ -73,3 +73,16 @@ def small_world(tmp_path_factory, small_world_config):
     lineage = Lineage(home / "lineage")
     world = build_world(cfg, lineage, home, log=lambda _: None)
     return world, lineage, home
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """(lineage, name) with the packaged SmolLM2-135M-Instruct imported once per session.
+
+    The real-model extra is part of the dev install (`scripts/setup.sh --dev`): without it this
+    fixture fails with the install command, it does not skip."""
+    from sdftlab.importer import import_model
+
+    lineage = Lineage(tmp_path_factory.mktemp("real") / "lineage")
+    import_model(lineage, "smollm2-135m", "smol", log=lambda _: None)
+    return lineage, "smol"

@@ -2,6 +2,7 @@
 
     sdftlab world build [--config world.yaml] [key=value ...]   build the tiny world + `base`
     sdftlab world info                                           where the current world lives
+    sdftlab import SOURCE --to NAME      an HF folder, a .gguf file, a hub id or smollm2-135m
     sdftlab eval STATE [--tasks science,tooluse,mmlu,winogrande] [--demo] [--data task=PATH]
     sdftlab degrade sft --from base --to expert --data science [--steps N] [key=value ...]
     sdftlab degrade quantize --from expert --to nf4
@@ -77,6 +78,15 @@ def _data_overrides(items: list[str]) -> dict[str, Path]:
             raise SdftlabError(f"--data {item!r}: write TASK=PATH, e.g. --data science=eval.jsonl")
         files[task] = Path(path)
     return files
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from sdftlab.importer import import_model
+
+    lineage = _lineage(args)
+    import_model(lineage, args.source, args.dst, overwrite=args.overwrite)
+    print(lineage.tree())
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -271,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--overwrite", action="store_true", help="rebuild and replace `base`")
     world.add_argument("overrides", nargs="*", metavar="key=value")
     world.set_defaults(func=cmd_world)
+
+    imp = sub.add_parser("import", help="bring a pretrained model into the lineage")
+    imp.add_argument(
+        "source", help="an HF model folder, a .gguf file, a hub id (org/name) or smollm2-135m"
+    )
+    imp.add_argument("--to", dest="dst", required=True, help="the new state's name")
+    imp.add_argument("--overwrite", action="store_true")
+    imp.set_defaults(func=cmd_import)
 
     ev = sub.add_parser("eval", help="evaluate a state and record its metrics")
     ev.add_argument("state", help="a lineage state name or a Hugging Face model directory")

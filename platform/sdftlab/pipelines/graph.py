@@ -14,9 +14,9 @@ options — then how to evaluate, compare and report:
     report: {dir: runs/forgetting, degraded: forgot}
 
 Kinds: `world` (the embedded tiny world, built or cached; its options are a `WorldConfig`),
-`import` (a local Hugging Face directory), `sft`, `sdft` (a `RecoverConfig`, on- or
-off-policy), `quantize` (NF4) and `prune` (structured FFN). Every name a stage reads — its
-`from`, an SDFT `teacher`, the CKA reference, the report's degraded state — must be made by
+`import` (an HF folder, a GGUF file, a hub id or a packaged model: `sdftlab.importer`),
+`sft`, `sdft` (a `RecoverConfig`, on- or off-policy), `quantize` (NF4) and `prune`
+(structured FFN). Every name a stage reads — its `from`, an SDFT `teacher`, the CKA reference, the report's degraded state — must be made by
 a stage of the same config, and the stages must not form a cycle: `PipelineConfig` checks
 that (and every option) when the file is loaded, so a bad config fails before any work.
 
@@ -70,7 +70,10 @@ class PruneSpec(StrictModel):
 
 
 class ImportSpec(StrictModel):
-    path: str = Field(description="a local Hugging Face model directory (safetensors)")
+    path: str = Field(
+        description="an HF model folder, a .gguf file, a hub id (org/name) or a packaged model "
+        "(smollm2-135m); see `sdftlab.importer`"
+    )
 
 
 def _input(description: str) -> Any:
@@ -274,6 +277,8 @@ def recorded_config(stage: Any) -> dict[str, Any]:
         return {"recover": options}
     if isinstance(stage, PruneStage):  # the calibration is not recorded (magnitude needs none)
         return {k: options[k] for k in ("ratio", "importance", "multiple_of")}
+    if isinstance(stage, ImportStage):  # the importer records its provenance under `source`
+        return {"source": options["path"]}
     return options
 
 
@@ -311,6 +316,7 @@ def _execute(name: str, stage: Any, lineage: Lineage, data_dir: Path | None, log
     from sdftlab.degrade.quantize import quantize_state
     from sdftlab.degrade.sft import run_sft
     from sdftlab.distill.sdft import recover
+    from sdftlab.importer import import_model
 
     sub: Log = lambda m: log("   " + m)  # noqa: E731
     options = spec(stage)
@@ -331,8 +337,7 @@ def _execute(name: str, stage: Any, lineage: Lineage, data_dir: Path | None, log
             multiple_of=options.multiple_of, calibration=calibration, overwrite=True,
         )  # fmt: skip
     elif isinstance(stage, ImportStage):
-        lineage.save_dir(name, Path(stage.path), kind="import", config={"path": stage.path},
-                         overwrite=lineage.exists(name))  # fmt: skip
+        import_model(lineage, stage.path, name, overwrite=True, log=sub)
 
 
 def needs_evaluation(
