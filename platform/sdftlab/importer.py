@@ -278,8 +278,6 @@ def import_model(
                         path.unlink()
                 tokenizer.save_pretrained(patched)
                 folder = patched
-        meta = lineage.save_dir(
-            name, folder, kind="import", config=provenance, overwrite=overwrite
-        )
+        meta = lineage.save_dir(name, folder, kind="import", config=provenance, overwrite=overwrite)
     log(f"  saved {name} (sha256 {provenance['sha256'][:12]}…)")
     return meta

@@ -16,9 +16,10 @@ options — then how to evaluate, compare and report:
 Kinds: `world` (the embedded tiny world, built or cached; its options are a `WorldConfig`),
 `import` (an HF folder, a GGUF file, a hub id or a packaged model: `sdftlab.importer`),
 `sft`, `sdft` (a `RecoverConfig`, on- or off-policy), `quantize` (NF4) and `prune`
-(structured FFN). Every name a stage reads — its `from`, an SDFT `teacher`, the CKA reference, the report's degraded state — must be made by
-a stage of the same config, and the stages must not form a cycle: `PipelineConfig` checks
-that (and every option) when the file is loaded, so a bad config fails before any work.
+(structured FFN). Every name a stage reads — its `from`, an SDFT `teacher`, the CKA
+reference, the report's degraded state — must be made by a stage of the same config, and the
+stages must not form a cycle: `PipelineConfig` checks that (and every option) when the file
+is loaded, so a bad config fails before any work.
 
 Stages run in dependency order (file order among independent ones). A stage whose state
 exists with the same options and is newer than its inputs is skipped, so a killed pipeline
