@@ -24,6 +24,7 @@ kept tokens.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -98,6 +99,17 @@ def token_divergence(
     """Divergence at every position [B, T]: teacher full log-probs [B, T, V] or top-k."""
     dtype = torch.promote_types(student_logits_BTV.dtype, torch.float32)  # bf16 → fp32
     student_logp_BTV = F.log_softmax(student_logits_BTV.to(dtype) / temperature, dim=-1)
+    return divergence_from_logp(student_logp_BTV, teacher, kind, beta)
+
+
+def divergence_from_logp(
+    student_logp_BTV: torch.Tensor,
+    teacher: torch.Tensor | TopK,
+    kind: LossKind = "forward_kl",
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """`token_divergence` from the student's log-probs (any leading shape, vocabulary last)."""
+    dtype = student_logp_BTV.dtype
     if isinstance(teacher, TopK):
         student_k = student_logp_BTV.gather(-1, teacher.indices_BTK)
         return divergence(
@@ -106,10 +118,10 @@ def token_divergence(
             kind,
             beta,
         )
-    if teacher.shape != student_logits_BTV.shape:
+    if teacher.shape != student_logp_BTV.shape:
         raise ValueError(
             f"teacher log-probs {tuple(teacher.shape)} do not match student logits "
-            f"{tuple(student_logits_BTV.shape)}: same tokenizer and positions needed"
+            f"{tuple(student_logp_BTV.shape)}: same tokenizer and positions needed"
         )
     return divergence(teacher.to(dtype), student_logp_BTV, kind, beta)
 
@@ -161,3 +173,75 @@ def sdft_loss(
     if weights_BT is not None:
         stats["importance_ratio"] = float((weights_BT * keep_BT).sum() / n_tokens)
     return loss, stats
+
+
+# A teacher's targets for a range of the selected tokens: full log-probs [C, V] or top-k [C, k].
+TeacherChunk = Callable[[slice], "torch.Tensor | TopK"]
+
+
+def chunked_sdft_loss(
+    student_hidden_ND: torch.Tensor,
+    student_head: torch.nn.Module,
+    teacher_chunk: TeacherChunk,
+    *,
+    n_tokens: int,
+    kind: LossKind = "forward_kl",
+    beta: float = 0.5,
+    sampled_ids_N: torch.Tensor | None = None,
+    engine_logp_N: torch.Tensor | None = None,
+    importance_cap: float | None = None,
+    chunk_tokens: int | None = 1024,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """`sdft_loss` over N selected completion tokens given as the student's last hidden states,
+    with the output layer and the divergence run `chunk_tokens` at a time (`sdftlab.chunked`).
+
+    The tokens are already selected (completion, not padding, first k masked); the loss is the
+    weighted divergence summed over them, divided by `n_tokens` (the kept tokens of the whole
+    step, so micro-batches add up to the step's mean). With `engine_logp_N` and a cap, each
+    token is weighted by min(π_trainer(y) / π_engine(y), cap) of its sampled token y."""
+    from sdftlab.chunked import chunked_head_loss
+
+    weighted = engine_logp_N is not None and importance_cap is not None
+    if weighted and sampled_ids_N is None:
+        raise ValueError("importance weights need the sampled token ids")
+    zero = torch.zeros((), device=student_hidden_ND.device)
+    sums = {"divergence": zero, "importance_ratio": zero}  # summed over tokens, detached
+
+    def loss_fn(logits_CV: torch.Tensor, rows: slice) -> torch.Tensor:
+        student_logp_CV = F.log_softmax(logits_CV, dim=-1)
+        per_token_C = divergence_from_logp(student_logp_CV, teacher_chunk(rows), kind, beta)
+        sums["divergence"] = sums["divergence"] + per_token_C.detach().sum()
+        if not weighted:
+            return per_token_C.sum()
+        assert sampled_ids_N is not None and engine_logp_N is not None
+        trainer_C = student_logp_CV.gather(-1, sampled_ids_N[rows].unsqueeze(-1)).squeeze(-1)
+        w_C = importance_weights(trainer_C, engine_logp_N[rows], importance_cap or 1.0)
+        sums["importance_ratio"] = sums["importance_ratio"] + w_C.sum()
+        return (per_token_C * w_C).sum()
+
+    total = chunked_head_loss(student_hidden_ND, student_head, loss_fn, chunk_tokens)
+    denominator = max(n_tokens, 1)
+    stats = {
+        "divergence": float(sums["divergence"]) / denominator,
+        "tokens": float(len(student_hidden_ND)),
+    }
+    if weighted:
+        stats["importance_ratio"] = float(sums["importance_ratio"]) / denominator
+    return total / denominator, stats
+
+
+def chunked_cross_entropy(
+    hidden_ND: torch.Tensor,
+    head: torch.nn.Module,
+    labels_N: torch.Tensor,
+    *,
+    n_tokens: int,
+    chunk_tokens: int | None = 1024,
+) -> torch.Tensor:
+    """Σ −log p(label) over N selected tokens / `n_tokens`, the head run a chunk at a time."""
+    from sdftlab.chunked import chunked_head_loss
+
+    def loss_fn(logits_CV: torch.Tensor, rows: slice) -> torch.Tensor:
+        return F.cross_entropy(logits_CV, labels_N[rows], reduction="sum")
+
+    return chunked_head_loss(hidden_ND, head, loss_fn, chunk_tokens) / max(n_tokens, 1)
