@@ -10,34 +10,37 @@ import torch
 import torch.nn.functional as F
 
 from sdftlab.config import load_config
+from sdftlab.distill.batch import completion_hidden
 from sdftlab.distill.sdft import (
     RecoverConfig,
     check_same_vocabulary,
     check_task_files,
-    completion_forward,
-    named_weights_for_sync,
     recover,
 )
+from sdftlab.rollout.pool import named_weights_for_sync
 from sdftlab.errors import ConfigError, DataError, LineageError
 from sdftlab.world import tasks
 
 
-def test_completion_forward_matches_unpadded_single_rows(small_world, torch_one_thread):
+def test_completion_hidden_matches_unpadded_single_rows(small_world, torch_one_thread):
+    """Left-padded prompts, right-padded completions: each row's hidden states (and the head's
+    logits on them) are the ones the row gives alone."""
     _, lineage, _ = small_world
     model = lineage.load_model("base").eval()
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
     completions = [[12, 13], [14, 15, 16, 17]]
     with torch.no_grad():
-        logits_BCV, valid_BC, hidden = completion_forward(
-            model, prompts, completions, pad_id=0, device=torch.device("cpu"), hidden_layers=[-1]
+        states = completion_hidden(
+            model, prompts, completions, pad_id=0, device=torch.device("cpu"), hidden_layers=[1]
         )
-        assert valid_BC.tolist() == [[True, True, False, False], [True, True, True, True]]
+        assert states.valid_BC.tolist() == [[True, True, False, False], [True, True, True, True]]
+        logits_BCV = model.get_output_embeddings()(states.last_BCD)
         for b, (p, c) in enumerate(zip(prompts, completions, strict=True)):
             alone = model(input_ids=torch.tensor([p + c]), output_hidden_states=True)
-            want = alone.logits[0, len(p) - 1 : len(p) + len(c) - 1]
-            assert torch.allclose(logits_BCV[b, : len(c)], want, atol=1e-5)
-            want_h = alone.hidden_states[-1][0, len(p) - 1 : len(p) + len(c) - 1]
-            assert torch.allclose(hidden[0][b, : len(c)], want_h, atol=1e-5)
+            at = slice(len(p) - 1, len(p) + len(c) - 1)
+            assert torch.allclose(logits_BCV[b, : len(c)], alone.logits[0, at], atol=1e-5)
+            want_h = alone.hidden_states[1][0, at]
+            assert torch.allclose(states.layers[0][b, : len(c)], want_h, atol=1e-5)
 
 
 def test_lora_sync_weights_equal_the_merged_model(small_world, torch_one_thread):

@@ -1,4 +1,6 @@
-"""Pieces every Ray Train loop here shares: checkpoints in safetensors, schedules, autocast.
+"""Pieces every Ray Train loop here shares: checkpoints in safetensors, schedules, autocast,
+LoRA adapters, micro-batches, the last hidden states that the chunked losses start from, and
+the worker's peak memory.
 
 Checkpoints hold the model (a Hugging Face directory, or a PEFT adapter) and the AdamW state,
 all as safetensors plus a JSON of scalars — nothing is pickled, so a checkpoint from shared
@@ -12,6 +14,8 @@ import hashlib
 import json
 import math
 import os
+import resource
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,65 @@ STATE_FILE = "train_state.json"
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the model itself)."""
     return model.module if hasattr(model, "module") else model
+
+
+def with_lora(model: Any, lora: Any) -> Any:
+    """`model` with LoRA adapters (`specs.LoraSpec`), or the model itself for `lora=None`."""
+    if lora is None:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+    )
+
+
+def enable_checkpointing(model: Any) -> None:
+    """Activation checkpointing on every decoder layer (non-reentrant: frozen inputs, LoRA and
+    DDP all work with it)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def output_layer(model: torch.nn.Module) -> torch.nn.Module:
+    """The LM head of a model, under any DDP or PEFT wrapper."""
+    return unwrap(model).get_output_embeddings()
+
+
+def last_hidden(model: torch.nn.Module, **inputs: Any) -> tuple[torch.Tensor, tuple]:
+    """The last hidden states [B, T, D] (after the final norm: what the LM head reads) and all
+    layers' hidden states, from a forward that runs the LM head on one position only.
+
+    The call goes through `model` itself (DDP's hooks, PEFT's adapters); the chunked losses
+    then run the head on the tokens that have a loss."""
+    out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    return out.hidden_states[-1], out.hidden_states
+
+
+def micro_batches(n: int, size: int | None) -> list[slice]:
+    """Row ranges of `size` (the last one shorter) covering n rows; one range for None."""
+    step = n if size is None else size
+    return [slice(i, min(i + step, n)) for i in range(0, n, max(step, 1))]
+
+
+def no_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """DDP's `no_sync` for a micro-batch whose gradients are not yet to be all-reduced."""
+    if sync or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, in GB (the kernel's high-water mark)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)  # bytes on macOS, KiB on Linux
 
 
 def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
@@ -92,14 +155,26 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return contextlib.nullcontext()
 
 
+EAGER_MAX_HIDDEN = 256  # CPU: eager attention for models up to this width, SDPA beyond
+
+
 def use_training_attention(model: torch.nn.Module, device: torch.device) -> None:
-    """Pick the attention kernel for training on `device`: eager on CPU, the default elsewhere.
+    """Pick the attention kernel for training on `device`: on CPU, eager for models of hidden
+    size up to `EAGER_MAX_HIDDEN` (the tiny worlds), the default (SDPA) otherwise and on GPUs.
 
     On CPU with bf16 autocast, the eager implementation is 11–29% faster per training step of
-    the tiny world than PyTorch's SDPA (benchmarks/attention_cpu.py; docs/BENCHMARKS.md).
-    Only the runtime choice changes; nothing of it is saved with the weights.
+    the tiny world than PyTorch's SDPA (benchmarks/experiments/attention_cpu.py;
+    docs/BENCHMARKS.md). Eager also keeps every [T, T] score matrix for the backward pass:
+    on a real model's longer sequences that costs memory (17 GB against 11.7 GB for SDPA on an
+    8 × 600-token SmolLM2-135M batch), so real models keep SDPA. Only the runtime choice
+    changes; nothing of it is saved with the weights.
     """
-    if device.type == "cpu" and hasattr(model, "set_attn_implementation"):
+    hidden = getattr(getattr(model, "config", None), "hidden_size", EAGER_MAX_HIDDEN + 1)
+    if (
+        device.type == "cpu"
+        and hidden <= EAGER_MAX_HIDDEN
+        and hasattr(model, "set_attn_implementation")
+    ):
         model.set_attn_implementation("eager")
 
 

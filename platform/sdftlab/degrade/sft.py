@@ -40,21 +40,7 @@ from sdftlab.data.chat import ChatTokenizer, count_assistant_tokens, example_to_
 from sdftlab.data.loaders import iter_jsonl, load_task_file, task_source, world_task_file
 from sdftlab.errors import ConfigError
 from sdftlab.lineage import Lineage, StateMeta
-
-
-class LoraSpec(StrictModel):
-    r: int = Field(8, gt=0)
-    alpha: int = Field(16, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ]
+from sdftlab.specs import LoraSpec, MemorySpec
 
 
 class SFTConfig(StrictModel):
@@ -90,11 +76,11 @@ class SFTConfig(StrictModel):
     )
     replay_data: str | None = Field(None, description="chat JSONL; default the world's replay")
     lora: LoraSpec | None = None
+    memory: MemorySpec = MemorySpec()
     num_workers: int = Field(1, gt=0)
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, gt=0)
     threads_per_worker: int = Field(2, gt=0)
-    bf16_autocast: bool = True
     checkpoint_every: int = Field(100, gt=0)
     log_every: int = Field(25, gt=0)
     max_failures: int = Field(1, ge=-1)
@@ -148,6 +134,41 @@ def sft_rows(entry: str, cfg: SFTConfig, data_dir: Path | None) -> list[dict[str
 # ----------------------------------------------------------------------------- worker
 
 
+def sft_step(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: SFTConfig, device: torch.device
+) -> float:
+    """Forward and backward of one step's batch, `cfg.memory.micro_batch_size` rows at a time;
+    returns the step's mean cross-entropy over assistant tokens (the gradients are its)."""
+    from sdftlab import train_utils as tu
+    from sdftlab.distill.losses import chunked_cross_entropy
+
+    batch = tu.pack_padded(batch) if cfg.padding_free else tu.trim_padding(batch)
+    n_tokens = int((batch["labels"][:, 1:] != -100).sum())  # the step's, for every micro-batch
+    head = tu.output_layer(model)
+    parts = tu.micro_batches(len(batch["labels"]), cfg.memory.micro_batch_size)
+    total = 0.0
+    for i, rows in enumerate(parts):
+        part = {k: v[rows] for k, v in batch.items()}
+        if not cfg.padding_free:
+            part = tu.trim_padding(part)
+        labels_BT = part.pop("labels")
+        with tu.no_sync(model, sync=i == len(parts) - 1):
+            with tu.autocast(device, cfg.memory.autocast_on(cfg.use_gpu, cpu_default=True)):
+                # position t predicts token t + 1; packed rows keep apart without a cache
+                hidden_BTD, _ = tu.last_hidden(model, **part)
+                keep_BT = labels_BT[:, 1:] != -100
+                loss = chunked_cross_entropy(
+                    hidden_BTD[:, :-1][keep_BT],
+                    head,
+                    labels_BT[:, 1:][keep_BT],
+                    n_tokens=n_tokens,
+                    chunk_tokens=cfg.memory.chunk_tokens,
+                )
+            loss.backward()
+        total += float(loss.detach())
+    return total
+
+
 def sft_worker_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: the SFT loop with checkpoints and resume."""
     import ray.train
@@ -166,20 +187,11 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
         config["init_dir"], use_safetensors=True, dtype=torch.float32
     )
     tokenizer = AutoTokenizer.from_pretrained(config["init_dir"])
-    tu.use_training_attention(model, ray.train.torch.get_device())
-    if cfg.lora is not None:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=cfg.lora.r,
-                lora_alpha=cfg.lora.alpha,
-                lora_dropout=cfg.lora.dropout,
-                target_modules=cfg.lora.target_modules,
-                task_type="CAUSAL_LM",
-            ),
-        )
+    device = ray.train.torch.get_device()
+    tu.use_training_attention(model, device)
+    if cfg.memory.gradient_checkpointing:
+        tu.enable_checkpointing(model)
+    model = tu.with_lora(model, cfg.lora)
     start = 0
     checkpoint = ray.train.get_checkpoint()
     model = ray.train.torch.prepare_model(model)
@@ -190,7 +202,6 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
             tu.load_parameters(tu.unwrap(model), Path(d) / "trainable.safetensors")
             tu.load_optimizer(optimizer, Path(d))
             start = tu.read_train_state(Path(d))["step"]
-    device = ray.train.torch.get_device()
     per_worker = cfg.batch_size // cfg.num_workers
     shard = ray.train.get_dataset_shard("train")
     batches = tu.cycle_epochs(
@@ -209,21 +220,17 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
             group["lr"] = tu.warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr)
         batch = next(batches)
         tokens += int(batch["attention_mask"].sum())
-        batch = tu.pack_padded(batch) if cfg.padding_free else tu.trim_padding(batch)
-        with tu.autocast(device, cfg.bf16_autocast):
-            # Mean cross-entropy over assistant tokens; no cache, so packed rows keep apart.
-            loss = model(**batch, use_cache=False).loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        losses.append(sft_step(model, batch, cfg, device))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        losses.append(loss.item())
         done = step + 1
         metrics = {
             "step": done,
             "loss": sum(losses[-cfg.log_every :]) / len(losses[-cfg.log_every :]),
             "tokens_per_s": tokens / (time.perf_counter() - t0),
             "lr": optimizer.param_groups[0]["lr"],
+            "peak_rss_gb": tu.peak_rss_gb(),
         }
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             with tempfile.TemporaryDirectory() as d:
@@ -328,6 +335,7 @@ def run_sft(
                     "sft/loss": result.metrics["loss"],
                     "sft/seconds": seconds,
                     "sft/tokens_per_s": result.metrics["tokens_per_s"],
+                    "sft/peak_rss_gb": result.metrics["peak_rss_gb"],
                 },
             )
         log(f"  saved {name}: loss {result.metrics['loss']:.3f}, {seconds:.0f}s")

@@ -27,26 +27,35 @@ an external (larger) teacher both see prompt + demonstration, KL on the demonstr
 
 from __future__ import annotations
 
-import copy
 import json
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 
 from sdftlab.config import StrictModel, trust_remote_code
 from sdftlab.data.loaders import iter_jsonl, row_to_example, task_source
 from sdftlab.data.templates import DEMO_TEMPLATE, student_messages, teacher_messages
-from sdftlab.degrade.sft import LoraSpec
-from sdftlab.distill.losses import TopK, importance_weights, sdft_loss
+from sdftlab.distill.batch import RolloutBatch, from_demonstrations, from_rollouts
+from sdftlab.distill.step import StepResult, sdft_step
+from sdftlab.distill.teachers import (
+    ModelTeacher,
+    Teacher,
+    VLLMTeacher,
+    ema_teacher,
+    frozen_teacher,
+    live_teacher,
+)
 from sdftlab.errors import ConfigError, DataError
 from sdftlab.lineage import Lineage, StateMeta
+from sdftlab.rollout.engines import SamplingSettings
+from sdftlab.rollout.pool import named_weights_for_sync
+from sdftlab.specs import LoraSpec, MemorySpec
 
 SPECIAL_TEACHERS = ("ema", "live")
 
@@ -100,6 +109,7 @@ class RecoverConfig(StrictModel):
     warmup_steps: int = Field(5, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     lora: LoraSpec | None = Field(None, description="adapters on the student (QLoRA if NF4)")
+    memory: MemorySpec = MemorySpec()
     num_workers: int = Field(1, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
@@ -214,190 +224,175 @@ def prompt_dataset(files: Sequence[tuple[str, Path]], tokenizer_dir: str, cfg: R
     )
 
 
-# ----------------------------------------------------------------------------- model passes
-
-
-def pack(
-    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Prompts left-padded to the longest and completions right-padded after them, so every
-    row's completion starts in the same column: ids [B, P+C], attention mask [B, P+C], the
-    completion mask [B, C], and P. The positions predicting completion tokens are then one
-    slice, [P − 1, P − 1 + C), shared by the batch."""
-    p_max = max(len(p) for p in prompts)
-    c_max = max(1, max(len(c) for c in completions))
-    ids_BL = torch.full((len(prompts), p_max + c_max), pad_id, dtype=torch.long)
-    attn_BL = torch.zeros((len(prompts), p_max + c_max), dtype=torch.long)
-    valid_BC = torch.zeros((len(prompts), c_max), dtype=torch.bool)
-    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-        ids_BL[i, p_max - len(p) : p_max + len(c)] = torch.tensor([*p, *c])
-        attn_BL[i, p_max - len(p) : p_max + len(c)] = 1
-        valid_BC[i, : len(c)] = True
-    return ids_BL, attn_BL, valid_BC, p_max
-
-
-def completion_forward(
-    model: Any,
-    prompts: Sequence[Sequence[int]],
-    completions: Sequence[Sequence[int]],
-    pad_id: int,
-    device: torch.device,
-    hidden_layers: Sequence[int] = (),
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Logits predicting each completion token [B, C, V], their mask [B, C], and the hidden
-    states at those positions for `hidden_layers` ([B, C, d] each).
-
-    The output layer runs on the completion positions only (`logits_to_keep`): a prompt's
-    logits would cost B × P × V floats for nothing (1.2 GB a row for a 2k-token prompt over
-    Qwen's 152k vocabulary)."""
-    ids_BL, attn_BL, valid_BC, p_max = pack(prompts, completions, pad_id)
-    c_max = valid_BC.shape[1]
-    ids_BL, attn_BL = ids_BL.to(device), attn_BL.to(device)
-    position_ids_BL = (attn_BL.cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens
-    out = model(
-        input_ids=ids_BL,
-        attention_mask=attn_BL,
-        position_ids=position_ids_BL,
-        output_hidden_states=bool(hidden_layers),
-        logits_to_keep=c_max + 1,  # positions P − 1 … P + C − 1; the last predicts nothing
-    )
-    logits_BCV = out.logits[:, :c_max]
-    hidden = [out.hidden_states[layer][:, p_max - 1 : p_max - 1 + c_max] for layer in hidden_layers]
-    return logits_BCV, valid_BC.to(device), hidden
-
-
-def topk_tensors(rows: list[list[tuple[list[int], list[float]]]], c_max: int, k: int) -> TopK:
-    """vLLM top-k rows → TopK [B, C, k] (padding positions get a harmless uniform filler)."""
-    idx = torch.zeros((len(rows), c_max, k), dtype=torch.long)
-    val = torch.full((len(rows), c_max, k), -float(np.log(k + 1)))
-    for b, seq in enumerate(rows):
-        for c, (ids, logps) in enumerate(seq[:c_max]):
-            n = min(k, len(ids))
-            idx[b, c, :n] = torch.tensor(ids[:n])
-            val[b, c, :n] = torch.tensor(logps[:n])
-    return TopK(idx, val)
-
-
-def named_weights_for_sync(model: Any) -> dict[str, torch.Tensor]:
-    """What the rollout engines need after a step, under Hugging Face parameter names.
-
-    Full fine-tuning: every tensor of the state dict. LoRA: only the adapted layers, merged
-    (W + (α/r)·B A) — the adapter's effect, without a round trip through disk.
-    """
-    try:
-        from peft import PeftModel
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        PeftModel = LoraLayer = ()
-
-    if isinstance(model, PeftModel):
-        out = {}
-        for name, module in model.named_modules():
-            if isinstance(module, LoraLayer) and module.active_adapters:
-                base = module.get_base_layer()
-                delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
-                clean = name.removeprefix("base_model.model.")
-                out[f"{clean}.weight"] = (base.weight.detach() + delta.detach()).float()
-        return out
-    # The tied head is sent too: vLLM's in-place reload re-creates the embedding tensor, and a
-    # head left out would keep the old weights (measured: |Δ log p| 0.03 after a sync).
-    return {n: p.detach() for n, p in model.state_dict().items()}
-
-
 # ----------------------------------------------------------------------------- worker
 
 
-def _build_student(cfg: RecoverConfig, path: str) -> Any:
+def build_student(cfg: RecoverConfig, path: str, device: Any) -> Any:
+    """The trained model: full weights in fp32, LoRA adapters, or QLoRA on an NF4 state."""
     from transformers import AutoModelForCausalLM
+
+    from sdftlab import train_utils as tu
 
     model = AutoModelForCausalLM.from_pretrained(
         path, use_safetensors=True, trust_remote_code=trust_remote_code()
     )
-    quantized = getattr(model.config, "quantization_config", None) is not None
-    if quantized:
+    tu.use_training_attention(model, device)
+    if cfg.memory.gradient_checkpointing:
+        tu.enable_checkpointing(model)
+    if getattr(model.config, "quantization_config", None) is not None:
         from sdftlab.degrade.quantize import qlora_model
 
         lora = cfg.lora or LoraSpec()
         return qlora_model(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
-    if cfg.lora is not None:
-        from peft import LoraConfig, get_peft_model
+    return model.float() if cfg.lora is None else tu.with_lora(model, cfg.lora)
 
-        return get_peft_model(
-            model,
-            LoraConfig(
-                r=cfg.lora.r,
-                lora_alpha=cfg.lora.alpha,
-                lora_dropout=cfg.lora.dropout,
-                target_modules=cfg.lora.target_modules,
-                task_type="CAUSAL_LM",
-            ),
-        )
-    return model.float()
+
+def build_teacher(
+    cfg: RecoverConfig, student: Any, config: dict[str, Any], pad_id: int, device: Any
+) -> Teacher:
+    """The step's teacher for `cfg.teacher` and `cfg.scoring` (`teachers` has the table)."""
+    from transformers import AutoModelForCausalLM
+
+    from sdftlab import train_utils as tu
+
+    ema = (
+        ema_teacher(student, cfg.ema_rate, pad_id, cfg.loss.topk) if cfg.teacher == "ema" else None
+    )
+    if cfg.scoring == "vllm":
+        pool = config["rollout_pool"] if cfg.teacher == "live" else config["teacher_pool"]
+        return VLLMTeacher(pool, cfg.loss.topk or 0, ema)
+    if ema is not None:
+        return ema
+    if cfg.teacher == "live":
+        return live_teacher(student, pad_id, cfg.loss.topk)
+    model = AutoModelForCausalLM.from_pretrained(
+        config["teacher_dir"], use_safetensors=True, trust_remote_code=trust_remote_code()
+    ).to(device)
+    tu.use_training_attention(model, device)
+    return frozen_teacher(model, pad_id, cfg.loss.topk)
+
+
+def teacher_modules(teacher: Teacher) -> dict[str, torch.nn.Module]:
+    """The teacher's own weights a checkpoint must keep (the EMA average), by file name."""
+    ema = teacher.ema if isinstance(teacher, VLLMTeacher) else teacher
+    if isinstance(ema, ModelTeacher) and ema.update is not None:
+        return {"ema": ema.model}
+    return {}
+
+
+def next_batch(prompts: dict[str, Any], cfg: RecoverConfig, engine: Any, seed: int) -> RolloutBatch:
+    """A step's rows: the student's samples of its own prompts (on-policy, `engine`: the vLLM
+    pool or transformers beside the trainer) or the demonstrations (off-policy)."""
+    student = [list(x) for x in prompts["student"]]
+    teacher = [list(x) for x in prompts["teacher"]]
+    if cfg.mode == "off_policy":
+        return from_demonstrations(teacher, [list(x) for x in prompts["demo"]])
+    sampling = SamplingSettings(
+        n=cfg.rollout.n,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        seed=seed,
+    )
+    return from_rollouts(student, teacher, engine.generate(student, sampling), cfg.rollout.n)
 
 
 def recover_worker_loop(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: the SDFT loop, checkpoints and resume."""
+    """Runs on every Ray Train worker: Ray Train plumbing around `sdft_step` — the data shard,
+    resume, rollouts, weight sync, reports and checkpoints."""
     import ray.train
     import ray.train.torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from sdftlab import train_utils as tu
     from sdftlab.allocator import tune_cpu_allocator
-    from sdftlab.cka.stats import linear_cka_torch
-    from sdftlab.rollout.engines import HFEngine, SamplingSettings
+    from sdftlab.rollout.engines import HFEngine
 
     cfg = RecoverConfig.model_validate(config["recover"])
     torch.set_num_threads(cfg.threads_per_worker)
     if not cfg.use_gpu:
         tune_cpu_allocator()  # reuse freed activations (the same arithmetic, faster steps)
     torch.manual_seed(cfg.seed)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    tokenizer = AutoTokenizer.from_pretrained(config["student_dir"])
-    pad_id = tokenizer.pad_token_id
-    model = _build_student(cfg, config["student_dir"])
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
-    tu.use_training_attention(model, device)
-
-    teacher_model = None
-    if cfg.scoring == "exact" and cfg.teacher not in SPECIAL_TEACHERS:
-        teacher_model = AutoModelForCausalLM.from_pretrained(
-            config["teacher_dir"], use_safetensors=True, trust_remote_code=trust_remote_code()
-        ).to(device)
-    if cfg.teacher == "ema":
-        teacher_model = copy.deepcopy(model).to(device)
-    if teacher_model is not None:
-        teacher_model.eval().requires_grad_(False)
-        tu.use_training_attention(teacher_model, device)
-
-    start = 0
-    checkpoint = ray.train.get_checkpoint()
+    tokenizer = AutoTokenizer.from_pretrained(config["student_dir"])
+    model = build_student(cfg, config["student_dir"], device)
+    teacher = build_teacher(cfg, model, config, tokenizer.pad_token_id, device)
+    start, checkpoint = 0, ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             tu.load_parameters(model, Path(d) / "trainable.safetensors")
-            if cfg.teacher == "ema" and teacher_model is not None:
-                tu.load_parameters(teacher_model, Path(d) / "ema.safetensors")
+            for file, module in teacher_modules(teacher).items():
+                tu.load_parameters(module, Path(d) / f"{file}.safetensors")
             start = tu.read_train_state(Path(d))["step"]
     model = ray.train.torch.prepare_model(model)
+    bare = tu.unwrap(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             tu.load_optimizer(optimizer, Path(d))
+    pool = config.get("rollout_pool")
+    engine = pool or HFEngine(bare, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    wait_for_engines(config, cfg, teacher, bare, rank, resumed=start > 0)
+    batches = prompt_batches(cfg, world, skip=start)
+    log = StepLog(cfg, world, start)
+    model.train()
+    for step in range(start, cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = tu.warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr)
+        log.start("data_s")
+        prompts = next(batches)
+        log.start("rollout_s")
+        batch = next_batch(prompts, cfg, engine, seed=cfg.seed + step * 997 + rank)
+        log.start("train_s")
+        optimizer.zero_grad(set_to_none=True)
+        result = sdft_step(batch, model, teacher, cfg, pad_id=tokenizer.pad_token_id, device=device)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        sync_s = teacher.after_step(bare, rank)
+        log.start("sync_s")
+        if rank == 0 and pool is not None:
+            pool.sync(named_weights_for_sync(bare))  # the next rollouts are on-policy
+        if world > 1:
+            torch.distributed.barrier()
+        metrics = log.finish(step, result, batch, optimizer, extra_sync_s=sync_s)
+        save = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
+        if save:
+            report_checkpoint(metrics, bare, tokenizer, optimizer, teacher, step + 1, cfg, rank)
+        elif (step + 1) % cfg.log_every == 0:  # a report is a round trip to the controller
+            ray.train.report(metrics)
+        tu.kill_point(step + 1)
 
-    rollout_pool = config.get("rollout_pool")
-    teacher_pool = config.get("teacher_pool")
-    bare = tu.unwrap(model)
-    hf_engine = HFEngine(bare, tokenizer.eos_token_id, pad_id)
-    for pool in (rollout_pool, teacher_pool):  # started while this worker group came up
-        if pool is not None:
-            up_s = pool.wait_ready()
-            if rank == 0 and up_s:
-                print(f"[sdft] vLLM engines up ({up_s:.0f}s to load)", flush=True)
-    if rollout_pool is not None and start > 0 and rank == 0:
-        rollout_pool.sync(named_weights_for_sync(bare))  # resumed: engines get trained weights
-        if cfg.teacher == "ema" and teacher_pool is not None and teacher_model is not None:
-            teacher_pool.sync(named_weights_for_sync(teacher_model))
+
+def wait_for_engines(
+    config: dict[str, Any],
+    cfg: RecoverConfig,
+    teacher: Teacher,
+    bare: Any,
+    rank: int,
+    resumed: bool,
+) -> None:
+    """Block until the vLLM engines (started beside the worker group) are up; after a resume,
+    give them the trained weights (and the EMA average) before the first rollout."""
+    pools = [p for p in (config.get("rollout_pool"), config.get("teacher_pool")) if p is not None]
+    for pool in pools:
+        up_s = pool.wait_ready()
+        if rank == 0 and up_s:
+            print(f"[sdft] vLLM engines up ({up_s:.0f}s to load)", flush=True)
+    if resumed and rank == 0 and config.get("rollout_pool") is not None:
+        config["rollout_pool"].sync(named_weights_for_sync(bare))
+        for module in teacher_modules(teacher).values():
+            if config.get("teacher_pool") is not None:
+                config["teacher_pool"].sync(named_weights_for_sync(module))
+
+
+def prompt_batches(cfg: RecoverConfig, world: int, skip: int) -> Iterator[dict[str, Any]]:
+    """This worker's prompts, `prompts_per_step / world` a step, epoch after epoch; a resumed
+    run skips the `skip` steps it had done, so it continues with the prompts it had not seen."""
+    import ray.train
+
+    from sdftlab import train_utils as tu
 
     per_worker = cfg.prompts_per_step // world
     shard = ray.train.get_dataset_shard("train")
@@ -410,196 +405,102 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
             local_shuffle_seed=cfg.seed,
         )
     )
-    for _ in range(start):  # a resumed run continues with the prompts it had not seen
+    for _ in range(skip):
         next(batches)
-    sampling = SamplingSettings(
-        n=cfg.rollout.n,
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
-        max_new_tokens=cfg.rollout.max_new_tokens,
-    )
-    hidden_layers = cfg.loss.cka_layers if cfg.loss.cka_weight > 0 else []
-    busy_s, sync_total_s, tokens_seen, history = 0.0, 0.0, 0, []
-    model.train()
-    for step in range(start, cfg.steps):
-        timings: dict[str, float] = {}
-        for group in optimizer.param_groups:
-            group["lr"] = tu.warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr)
-        t0 = time.perf_counter()
-        batch = next(batches)
-        timings["data_s"] = time.perf_counter() - t0
-        student_prompts = [list(x) for x in batch["student"]]
-        teacher_prompts = [list(x) for x in batch["teacher"]]
+    return batches
 
-        # 1. completions: on-policy samples of the student, or the demonstrations (off-policy)
-        t0 = time.perf_counter()
-        if cfg.mode == "off_policy":
-            completions = [list(x) for x in batch["demo"]]
-            engine_logp = None
-            student_prompts = teacher_prompts  # both sides see prompt + demonstration
-        else:
-            sampling_step = SamplingSettings(
-                **{**sampling.__dict__, "seed": cfg.seed + step * 997 + rank}
-            )
-            rollouts = (
-                rollout_pool.generate(student_prompts, sampling_step)
-                if rollout_pool is not None
-                else hf_engine.generate(student_prompts, sampling_step)
-            )
-            repeat = cfg.rollout.n
-            student_prompts = [p for p in student_prompts for _ in range(repeat)]
-            teacher_prompts = [p for p in teacher_prompts for _ in range(repeat)]
-            completions = [r.token_ids for r in rollouts]
-            engine_logp = [r.logprobs for r in rollouts]
-        keep = [i for i, c in enumerate(completions) if c]
-        if not keep:
-            raise RuntimeError("every rollout was empty; raise rollout.max_new_tokens")
-        student_prompts = [student_prompts[i] for i in keep]
-        teacher_prompts = [teacher_prompts[i] for i in keep]
-        completions = [completions[i] for i in keep]
-        timings["rollout_s"] = time.perf_counter() - t0
 
-        # 2. teacher log-probs of the same completion tokens, from the teacher's own prompt
-        t0 = time.perf_counter()
-        teacher_hidden: list[torch.Tensor] = []
-        with torch.no_grad():
-            if cfg.scoring == "vllm":
-                pool = teacher_pool if cfg.teacher != "live" else rollout_pool
-                rows = pool.score(
-                    [p + c for p, c in zip(teacher_prompts, completions, strict=True)],
-                    [len(p) for p in teacher_prompts],
-                    cfg.loss.topk,
-                )
-                c_max = max(len(c) for c in completions)
-                top = topk_tensors(rows, c_max, cfg.loss.topk)
-                teacher: torch.Tensor | TopK = TopK(
-                    top.indices_BTK.to(device), top.logprobs_BTK.to(device)
-                )
-            else:
-                scorer = teacher_model if teacher_model is not None else bare
-                was_training = scorer.training
-                scorer.eval()
-                t_logits_BCV, _, teacher_hidden = completion_forward(
-                    scorer, teacher_prompts, completions, pad_id, device, hidden_layers
-                )
-                scorer.train(was_training)
-                teacher = F.log_softmax(t_logits_BCV.float(), -1)
-                if cfg.loss.topk is not None:
-                    values, indices = teacher.topk(cfg.loss.topk, dim=-1)
-                    teacher = TopK(indices, values)
-        timings["teacher_s"] = time.perf_counter() - t0
+class StepLog:
+    """Timings of a step's phases, the run's running figures, and the progress line."""
 
-        # 3. student forward on its own prompt + completion; loss; step
-        t0 = time.perf_counter()
-        logits_BCV, valid_BC, student_hidden = completion_forward(
-            model, student_prompts, completions, pad_id, device, hidden_layers
-        )
-        weights_BT = None
-        if engine_logp is not None and cfg.loss.importance_cap is not None:
-            logp_sampled = (
-                F.log_softmax(logits_BCV.float(), -1)
-                .gather(-1, _completion_ids(completions, logits_BCV.shape[1], device).unsqueeze(-1))
-                .squeeze(-1)
-            )
-            engine_BC = _pad_floats([engine_logp[i] for i in keep], logits_BCV.shape[1], device)
-            weights_BT = importance_weights(logp_sampled, engine_BC, cfg.loss.importance_cap)
-        loss, stats = sdft_loss(
-            logits_BCV,
-            teacher,
-            valid_BC,
-            kind=cfg.loss.kind,
-            beta=cfg.loss.beta,
-            mask_first_k=cfg.loss.mask_first_k if cfg.mode == "on_policy" else 0,
-            weights_BT=weights_BT,
-        )
-        if hidden_layers:
-            ckas = [
-                linear_cka_torch(s[valid_BC].float(), t[valid_BC].float())
-                for s, t in zip(student_hidden, teacher_hidden, strict=True)
-            ]
-            cka = torch.stack(ckas).mean()
-            loss = loss + cfg.loss.cka_weight * (1 - cka)
-            stats["cka"] = float(cka)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        if cfg.teacher == "ema" and teacher_model is not None:
-            with torch.no_grad():  # θ_T ← (1 − r) θ_T + r θ_S
-                for p_t, p_s in zip(teacher_model.parameters(), bare.parameters(), strict=True):
-                    p_t.lerp_(p_s, cfg.ema_rate)
-        timings["train_s"] = time.perf_counter() - t0
+    def __init__(self, cfg: RecoverConfig, world: int, start: int) -> None:
+        self.cfg, self.world, self.first = cfg, world, start
+        self.busy_s = self.sync_total_s = 0.0
+        self.tokens, self.history = 0, []
+        self.timings: dict[str, float] = {}
+        self._phase, self._t0 = "", 0.0
 
-        # 4. new weights to the rollout (and EMA teacher) engines, in memory
-        timings["sync_s"] = 0.0
-        if rank == 0 and rollout_pool is not None:
-            timings["sync_s"] = rollout_pool.sync(named_weights_for_sync(bare))
-            if cfg.teacher == "ema" and teacher_pool is not None and teacher_model is not None:
-                timings["sync_s"] += teacher_pool.sync(named_weights_for_sync(teacher_model))
-        if world > 1:
-            torch.distributed.barrier()
+    def start(self, phase: str) -> None:
+        """End the running phase and start `phase`."""
+        now = time.perf_counter()
+        if self._phase:
+            self.timings[self._phase] = now - self._t0
+        self._phase, self._t0 = phase, now
 
-        tokens_seen += int(valid_BC.sum())
-        busy_s += sum(timings.values())
-        sync_total_s += timings["sync_s"]
-        history.append(float(loss))
+    def finish(
+        self,
+        step: int,
+        result: StepResult,
+        batch: RolloutBatch,
+        optimizer: Any,
+        extra_sync_s: float,
+    ) -> dict[str, Any]:
+        from sdftlab import train_utils as tu
+
+        self.start("")
+        t = self.timings
+        t["sync_s"] += extra_sync_s  # the EMA teacher's engines
+        t["train_s"] -= extra_sync_s
+        t["teacher_s"] = result.stats["teacher_s"]
+        self.busy_s += sum(v for k, v in t.items() if k != "teacher_s")
+        self.sync_total_s += t["sync_s"]
+        self.tokens += sum(len(c) for c in batch.completions)
+        self.history.append(result.loss)
         done = step + 1
         metrics = {
             "step": done,
-            "loss": float(np.mean(history[-10:])),
-            "tokens_per_s": tokens_seen * world / max(busy_s, 1e-9),  # completion tokens
-            "step_s_mean": busy_s / (done - start),
-            "sync_fraction": sync_total_s / max(busy_s, 1e-9),  # of the step time, this run
+            "loss": float(np.mean(self.history[-10:])),
+            "tokens_per_s": self.tokens * self.world / max(self.busy_s, 1e-9),  # completions
+            "step_s_mean": self.busy_s / (done - self.first),
+            "sync_fraction": self.sync_total_s / max(self.busy_s, 1e-9),  # of the step time
             "lr": optimizer.param_groups[0]["lr"],
-            "completion_len": float(np.mean([len(c) for c in completions])),
-            **stats,
-            **timings,
+            "completion_len": float(np.mean([len(c) for c in batch.completions])),
+            "peak_rss_gb": tu.peak_rss_gb(),
+            **result.stats,
+            **t,
         }
-        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps or done == start + 1):
-            print(progress_line(metrics, cfg.steps), flush=True)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            with tempfile.TemporaryDirectory() as d:
-                if rank == 0:
-                    ema = (
-                        {"ema": teacher_model}
-                        if cfg.teacher == "ema" and teacher_model is not None
-                        else {}
-                    )
-                    tu.save_checkpoint(
-                        bare, tokenizer, optimizer, Path(d), done,
-                        final=done == cfg.steps, extra=ema,
-                    )  # fmt: skip
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-                else:
-                    ray.train.report(metrics)
-        elif done % cfg.log_every == 0:  # a report is a round trip to the controller
+        first_or_last = done in (self.first + 1, self.cfg.steps)
+        if done % self.cfg.log_every == 0 or first_or_last:
+            print(progress_line(metrics, self.cfg.steps), flush=True)
+        return metrics
+
+
+def report_checkpoint(
+    metrics: dict[str, Any],
+    bare: Any,
+    tokenizer: Any,
+    optimizer: Any,
+    teacher: Teacher,
+    done: int,
+    cfg: RecoverConfig,
+    rank: int,
+) -> None:
+    """Report with a checkpoint (rank 0 writes it: safetensors, the EMA average beside)."""
+    import ray.train
+
+    from sdftlab import train_utils as tu
+
+    with tempfile.TemporaryDirectory() as d:
+        if rank != 0:
             ray.train.report(metrics)
-        tu.kill_point(done)
+            return
+        tu.save_checkpoint(
+            bare, tokenizer, optimizer, Path(d), done,
+            final=done == cfg.steps, extra=teacher_modules(teacher),
+        )  # fmt: skip
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def progress_line(m: dict[str, Any], steps: int) -> str:
-    """One progress line: step, loss, divergence, throughput, importance ratio, sync time."""
+    """One progress line: step, loss, divergence, throughput, importance ratio, phase times."""
     return (
         f"[sdft] step {m['step']:4d}/{steps}  loss {m['loss']:.4f}  "
         f"kl {m['divergence']:.4f}  {m['tokens_per_s']:6.0f} tok/s  "
         f"ratio {m.get('importance_ratio', 1.0):.3f}  rollout {m['rollout_s']:.2f}s  "
         f"teacher {m['teacher_s']:.2f}s  train {m['train_s']:.2f}s  "
-        f"sync {m['sync_s'] * 1e3:.0f}ms  data {m['data_s']:.2f}s"
+        f"sync {m['sync_s'] * 1e3:.0f}ms  data {m['data_s']:.2f}s  "
+        f"peak {m['peak_rss_gb']:.1f}GB"
     )
-
-
-def _completion_ids(completions: Sequence[Sequence[int]], c_max: int, device) -> torch.Tensor:
-    ids = torch.zeros((len(completions), c_max), dtype=torch.long)
-    for i, c in enumerate(completions):
-        ids[i, : len(c)] = torch.tensor(c)
-    return ids.to(device)
-
-
-def _pad_floats(rows: Sequence[Sequence[float]], width: int, device) -> torch.Tensor:
-    out = torch.zeros((len(rows), width))
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r)
-    return out.to(device)
 
 
 # ----------------------------------------------------------------------------- driver

@@ -148,3 +148,29 @@ class RolloutPool:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+
+
+def named_weights_for_sync(model: Any) -> dict[str, torch.Tensor]:
+    """What the rollout engines need after a step, under Hugging Face parameter names.
+
+    Full fine-tuning: every tensor of the state dict. LoRA: only the adapted layers, merged
+    (W + (α/r)·B A) — the adapter's effect, without a round trip through disk.
+    """
+    try:
+        from peft import PeftModel
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        PeftModel = LoraLayer = ()
+
+    if isinstance(model, PeftModel):
+        out = {}
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer) and module.active_adapters:
+                base = module.get_base_layer()
+                delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
+                clean = name.removeprefix("base_model.model.")
+                out[f"{clean}.weight"] = (base.weight.detach() + delta.detach()).float()
+        return out
+    # The tied head is sent too: vLLM's in-place reload re-creates the embedding tensor, and a
+    # head left out would keep the old weights (measured: |Δ log p| 0.03 after a sync).
+    return {n: p.detach() for n, p in model.state_dict().items()}

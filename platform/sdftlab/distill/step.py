@@ -1,0 +1,120 @@
+"""One SDFT (or off-policy distillation) step: forward, loss and backward over a batch.
+
+`sdft_step(batch, student, teacher, cfg, ...)` is the step the Ray Train loop, the
+benchmarks and the tests all run. For each micro-batch of `cfg.memory.micro_batch_size`
+rows (the whole batch by default):
+
+1. the student's hidden states at the positions predicting its completion tokens, from its
+   own prompt (`batch.completion_hidden`);
+2. the completion tokens with a loss: valid, minus each row's first `loss.mask_first_k`
+   on-policy (the reference masks 3);
+3. the teacher's targets at those tokens, from the teacher's prompt (`teachers`);
+4. the per-token divergence (forward KL by default; full vocabulary or top-k), each token
+   weighted by the capped importance ratio min(π_trainer / π_engine, cap) of its sampled
+   token, the output layer and the loss run `memory.chunk_tokens` at a time, divided by the
+   kept tokens of the whole step — so micro-batches add up to the step's mean;
+5. optionally + w · (1 − CKA) between student and teacher hidden states on the
+   micro-batch's valid tokens (weighted by its share of the step's tokens);
+6. backward (DDP all-reduces on the last micro-batch only).
+
+The caller clips and steps the optimizer, then calls `teacher.after_step`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sdftlab.distill.batch import RolloutBatch, completion_hidden, padded_floats, padded_ids
+from sdftlab.distill.losses import chunked_sdft_loss, mask_first_tokens
+from sdftlab.distill.teachers import Teacher
+
+if TYPE_CHECKING:
+    from sdftlab.distill.sdft import RecoverConfig
+
+
+@dataclass
+class StepResult:
+    loss: float  # the step's loss (divergence, + CKA term), as its gradients are
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def sdft_step(
+    batch: RolloutBatch,
+    student: torch.nn.Module,
+    teacher: Teacher,
+    cfg: RecoverConfig,
+    *,
+    pad_id: int,
+    device: torch.device,
+) -> StepResult:
+    """Forward and backward of one step over `batch`; gradients accumulate in `student`."""
+    from sdftlab import train_utils as tu
+    from sdftlab.cka.stats import linear_cka_torch
+
+    mask_first_k = cfg.loss.mask_first_k if cfg.mode == "on_policy" else 0
+    n_kept = batch.kept_tokens(mask_first_k)
+    n_valid = sum(len(c) for c in batch.completions)
+    layers = cfg.loss.cka_layers if cfg.loss.cka_weight > 0 else []
+    weighted = batch.engine_logprobs is not None and cfg.loss.importance_cap is not None
+    head = tu.output_layer(student)
+    autocast_on = cfg.memory.autocast_on(cfg.use_gpu, cpu_default=False)
+    sums = {"loss": 0.0, "divergence": 0.0, "importance_ratio": 0.0, "cka": 0.0}
+    teacher_s = 0.0
+    t0 = time.perf_counter()
+    teacher.prepare(batch)
+    teacher_s += time.perf_counter() - t0
+    parts = tu.micro_batches(len(batch), cfg.memory.micro_batch_size)
+    for i, rows in enumerate(parts):
+        part = batch.rows(rows)
+        with tu.no_sync(student, sync=i == len(parts) - 1):
+            with tu.autocast(device, autocast_on):
+                s = completion_hidden(
+                    student, part.student_prompts, part.completions, pad_id, device, layers
+                )
+                keep_BC = mask_first_tokens(s.valid_BC, mask_first_k)
+                t0 = time.perf_counter()
+                targets = teacher.targets(part, keep_BC, s.valid_BC, layers)
+                teacher_s += time.perf_counter() - t0
+                width = keep_BC.shape[1]
+                loss, stats = chunked_sdft_loss(
+                    s.last_BCD[keep_BC],
+                    head,
+                    targets.chunk,
+                    n_tokens=n_kept,
+                    kind=cfg.loss.kind,
+                    beta=cfg.loss.beta,
+                    sampled_ids_N=padded_ids(part.completions, width, device)[keep_BC],
+                    engine_logp_N=(
+                        padded_floats(part.engine_logprobs, width, device)[keep_BC]
+                        if weighted and part.engine_logprobs is not None
+                        else None
+                    ),
+                    importance_cap=cfg.loss.importance_cap,
+                    chunk_tokens=cfg.memory.chunk_tokens,
+                )
+                if layers:  # CKA over the micro-batch's valid tokens, averaged over layers
+                    cka = torch.stack([
+                        linear_cka_torch(h[s.valid_BC].float(), t.float())
+                        for h, t in zip(s.layers, targets.layers, strict=True)
+                    ]).mean()  # fmt: skip
+                    share = float(s.valid_BC.sum()) / max(n_valid, 1)
+                    loss = loss + cfg.loss.cka_weight * (1 - cka) * share
+                    sums["cka"] += float(cka) * share
+            loss.backward()
+        sums["loss"] += float(loss.detach())
+        sums["divergence"] += stats["divergence"]
+        sums["importance_ratio"] += stats.get("importance_ratio", 0.0)
+    out: dict[str, Any] = {
+        "divergence": sums["divergence"],
+        "tokens": float(n_kept),
+        "teacher_s": teacher_s,
+    }
+    if weighted:
+        out["importance_ratio"] = sums["importance_ratio"]
+    if layers:
+        out["cka"] = sums["cka"]
+    return StepResult(sums["loss"], out)

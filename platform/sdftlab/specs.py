@@ -1,0 +1,59 @@
+"""Config sections that more than one stage shares: LoRA adapters and the memory of a step.
+
+`MemorySpec` sets how a training step (SFT, SDFT, off-policy distillation) holds its
+activations — never the model or the arithmetic of the step:
+
+- `micro_batch_size`: sequences per forward + backward. A step's micro-batches each add
+  their share of the step's loss gradient (every loss is normalised by the whole step's
+  token count), so the step is the same whatever the micro-batch; `prompts_per_step` and
+  `batch_size` then no longer set the memory.
+- `chunk_tokens`: the output layer and the loss run this many tokens at a time
+  (`sdftlab.chunked`), so the [tokens, vocabulary] logits are never whole.
+- `gradient_checkpointing`: keep each decoder layer's input only and recompute the layer in
+  the backward pass (transformers' non-reentrant checkpointing): about a third more compute
+  for activations that no longer grow with depth.
+- `bf16_autocast`: bf16 matmuls where the hardware has them (CUDA; CPUs with AVX512-BF16 /
+  AMX), fp32 weights and optimizer state. `None` means on for GPU workers, and off on CPU for
+  SDFT (its documented tiny-world figures are fp32); SFT's default is on.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from sdftlab.config import StrictModel
+
+
+class LoraSpec(StrictModel):
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
+
+
+class MemorySpec(StrictModel):
+    micro_batch_size: int | None = Field(
+        None, gt=0, description="sequences per forward/backward (None: a worker's whole batch)"
+    )
+    chunk_tokens: int | None = Field(
+        1024, gt=0, description="tokens per output-layer + loss chunk (None: all at once)"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute layers in backward")
+    bf16_autocast: bool | None = Field(
+        None, description="bf16 matmuls where supported; None: on for GPU, stage default on CPU"
+    )
+
+    def autocast_on(self, use_gpu: bool, cpu_default: bool) -> bool:
+        """Whether this stage asks for bf16 autocast (`train_utils.autocast` still checks that
+        the device has bf16 matmuls)."""
+        if self.bf16_autocast is not None:
+            return self.bf16_autocast
+        return use_gpu or cpu_default
