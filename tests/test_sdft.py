@@ -17,8 +17,8 @@ from sdftlab.distill.sdft import (
     check_task_files,
     recover,
 )
-from sdftlab.rollout.pool import named_weights_for_sync
 from sdftlab.errors import ConfigError, DataError, LineageError
+from sdftlab.rollout.pool import named_weights_for_sync
 from sdftlab.world import tasks
 
 
