@@ -12,7 +12,7 @@ from sdftlab.data.loaders import load_task_file
 from sdftlab.errors import DataError
 from sdftlab.evaluate.general import general_capability
 from sdftlab.evaluate.run import parse_tasks
-from sdftlab.evaluate.tasks import task_accuracy
+from sdftlab.evaluate.tasks import HFGenerator, task_accuracy
 
 pytestmark = pytest.mark.slow
 
@@ -73,14 +73,14 @@ def test_task_accuracy_scores_generations_with_the_reference_rules(small_world):
     world, lineage, _ = small_world
     model, tok = lineage.load_model("base").eval(), lineage.load_tokenizer("base")
     examples = load_task_file(world.task_file("science", "eval"), "science", limit=8)
-    result = task_accuracy(model, tok, examples, max_new_tokens=24, batch_size=4)
+    result = task_accuracy(HFGenerator(model, tok, batch_size=4), examples, max_new_tokens=24)
     assert result.n == 8 and len(result.responses) == 8
     from sdftlab.evaluate.scorers import score
 
     assert result.correct == [score(e, r) for e, r in zip(examples, result.responses, strict=True)]
     assert result.accuracy == sum(result.correct) / 8
     # batching (left padding) does not change greedy outputs
-    single = task_accuracy(model, tok, examples[:3], max_new_tokens=24, batch_size=1)
+    single = task_accuracy(HFGenerator(model, tok, batch_size=1), examples[:3], max_new_tokens=24)
     assert single.responses == result.responses[:3]
 
 
@@ -114,6 +114,33 @@ def test_cli_eval_prints_a_table_and_records_metrics(small_world, capsys):
 
     code = main(["--home", str(home), "--lineage", lineage.root, "lineage"])
     assert code == 0 and "base  <world>" in capsys.readouterr().out
+
+
+def test_vllm_greedy_answers_equal_the_transformers_answers(small_world):
+    """Every greedy answer on both tasks, with and without the demonstration, is the same
+    text from the vLLM engine actor as from transformers `generate`; so are the metrics."""
+    from sdftlab.evaluate.run import default_task_files, evaluate_generation, generator_for
+    from sdftlab.specs import EvalEngineSpec
+
+    world, lineage, _ = small_world
+    tok = lineage.load_tokenizer("base")
+    files = default_task_files(world.data_dir, ["science", "tooluse"])
+    examples = {t: load_task_file(p, t, limit=12) for t, p in files.items()}
+    answers, metrics = {}, {}
+    for engine in ("hf", "vllm"):
+        spec = EvalEngineSpec(engine=engine, max_new_tokens=48, kv_cache_gb=0.0625)
+        with generator_for(lineage, "base", tok, spec) as generate:
+            answers[engine] = [
+                task_accuracy(generate, ex, with_demonstration=demo, max_new_tokens=48).responses
+                for ex in examples.values()
+                for demo in (False, True)
+            ]
+            metrics[engine] = evaluate_generation(
+                generate, files, with_demonstration=True, limit=12, max_new_tokens=48,
+                log=lambda _: None,
+            )  # fmt: skip
+    assert answers["vllm"] == answers["hf"]
+    assert metrics["vllm"] == metrics["hf"] and metrics["hf"]["science/n_demo"] == 12
 
 
 def test_cli_errors_are_one_line_with_the_fix(small_world, capsys):

@@ -4,6 +4,7 @@
     sdftlab world info                                           where the current world lives
     sdftlab import SOURCE --to NAME      an HF folder, a .gguf file, a hub id or smollm2-135m
     sdftlab eval STATE [--tasks science,tooluse,mmlu,winogrande] [--demo] [--data task=PATH]
+                       [--engine vllm] [max_new_tokens=N kv_cache_gb=G ...]
     sdftlab degrade sft --from base --to expert --data science [--steps N] [key=value ...]
     sdftlab degrade quantize --from expert --to nf4
     sdftlab degrade prune --from expert --to pruned10 --ratio 0.1 [--importance taylor]
@@ -90,7 +91,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from sdftlab.config import load_config
     from sdftlab.evaluate.run import default_task_files, evaluate_state, metrics_table, parse_tasks
+    from sdftlab.specs import EvalEngineSpec
     from sdftlab.world.build import current_world
 
     tasks = parse_tasks(args.tasks)
@@ -105,7 +108,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     files.update(overrides)
     files = {t: files[t] for t in tasks}
     lineage = _lineage(args)
-    print(f"evaluating {args.state} on {', '.join(tasks)}")
+    engine = load_config(EvalEngineSpec, None, [f"engine={args.engine}", *args.overrides])
+    print(f"evaluating {args.state} on {', '.join(tasks)} (generation: {engine.engine})")
     metrics = evaluate_state(
         lineage,
         args.state,
@@ -113,6 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         with_demonstration=args.demo,
         limit=args.limit,
         record=not args.no_record,
+        engine=engine,
     )
     print(metrics_table({args.state: metrics}))
     if args.json:
@@ -300,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="evaluate the first N rows of each task")
     ev.add_argument("--no-record", action="store_true", help="do not write metrics to the lineage")
     ev.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    ev.add_argument(
+        "--engine", choices=["hf", "vllm"], default="hf", help="generate with transformers or vLLM"
+    )
+    ev.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="engine options, e.g. kv_cache_gb=2"
+    )
     ev.set_defaults(func=cmd_eval)
 
     deg = sub.add_parser("degrade", help="SFT (forgetting), NF4 quantization, FFN pruning")

@@ -20,11 +20,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from sdftlab.evaluate.general import GENERAL_METRICS
+from sdftlab.evaluate.general import GENERAL_METRICS, LOWER_IS_BETTER
 from sdftlab.lineage import Lineage
 
 TASK_COLUMNS = ("science/acc", "science/acc_demo", "tooluse/acc", "tooluse/acc_demo")
-GENERAL_COLUMNS = GENERAL_METRICS  # mmlu/acc, mmlu/acc_cloze, winogrande/acc
+# mmlu/acc, mmlu/acc_cloze, winogrande/acc (accuracies); english/bpb (bits per byte)
+GENERAL_COLUMNS = tuple(m for m in GENERAL_METRICS if not m.endswith(LOWER_IS_BETTER))
+TEXT_COLUMNS = tuple(m for m in GENERAL_METRICS if m.endswith(LOWER_IS_BETTER))
 
 
 def results_frame(lineage: Lineage, states: Sequence[str]) -> pd.DataFrame:
@@ -54,6 +56,39 @@ def _table(wide: pd.DataFrame, columns: Sequence[str], fmt=_pct) -> str:
     for state, row in wide.iterrows():
         lines.append(f"| {state} | " + " | ".join(fmt(row.get(c)) for c in present) + " |")
     return "\n".join(lines)
+
+
+def _bits(x: float) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def recovery_rows(
+    wide: pd.DataFrame, states: Sequence[str], *, reference: str, degraded: str, metric: str
+) -> list[str]:
+    """The summary the papers report: for every state made after the degraded one, the share
+    of the lost `metric` points it regained — (acc − acc_degraded) / (acc_ref − acc_degraded)
+    — and what it kept of the other task (tool use)."""
+    if metric not in wide.columns or degraded not in wide.index or reference not in wide.index:
+        return []
+    ref, low = wide.loc[reference, metric], wide.loc[degraded, metric]
+    lost = ref - low
+    kept = "tooluse/acc" if metric != "tooluse/acc" else "science/acc"
+    lines = [
+        f"## Forgetting and recovery on {metric}",
+        "",
+        f"`{reference}` {100 * ref:.1f} → `{degraded}` {100 * low:.1f}: "
+        f"{100 * lost:.1f} points forgotten.",
+        "",
+        f"| state | {metric} | regained (% of the lost points) | {kept} |",
+        "|---|---:|---:|---:|",
+    ]
+    after = states[list(states).index(degraded) + 1 :] if degraded in states else []
+    for state in after:
+        acc = wide.loc[state, metric]
+        share = (acc - low) / lost if lost else float("nan")
+        other = wide.loc[state].get(kept, float("nan"))
+        lines.append(f"| {state} | {_pct(acc)} | {_pct(share)} | {_pct(other)} |")
+    return [*lines, ""]
 
 
 def write_report(
@@ -98,7 +133,21 @@ def write_report(
 
         lines = [f"# {title}", ""]
         lines += ["## Task accuracy (%)", "", _table(wide, TASK_COLUMNS), ""]
-        lines += ["## General capability (%, lm-eval)", "", _table(wide, GENERAL_COLUMNS), ""]
+        lines += recovery_rows(
+            wide, states, reference=reference, degraded=degraded, metric=accuracy_metric
+        )
+        if any(c in wide.columns for c in GENERAL_COLUMNS):
+            lines += ["## General capability (%, lm-eval)", "", _table(wide, GENERAL_COLUMNS), ""]
+        if any(c in wide.columns for c in TEXT_COLUMNS):
+            lines += [
+                "## Held-out English (bits per byte, lower is better; lm-eval)",
+                "",
+                _table(wide, TEXT_COLUMNS, fmt=_bits),
+                "",
+                "CPython's documentation topics (`pydoc_data`), 64 prose passages, rolling "
+                "log-likelihood: general language the tasks never train.",
+                "",
+            ]
         if "mmlu/acc_cloze" in wide.columns:
             lines += [
                 "`mmlu/acc`: the letter after `Answer:` (lm-eval's `mmlu`); `mmlu/acc_cloze`: "

@@ -1,4 +1,5 @@
-"""Config sections that more than one stage shares: LoRA adapters and the memory of a step.
+"""Config sections that more than one stage shares: LoRA adapters, the memory of a training
+step, and the engine that evaluation generates with.
 
 `MemorySpec` sets how a training step (SFT, SDFT, off-policy distillation) holds its
 activations — never the model or the arithmetic of the step:
@@ -18,6 +19,8 @@ activations — never the model or the arithmetic of the step:
 """
 
 from __future__ import annotations
+
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -57,3 +60,30 @@ class MemorySpec(StrictModel):
         if self.bf16_autocast is not None:
             return self.bf16_autocast
         return use_gpu or cpu_default
+
+
+class EvalEngineSpec(StrictModel):
+    """Where generation-based evaluation (science, tool use) runs.
+
+    `hf`: transformers `generate` in the evaluating process. `vllm`: one vLLM engine as a Ray
+    actor (`cpus`, `gpus`; on a cluster give it a GPU), all prompts in one call. An NF4 state,
+    which vLLM does not serve here, is evaluated with `hf` whatever this says."""
+
+    engine: Literal["hf", "vllm"] = "hf"
+    max_new_tokens: int = Field(96, gt=0, description="answer budget per prompt")
+    batch_size: int = Field(32, gt=0, description="hf: prompts per generate call")
+    cpus: float = Field(1.0, gt=0, description="vllm: CPUs of the engine actor")
+    gpus: float = Field(0.0, ge=0, description="vllm: GPUs of the engine actor")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    kv_cache_gb: float = Field(1.0, gt=0, description="vllm on CPU: KV cache size")
+    max_model_len: int | None = Field(
+        None, gt=0, description="vllm: longest prompt + answer (None: the model's own limit)"
+    )
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """`VLLMEngine` keyword arguments."""
+        return {
+            "dtype": self.dtype,
+            "kv_cache_bytes": int(self.kv_cache_gb * 2**30),
+            "max_model_len": self.max_model_len,
+        }

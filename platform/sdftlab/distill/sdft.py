@@ -69,6 +69,13 @@ class RolloutSpec(StrictModel):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, description="completion budget per rollout")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="the engines' weights and activations (the trainer's: float32)"
+    )
+    kv_cache_gb: float = Field(0.0625, gt=0, description="KV cache per engine, on CPU")
+    max_model_len: int | None = Field(
+        None, gt=0, description="longest prompt + completion (None: the model's own limit)"
+    )
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -579,6 +586,12 @@ def recover(
 
     ensure_ray()
     rollout_pool = teacher_pool = None
+    engine_kwargs = {
+        "max_logprobs": max(20, cfg.loss.topk or 0),  # top-k scoring
+        "dtype": cfg.rollout.dtype,
+        "kv_cache_bytes": int(cfg.rollout.kv_cache_gb * 2**30),
+        "max_model_len": cfg.rollout.max_model_len,
+    }
     try:
         if cfg.mode == "on_policy" and cfg.rollout.engine == "vllm":
             rollout_pool = RolloutPool.start(
@@ -587,7 +600,7 @@ def recover(
                 cpus_per_actor=cfg.rollout.cpus_per_actor,
                 gpus_per_actor=cfg.rollout.gpus_per_actor,
                 seed=cfg.seed,
-                engine_kwargs={"max_logprobs": max(20, cfg.loss.topk or 0)},  # live scoring
+                engine_kwargs=engine_kwargs,
                 wait=False,  # the engines load while the worker group starts
             )
         if cfg.scoring == "vllm" and cfg.teacher != "live":
@@ -597,7 +610,7 @@ def recover(
                 cpus_per_actor=cfg.rollout.cpus_per_actor,
                 gpus_per_actor=cfg.rollout.gpus_per_actor,
                 seed=cfg.seed + 1000,
-                engine_kwargs={"max_logprobs": max(20, cfg.loss.topk or 0)},
+                engine_kwargs=engine_kwargs,
                 wait=False,
             )
         trainer = tu.make_trainer(

@@ -15,6 +15,13 @@ fact is a skill of its own — so evaluations of small models (OLMES, SmolLM) re
 form; the tiny world's `base` scores 26% on the letter form and 41% on the cloze form
 (chance 25%).
 
+`english` is held-out English for a real model, whose general capability the tiny world's
+synthetic MMLU- and Winogrande-format facts do not measure: the prose paragraphs of the
+Python documentation topics that ship with CPython (`pydoc_data.topics`, 64 passages of
+about 1,000 characters), scored by lm-eval's rolling log-likelihood as its `wikitext` task
+scores Wikipedia: `english/bpb`, bits per byte (lower is better; tokenizer-independent).
+Forgetting general language shows as a rise against the model the lineage started from.
+
     >>> general_capability(model, tokenizer, {"mmlu": "mmlu_eval.jsonl"})
     {'mmlu/acc': 0.26, 'mmlu/n': 300.0, 'mmlu/acc_cloze': 0.41}
 """
@@ -31,7 +38,7 @@ import yaml
 
 from sdftlab.errors import DataError
 
-GENERAL_TASKS = ("mmlu", "winogrande")
+GENERAL_TASKS = ("mmlu", "winogrande", "english")
 # Each task's formulations: the metric each records and the lm-eval task file it includes
 # (a path inside the installed lm_eval package).
 FORMULATIONS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -40,13 +47,17 @@ FORMULATIONS: dict[str, dict[str, tuple[str, ...]]] = {
         "acc_cloze": ("mmlu", "continuation", "_continuation_template_yaml"),
     },
     "winogrande": {"acc": ("winogrande", "default.yaml")},
+    "english": {"bpb": ()},  # our own rolling log-likelihood task (`_english_spec`)
 }
+LOWER_IS_BETTER = ("/bpb",)
 GENERAL_METRICS = tuple(f"{t}/{m}" for t, forms in FORMULATIONS.items() for m in forms)
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _REQUIRED = {
     "mmlu": ("question", "choices", "answer"),
     "winogrande": ("sentence", "option1", "option2", "answer"),
+    "english": ("text",),
 }
+ENGLISH_PASSAGES = 64
 
 
 def _upstream_yaml(task: str, metric: str) -> Path:
@@ -56,6 +67,61 @@ def _upstream_yaml(task: str, metric: str) -> Path:
     if not path.is_file():
         raise RuntimeError(f"lm-eval {lm_eval.__version__} has no {path}; reinstall lm-eval 0.4.x")
     return path
+
+
+def english_passages(n: int = ENGLISH_PASSAGES, size: int = 1000) -> list[str]:
+    """`n` passages of about `size` characters of prose from CPython's documentation topics
+    (paragraphs that are not indented code or headings), spread over the topics, in order."""
+    from pydoc_data.topics import topics
+
+    passages: list[str] = []
+    for key in sorted(topics):
+        current = ""
+        for block in topics[key].split("\n\n"):
+            lines = block.splitlines()
+            if (
+                not lines
+                or block.startswith(" ")
+                or len(block) < 200
+                or set(lines[-1]) <= {"*", "-", "="}
+            ):
+                continue
+            current = f"{current} {' '.join(x.strip() for x in lines)}".strip()
+            if len(current) >= size:
+                passages.append(current)
+                current = ""
+    step = max(1, len(passages) // n)
+    return passages[::step][:n]
+
+
+def english_text_file(directory: Path) -> Path:
+    """The `english` task's JSONL (`text` per row) under `directory`, written once, atomically."""
+    import json
+    import os
+
+    path = directory / "english_eval.jsonl"
+    if not path.is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in english_passages()))
+        os.replace(tmp, path)
+    return path
+
+
+def _english_spec(name: str, path: Path, builder: str) -> dict[str, Any]:
+    """A rolling log-likelihood task over `text` rows (as lm-eval's `wikitext`)."""
+    return {
+        "task": name,
+        "dataset_path": builder,
+        "dataset_kwargs": {"data_files": {"test": str(path)}},
+        "test_split": "test",
+        "output_type": "loglikelihood_rolling",
+        "doc_to_text": "",
+        "doc_to_target": "{{text}}",
+        "metric_list": [
+            {"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")
+        ],
+    }
 
 
 def _check_file(task: str, path: Path) -> str:
@@ -96,7 +162,12 @@ def write_task_yamls(files: Mapping[str, str | Path], directory: Path) -> dict[s
         builder = _check_file(task, path)
         for metric in FORMULATIONS[task]:
             name = f"sdftlab_{task}{metric.removeprefix('acc')}"  # sdftlab_mmlu, …_mmlu_cloze
-            spec: dict[str, Any] = {
+            if task == "english":
+                spec = _english_spec(name, path, builder)
+                (directory / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+                names[name] = f"{task}/{metric}"
+                continue
+            spec = {
                 "include": str(_upstream_yaml(task, metric)),
                 "task": name,
                 "dataset_path": builder,
@@ -149,6 +220,7 @@ def general_capability(
         )
     metrics: dict[str, float] = {}
     for name, metric in names.items():
-        metrics[metric] = float(out["results"][name]["acc,none"])
+        key = "bits_per_byte,none" if metric.endswith("/bpb") else "acc,none"
+        metrics[metric] = float(out["results"][name][key])
         metrics[f"{metric.split('/')[0]}/n"] = float(out["n-samples"][name]["effective"])
     return metrics

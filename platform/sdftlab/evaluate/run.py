@@ -6,27 +6,39 @@ MMLU in its letter and its cloze formulation, `mmlu/acc` and `mmlu/acc_cloze`).
 Each task also records `<task>/n` (and `<task>/n_demo`), the number of rows scored, so a
 pipeline can tell a figure taken at another `limit` from a current one.
 Data defaults to the tiny world's eval splits; `--data task=PATH` points at real files.
+Generation runs where `EvalEngineSpec` says: transformers in this process, or a vLLM engine
+as a Ray actor (`--engine vllm`; a GPU actor on a cluster).
 
     sdftlab eval base --tasks science,tooluse,mmlu,winogrande --demo
+    sdftlab eval smol --tasks science,tooluse --demo --engine vllm
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from sdftlab.data.loaders import load_task_file, world_task_file
 from sdftlab.errors import DataError
-from sdftlab.evaluate.general import GENERAL_TASKS, general_capability
-from sdftlab.evaluate.tasks import task_accuracy
+from sdftlab.evaluate.general import (
+    GENERAL_TASKS,
+    LOWER_IS_BETTER,
+    english_text_file,
+    general_capability,
+)
+from sdftlab.evaluate.tasks import Generator, HFGenerator, VLLMGenerator, task_accuracy
 from sdftlab.lineage import Lineage
+from sdftlab.specs import EvalEngineSpec
 
 GENERATION_TASKS = ("science", "tooluse")
 ALL_TASKS = GENERATION_TASKS + GENERAL_TASKS
 ACCURACY_SUFFIXES = ("/acc", "/acc_demo", "/acc_cloze")  # `<task>/n` (rows scored) beside them
+SHOWN_SUFFIXES = (*ACCURACY_SUFFIXES, *LOWER_IS_BETTER)  # accuracies in %, bits per byte as is
 
 
 def parse_tasks(spec: str | Sequence[str]) -> list[str]:
@@ -43,52 +55,72 @@ def parse_tasks(spec: str | Sequence[str]) -> list[str]:
 def default_task_files(
     data_dir: Path, tasks: Sequence[str], split: str = "eval"
 ) -> dict[str, Path]:
-    return {t: world_task_file(data_dir, t, split) for t in tasks}
+    """Each task's file in `data_dir`; `english` is written from CPython's documentation."""
+    from sdftlab.world.build import sdftlab_home
+
+    return {
+        t: english_text_file(sdftlab_home() / "eval_text")
+        if t == "english"
+        else world_task_file(data_dir, t, split)
+        for t in tasks
+    }
 
 
-def evaluate_model(
-    model: torch.nn.Module,
-    tokenizer: object,
+def evaluate_generation(
+    generate: Generator,
     files: Mapping[str, Path],
     *,
     with_demonstration: bool = False,
     limit: int | None = None,
     max_new_tokens: int = 96,
-    batch_size: int = 32,
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
-    """Metrics of an in-memory model on each task in `files` (task → data file)."""
+    """Accuracy of `generate`'s greedy answers on each generation task in `files`."""
     metrics: dict[str, float] = {}
     for task, path in files.items():
         if task not in GENERATION_TASKS:
             continue
         examples = load_task_file(path, task, limit=limit)
         t0 = time.perf_counter()
-        result = task_accuracy(
-            model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size
-        )
-        metrics[f"{task}/acc"] = result.accuracy
-        metrics[f"{task}/n"] = float(result.n)  # rows scored: tells a stale figure from a new one
-        if with_demonstration:
-            demo = task_accuracy(
-                model,
-                tokenizer,
-                examples,
-                with_demonstration=True,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
+        views = [False, True] if with_demonstration else [False]
+        for demo in views:
+            result = task_accuracy(
+                generate, examples, with_demonstration=demo, max_new_tokens=max_new_tokens
             )
-            metrics[f"{task}/acc_demo"] = demo.accuracy
-            metrics[f"{task}/n_demo"] = float(demo.n)
-        log(f"  {task:<10} n={result.n:<4} {time.perf_counter() - t0:5.1f}s")
-    general = {t: p for t, p in files.items() if t in GENERAL_TASKS}
-    if general:
-        t0 = time.perf_counter()
-        metrics.update(
-            general_capability(model, tokenizer, general, batch_size=batch_size, limit=limit)
-        )
-        log(f"  {'+'.join(general):<10} lm-eval {time.perf_counter() - t0:5.1f}s")
+            suffix = "_demo" if demo else ""
+            metrics[f"{task}/acc{suffix}"] = result.accuracy
+            # rows scored: tells a figure taken at another `limit` from a current one
+            metrics[f"{task}/n{suffix}"] = float(result.n)
+        log(f"  {task:<10} n={len(examples):<4} {time.perf_counter() - t0:5.1f}s")
     return metrics
+
+
+@contextlib.contextmanager
+def generator_for(
+    lineage: Lineage, ref: str, tokenizer: Any, spec: EvalEngineSpec
+) -> Iterator[Generator]:
+    """A greedy generator for state `ref` on `spec.engine`; a vLLM engine stops on exit."""
+    from sdftlab.degrade.quantize import is_quantized
+
+    path = lineage.resolve(ref)
+    if spec.engine == "hf" or is_quantized(path):  # vLLM does not serve NF4 states here
+        model = lineage.load_model(ref, dtype=torch.float32)
+        yield HFGenerator(model, tokenizer, batch_size=spec.batch_size)
+        return
+    from sdftlab.raycluster import ensure_ray
+    from sdftlab.rollout.pool import RolloutPool
+
+    ensure_ray()
+    pool = RolloutPool.start(
+        path,
+        cpus_per_actor=spec.cpus,
+        gpus_per_actor=spec.gpus,
+        engine_kwargs=spec.engine_kwargs(),
+    )
+    try:
+        yield VLLMGenerator(pool, tokenizer)
+    finally:
+        pool.shutdown()
 
 
 def evaluate_state(
@@ -99,14 +131,30 @@ def evaluate_state(
     with_demonstration: bool = False,
     limit: int | None = None,
     record: bool = True,
+    engine: EvalEngineSpec | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
-    """Evaluate a state by name (or HF directory) and, for named states, record the metrics."""
-    model = lineage.load_model(ref, dtype=torch.float32)
+    """Evaluate a state by name (or HF directory) and, for named states, record the metrics.
+
+    Generation tasks run on `engine` (transformers here by default, or a vLLM actor); the
+    general tasks score log-likelihoods with lm-eval on the model loaded in this process."""
+    spec = engine or EvalEngineSpec()
     tokenizer = lineage.load_tokenizer(ref)
-    metrics = evaluate_model(
-        model, tokenizer, files, with_demonstration=with_demonstration, limit=limit, log=log
-    )
+    metrics: dict[str, float] = {}
+    if any(t in GENERATION_TASKS for t in files):
+        with generator_for(lineage, ref, tokenizer, spec) as generate:
+            metrics |= evaluate_generation(
+                generate, files, with_demonstration=with_demonstration, limit=limit,
+                max_new_tokens=spec.max_new_tokens, log=log,
+            )  # fmt: skip
+    general = {t: p for t, p in files.items() if t in GENERAL_TASKS}
+    if general:
+        t0 = time.perf_counter()
+        model = lineage.load_model(ref, dtype=torch.float32)
+        metrics |= general_capability(
+            model, tokenizer, general, batch_size=spec.batch_size, limit=limit
+        )
+        log(f"  {'+'.join(general):<10} lm-eval {time.perf_counter() - t0:5.1f}s")
     if record and lineage.exists(ref):
         lineage.record_metrics(ref, metrics)
     return metrics
@@ -114,15 +162,23 @@ def evaluate_state(
 
 def metrics_table(rows: Mapping[str, Mapping[str, float]]) -> str:
     """A markdown table: one row per state, one column per metric (accuracy in %)."""
-    columns = sorted({k for m in rows.values() for k in m if k.endswith(ACCURACY_SUFFIXES)},
+    columns = sorted({k for m in rows.values() for k in m if k.endswith(SHOWN_SUFFIXES)},
                      key=_metric_order)  # fmt: skip
     header = "| state | " + " | ".join(columns) + " |"
     rule = "|---|" + "---:|" * len(columns)
     body = [
-        f"| {name} | " + " | ".join(f"{100 * m[c]:.1f}" if c in m else "–" for c in columns) + " |"
+        f"| {name} | " + " | ".join(_shown(c, m) for c in columns) + " |"
         for name, m in rows.items()
     ]
     return "\n".join([header, rule, *body])
+
+
+def _shown(column: str, metrics: Mapping[str, float]) -> str:
+    if column not in metrics:
+        return "–"
+    if column.endswith(LOWER_IS_BETTER):
+        return f"{metrics[column]:.3f}"
+    return f"{100 * metrics[column]:.1f}"
 
 
 def _metric_order(key: str) -> tuple[int, str]:

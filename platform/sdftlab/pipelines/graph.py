@@ -49,6 +49,7 @@ from sdftlab.degrade.sft import SFTConfig
 from sdftlab.distill.sdft import SPECIAL_TEACHERS, RecoverConfig
 from sdftlab.errors import ConfigError
 from sdftlab.lineage import Lineage
+from sdftlab.specs import EvalEngineSpec
 
 Log = Callable[[str], None]
 
@@ -150,6 +151,9 @@ class EvalSpec(StrictModel):
     demonstration_for: list[str] = Field(
         [], description="states also scored with the demonstration in the prompt (teachers)"
     )
+    generation: EvalEngineSpec = Field(
+        EvalEngineSpec(), description="where answers are generated: transformers or a vLLM actor"
+    )
 
 
 class CKASpec(StrictModel):
@@ -176,6 +180,11 @@ class PipelineConfig(StrictModel):
         min_length=1, description="state name → the stage that makes it (null: left out)"
     )
     data_dir: str | None = Field(None, description="task files; default the world stage's")
+    task_data: WorldConfig | None = Field(
+        None,
+        description="the tiny world's task files without its model (seed and split sizes): "
+        "tasks an imported model can learn, forget and recover",
+    )
     lineage: str | None = Field(None, description="lineage root (path or URI); default home")
     trust_remote_code: bool = Field(
         False, description="let model directories run their own code (imported models only)"
@@ -204,8 +213,11 @@ class PipelineConfig(StrictModel):
                     f"{', '.join(self.stages)}); name one of them or add a stage {name!r}"
                 )
         worlds = [(n, s) for n, s in self.stages.items() if isinstance(s, WorldStage)]
-        if not worlds and self.data_dir is None:
-            raise ValueError("no stage has kind world: set data_dir to the task files' folder")
+        if not worlds and self.data_dir is None and self.task_data is None:
+            raise ValueError(
+                "no stage has kind world: set data_dir to the task files' folder, or task_data "
+                "(e.g. task_data: {seed: 0}) for the tiny world's tasks"
+            )
         for name, world in worlds[1:]:  # one world's data for every stage
             if _world_data(world) != _world_data(worlds[0][1]):
                 raise ValueError(
@@ -366,7 +378,7 @@ def run_pipeline(
     from sdftlab.data.loaders import count_rows
     from sdftlab.evaluate.run import default_task_files, evaluate_state
     from sdftlab.report import write_report
-    from sdftlab.world.build import build_world
+    from sdftlab.world.build import build_world, build_world_data
 
     names = order(cfg.stages)
     if cfg.trust_remote_code:  # before Ray starts: its workers inherit the environment
@@ -382,6 +394,8 @@ def run_pipeline(
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
+    if data_dir is None and cfg.task_data is not None:
+        data_dir = build_world_data(cfg.task_data, home)
     for i, name in enumerate(names, 1):
         stage = cfg.stages[name]
         label = f"stage {i}/{len(names)} {_describe(stage)}"
@@ -408,7 +422,7 @@ def run_pipeline(
             continue
         log(f"   {state}")
         evaluate_state(lineage, state, files, with_demonstration=demo, limit=cfg.eval.limit,
-                       log=lambda m: log("   " + m))  # fmt: skip
+                       engine=cfg.eval.generation, log=lambda m: log("   " + m))  # fmt: skip
     timings["evaluation"] = time.perf_counter() - t0
 
     log(f"── CKA against {cfg.cka.reference} on {cfg.cka.data}")

@@ -134,6 +134,25 @@ def generate_data(cfg: WorldConfig, out_dir: Path) -> dict[str, dict[str, list[d
     return data
 
 
+def build_world_data(cfg: WorldConfig, home: Path) -> Path:
+    """The world's task files alone — no tokenizer, no model — for a pipeline on an imported
+    model: facts no pretrained model knows, in the real tasks' formats. Cached under
+    `<home>/world_data/<digest>` (the digest of `world_digest`), written atomically."""
+    out = home / "world_data" / world_digest(cfg)
+    if (out / "science_train.jsonl").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".data-", dir=out.parent))
+    try:
+        generate_data(cfg, staging)
+        os.replace(staging, out)
+    except OSError:  # another process finished the same data first
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (out / "science_train.jsonl").is_file():
+            raise
+    return out
+
+
 def replay_rows(
     facts: tasks.WorldFacts,
     shadows: tuple[tasks.WorldFacts, ...],

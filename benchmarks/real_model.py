@@ -1,0 +1,296 @@
+"""SmolLM2-135M-Instruct: peak memory and speed of the SFT and SDFT steps, today's way and the
+memory-lean way, and the evaluation time on vLLM against transformers.
+
+The model is the packaged GGUF (`sdftlab import smollm2-135m`, the `smollm2` extra), imported
+into a scratch lineage. Every variant runs in a fresh process, so its peak resident memory is
+that process's own high-water mark (what `/usr/bin/time -v` reports); a watchdog kills a
+variant that passes `--rss-limit-gb` and records it as out of memory.
+
+- **SFT**: one step of 8 rows × 600 tokens (the papers' science questions and answers in the
+  chat template, packed), AdamW, bf16 autocast (the stage's default on a CPU with AMX).
+  `whole logits` is the step before the memory-lean path: `model(**batch).loss` (the
+  [8, 600, 49152] logits at once), eager attention (the CPU choice then); the rest run
+  `degrade.sft.sft_step` with the chunked head and loss, SDPA, and the micro-batch and
+  checkpointing options.
+- **SDFT**: one step of 16 prompts (science questions; completions of 128 tokens; the teacher
+  a frozen copy with the demonstration in its prompt), forward KL over the full vocabulary,
+  mask_first_k 3. `whole logits`: the student's and the teacher's [16, 128, 49152] logits at
+  once, in fp32 with eager attention (the step before); the rest run `distill.step.sdft_step`.
+- **Evaluation**: the papers' science (507 rows) and tool-use (97 rows) sets, greedy, with and
+  without the demonstration, on one vLLM engine actor (all rows) and with transformers
+  `generate` (the first `--hf-rows` rows of each, timed and projected to all rows).
+
+    python benchmarks/real_model.py                      # all three parts
+    python benchmarks/real_model.py --parts sft,sdft --steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL_DATA = REPO.parent / "shared" / "data" / "sdft_reference_eval"
+
+STEP_CHILD = r"""
+import json, sys, time, statistics
+import torch
+from sdftlab import train_utils as tu
+kind, state_dir, data_dir, variant, steps = sys.argv[1:6]
+variant, steps = json.loads(variant), int(steps)
+torch.set_num_threads(2)
+torch.manual_seed(0)
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained(state_dir)
+model = AutoModelForCausalLM.from_pretrained(state_dir, dtype=torch.float32)
+cpu = torch.device("cpu")
+from sdftlab.data.loaders import load_task_file
+examples = load_task_file(data_dir + "/science_data/eval_data", "science")
+from sdftlab.data.templates import student_messages, teacher_messages, DEMO_TEMPLATE
+def ids(messages):
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tok(text, add_special_tokens=False)["input_ids"]
+if variant.get("attention"):
+    model.set_attn_implementation(variant["attention"])
+if variant.get("checkpointing"):
+    tu.enable_checkpointing(model)
+params = [p for p in model.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW(params, lr=1e-5)
+times, tokens = [], 0
+if kind == "sft":
+    from sdftlab.degrade.sft import SFTConfig, sft_step
+    stream = []
+    for ex in examples:
+        answer = tok(ex.demonstration, add_special_tokens=False)["input_ids"]
+        stream += ids(student_messages(ex)) + answer
+    rows, width = 8, 600
+    input_ids = torch.tensor(stream[: rows * width]).view(rows, width)
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+             "labels": input_ids.clone()}
+    cfg = SFTConfig(memory=variant.get("memory", {}))
+    tokens = rows * width
+    for step in range(steps + 1):
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        if variant["path"] == "whole":
+            with tu.autocast(cpu, True):
+                loss = model(**batch, use_cache=False).loss
+            loss.backward()
+        else:
+            sft_step(model, batch, cfg, cpu)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if step:
+            times.append(time.perf_counter() - t0)
+else:
+    import copy
+    import torch.nn.functional as F
+    from sdftlab.distill.batch import RolloutBatch, completion_hidden
+    from sdftlab.distill.losses import sdft_loss
+    from sdftlab.distill.sdft import RecoverConfig
+    from sdftlab.distill.step import sdft_step
+    from sdftlab.distill.teachers import frozen_teacher
+    rows = examples[:16]
+    completions = [(tok(ex.demonstration, add_special_tokens=False)["input_ids"] * 8)[:128]
+                   for ex in rows]
+    batch = RolloutBatch([ids(student_messages(ex)) for ex in rows],
+                         [ids(teacher_messages(ex, DEMO_TEMPLATE)) for ex in rows], completions)
+    teacher_model = copy.deepcopy(model).eval().requires_grad_(False)
+    teacher = frozen_teacher(teacher_model, tok.pad_token_id, None)
+    cfg = RecoverConfig(memory=variant.get("memory", {}))
+    tokens = sum(len(c) for c in completions)
+    pad = tok.pad_token_id
+    for step in range(steps + 1):
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        if variant["path"] == "whole":
+            with torch.no_grad():
+                t = completion_hidden(teacher_model, batch.teacher_prompts, completions, pad, cpu)
+                teacher_logp = F.log_softmax(teacher_model.lm_head(t.last_BCD).float(), -1)
+            s = completion_hidden(model, batch.student_prompts, completions, pad, cpu)
+            loss, _ = sdft_loss(model.lm_head(s.last_BCD), teacher_logp, s.valid_BC,
+                                mask_first_k=3)
+            loss.backward()
+        else:
+            sdft_step(batch, model, teacher, cfg, pad_id=pad, device=cpu)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if step:
+            times.append(time.perf_counter() - t0)
+step_s = statistics.median(times)
+print("RESULT " + json.dumps({"step_s": step_s, "tokens_per_s": tokens / step_s,
+                              "peak_rss_gb": tu.peak_rss_gb()}))
+"""
+
+EVAL_CHILD = r"""
+import json, sys, time
+from sdftlab.lineage import Lineage
+from sdftlab.evaluate.run import evaluate_generation, generator_for
+from sdftlab.specs import EvalEngineSpec
+root, name, data_dir, spec, limit = sys.argv[1:6]
+limit = int(limit) or None
+lineage = Lineage(root)
+files = {"science": data_dir + "/science_data/eval_data",
+         "tooluse": data_dir + "/tooluse_data/eval_data"}
+spec = EvalEngineSpec.model_validate(json.loads(spec))
+tok = lineage.load_tokenizer(name)
+t0 = time.perf_counter()
+with generator_for(lineage, name, tok, spec) as generate:
+    up = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    metrics = evaluate_generation(generate, files, with_demonstration=True, limit=limit,
+                                  max_new_tokens=spec.max_new_tokens, log=lambda _: None)
+    gen = time.perf_counter() - t1
+rows = sum(metrics[f"{t}/n"] + metrics[f"{t}/n_demo"] for t in ("science", "tooluse"))
+print("RESULT " + json.dumps({"startup_s": up, "generate_s": gen, "rows": rows, **metrics}))
+"""
+
+SFT_VARIANTS: dict[str, dict[str, Any]] = {
+    "whole logits, eager (before)": {"path": "whole", "attention": "eager"},
+    "whole logits, SDPA": {"path": "whole", "attention": "sdpa"},
+    "chunked": {"path": "lean", "memory": {"chunk_tokens": 1024}},
+    "chunked, micro-batch 2": {
+        "path": "lean", "memory": {"chunk_tokens": 1024, "micro_batch_size": 2},
+    },
+    "chunked, micro-batch 2, checkpointing": {
+        "path": "lean", "checkpointing": True,
+        "memory": {"chunk_tokens": 1024, "micro_batch_size": 2},
+    },
+}  # fmt: skip
+SDFT_VARIANTS: dict[str, dict[str, Any]] = {
+    "whole logits, fp32, eager (before)": {"path": "whole", "attention": "eager"},
+    "chunked, micro-batch 4": {
+        "path": "lean", "memory": {"micro_batch_size": 4},
+    },
+    "chunked, micro-batch 4, checkpointing": {
+        "path": "lean", "checkpointing": True, "memory": {"micro_batch_size": 4},
+    },
+    "chunked, micro-batch 4, checkpointing, bf16": {
+        "path": "lean", "checkpointing": True,
+        "memory": {"micro_batch_size": 4, "bf16_autocast": True},
+    },
+}  # fmt: skip
+
+
+def run_child(code: str, args: list[str], rss_limit_gb: float) -> dict[str, Any]:
+    """A fresh process; its RESULT line, or {'oom': True} if it passed the RSS limit."""
+    import psutil
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"},
+    )
+    killed = threading.Event()
+
+    def watch() -> None:
+        try:
+            ps = psutil.Process(proc.pid)
+            while proc.poll() is None:
+                rss = ps.memory_info().rss + sum(
+                    c.memory_info().rss for c in ps.children(recursive=True)
+                )
+                if rss > rss_limit_gb * 2**30:
+                    killed.set()
+                    proc.kill()
+                time.sleep(0.2)
+        except psutil.NoSuchProcess:
+            return
+
+    threading.Thread(target=watch, daemon=True).start()
+    out, err = proc.communicate()
+    if killed.is_set():
+        return {"oom": True}
+    lines = [x for x in out.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"child failed:\n{err[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def table(title: str, rows: dict[str, dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """A markdown table: one row per variant; columns are (header, result key, format)."""
+    lines = [f"### {title}", "", "| variant | " + " | ".join(c[0] for c in columns) + " |"]
+    lines.append("|---|" + "---:|" * len(columns))
+    for label, r in rows.items():
+        if r.get("oom"):
+            cells = ["out of memory"] + [""] * (len(columns) - 1)
+        else:
+            cells = [fmt.format(r[key]) if key in r else "–" for _, key, fmt in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", default="sft,sdft,eval")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
+    parser.add_argument("--rss-limit-gb", type=float, default=20.0)
+    parser.add_argument("--hf-rows", type=int, default=24, help="transformers: rows per task")
+    parser.add_argument("--out", default="runs/bench/real_model.json")
+    args = parser.parse_args()
+    from sdftlab.importer import import_model
+    from sdftlab.lineage import Lineage
+
+    parts = args.parts.split(",")
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-real-") as tmp:
+        lineage = Lineage(Path(tmp) / "lineage")
+        import_model(lineage, "smollm2-135m", "smol", log=lambda _: None)
+        state = str(lineage.local_path("smol"))
+        for kind, variants in (("sft", SFT_VARIANTS), ("sdft", SDFT_VARIANTS)):
+            if kind not in parts:
+                continue
+            results[kind] = {}
+            for label, variant in variants.items():
+                argv = [kind, state, str(EVAL_DATA), json.dumps(variant), str(args.steps)]
+                results[kind][label] = run_child(STEP_CHILD, argv, args.rss_limit_gb)
+                print(f"{kind} {label}: {results[kind][label]}", flush=True)
+        if "eval" in parts:
+            results["eval"] = {}
+            engines = {
+                "vLLM actor, fp32 (all rows)": ({"engine": "vllm", "cpus": 2.0,
+                                                 "kv_cache_gb": 2.0, "max_model_len": 4096}, 0),
+                "vLLM actor, bf16 (all rows)": ({"engine": "vllm", "cpus": 2.0, "dtype": "bfloat16",
+                                                 "kv_cache_gb": 2.0, "max_model_len": 4096}, 0),
+                f"transformers (first {args.hf_rows} rows)": ({"engine": "hf"}, args.hf_rows),
+            }  # fmt: skip
+            for label, (spec, limit) in engines.items():
+                argv = [str(lineage.root), "smol", str(EVAL_DATA), json.dumps(spec), str(limit)]
+                r = run_child(EVAL_CHILD, argv, args.rss_limit_gb)
+                r["s_per_row"] = r["generate_s"] / r["rows"]
+                r["all_rows_s"] = r["s_per_row"] * 2 * (507 + 97) + r["startup_s"]
+                results["eval"][label] = r
+                print(f"eval {label}: {r}", flush=True)
+    step_cols = [("s/step", "step_s", "{:.1f}"), ("tokens/s", "tokens_per_s", "{:.0f}"),
+                 ("peak RSS GB", "peak_rss_gb", "{:.2f}")]  # fmt: skip
+    eval_cols = [("start-up s", "startup_s", "{:.0f}"), ("s/row", "s_per_row", "{:.3f}"),
+                 ("all 1208 rows, s", "all_rows_s", "{:.0f}"),
+                 ("science", "science/acc", "{:.3f}"),
+                 ("science+demo", "science/acc_demo", "{:.3f}"),
+                 ("tool use", "tooluse/acc", "{:.3f}"),
+                 ("tool use+demo", "tooluse/acc_demo", "{:.3f}")]  # fmt: skip
+    titles = {
+        "sft": "SFT step, 8 × 600 tokens",
+        "sdft": "SDFT step, 16 prompts × 128 tokens",
+        "eval": "Evaluation, science 507 + tool use 97, with and without the demonstration",
+    }
+    for kind, rows in results.items():
+        print()
+        print(table(titles[kind], rows, eval_cols if kind == "eval" else step_cols))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
