@@ -46,7 +46,8 @@ from padding_free import copy_documents, padded, sft_documents, time_steps
 from sdftlab import train_utils as tu
 from sdftlab.allocator import tune_cpu_allocator
 from sdftlab.lineage import Lineage
-from sdftlab.world.build import current_world, sdftlab_home
+from sdftlab.paths import sdftlab_home
+from sdftlab.world.build import current_world
 kind, steps = sys.argv[2], int(sys.argv[3])
 torch.set_num_threads(2)
 tuned = tune_cpu_allocator()

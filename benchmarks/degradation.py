@@ -30,7 +30,8 @@ from sdftlab.degrade.prune import prune_state
 from sdftlab.degrade.quantize import quantize_state
 from sdftlab.evaluate.run import default_task_files, evaluate_state
 from sdftlab.lineage import Lineage
-from sdftlab.world.build import current_world, sdftlab_home
+from sdftlab.paths import sdftlab_home
+from sdftlab.world.build import current_world
 
 sys.path.insert(0, str(Path(__file__).parent))
 from rollout import write_results

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from rollout import write_results
 from sdftlab.evaluate.general import general_capability, write_task_yamls
 from sdftlab.lineage import Lineage
-from sdftlab.world.build import current_world, sdftlab_home
+from sdftlab.paths import sdftlab_home
+from sdftlab.world.build import current_world
 
 
 def main() -> None:

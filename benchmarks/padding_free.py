@@ -43,7 +43,8 @@ from sdftlab.config import PretrainConfig
 from sdftlab.data.chat import pad_batch, tokenize_chat
 from sdftlab.degrade.sft import SFTConfig, sft_rows
 from sdftlab.lineage import Lineage
-from sdftlab.world.build import copy_curriculum_text, current_world, sdftlab_home
+from sdftlab.paths import sdftlab_home
+from sdftlab.world.build import copy_curriculum_text, current_world
 
 
 def copy_documents(tokenizer, n: int, max_len: int, seed: int) -> list[tuple[list, list]]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sdftlab.lineage import Lineage
-from sdftlab.world.build import sdftlab_home
+from sdftlab.paths import sdftlab_home
 
 CHILD = """
 import json, sys, time

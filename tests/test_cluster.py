@@ -1,5 +1,5 @@
-"""cluster.yaml validates against Ray's own cluster-launcher schema; a broken copy does not; the
-local cluster's worker settings."""
+"""cluster.yaml validates against Ray's own cluster-launcher schema; the local cluster's worker
+settings."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import copy
 import os
 from pathlib import Path
 
-import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,23 +24,6 @@ def test_cluster_yaml_passes_rays_schema():
     assert config["head_node_type"] in config["available_node_types"]
     workers = [t for t in config["available_node_types"] if t != config["head_node_type"]]
     assert workers, "a GPU worker node type is expected beside the head"
-
-
-@pytest.mark.parametrize(
-    ("breakage", "error", "message"),
-    [
-        (lambda c: c.update(max_workers="many"), "ValidationError", "is not of type 'integer'"),
-        (lambda c: c.pop("provider"), "KeyError", "provider"),
-        (lambda c: c.update(head_node_type="gpu"), "ValueError", "must be one of"),
-    ],
-    ids=["max_workers-not-int", "no-provider", "unknown-head-type"],
-)
-def test_a_broken_copy_fails_validation(breakage, error, message):
-    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
-    breakage(config)
-    with pytest.raises(Exception) as info:
-        _validate(config)
-    assert type(info.value).__name__ == error and message in str(info.value)
 
 
 def test_worker_env_passes_the_progress_bar_switches_and_only_opt_ins(monkeypatch):

@@ -159,18 +159,3 @@ def test_a_pipeline_job_submitted_with_the_token_runs_and_reports(ray_head, smal
     assert {"base", "expert"} <= set(results["state"])
     assert job_lineage.meta("expert").parents == ["base"]
     assert env["RAY_AUTH_TOKEN"] not in logs + report  # the token never lands in logs/reports
-
-
-@pytest.mark.slow
-def test_a_client_without_the_token_is_refused(ray_head, tmp_path):
-    address, env = ray_head
-    anonymous = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_TOKEN")}
-    anonymous["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
-    refused = _ray(anonymous, "job", "list", "--address", address)
-    assert refused.returncode != 0
-    out = (refused.stdout + refused.stderr).lower()
-    assert "401" in out or "unauthorized" in out or "authentication" in out, out[-2000:]
-
-    wrong = {**anonymous, "RAY_AUTH_TOKEN": "not-the-token"}
-    assert _ray(wrong, "job", "list", "--address", address).returncode != 0
-    assert _ray(env, "job", "list", "--address", address).returncode == 0

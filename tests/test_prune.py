@@ -294,7 +294,6 @@ VLLM_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_vllm_loads_pruned_state_and_matches_hf_greedy(tmp_path, tiny_tokenizer):
-    pytest.importorskip("vllm")
     lineage = Lineage(tmp_path / "lineage")
     # a wider init than 0.02 gives decisive, varied greedy tokens (head_dim 128/4 = 32)
     lineage.save("base", tiny_qwen(tiny_tokenizer, init=0.2), tiny_tokenizer, kind="world")

@@ -123,7 +123,6 @@ def test_teacher_with_another_vocabulary_is_rejected(small_world, tmp_path, tiny
 
 @pytest.mark.slow
 def test_vllm_log_probs_match_the_trainer_after_a_sync_and_not_before(small_world):
-    pytest.importorskip("vllm")
     import ray
 
     from sdftlab.raycluster import ensure_ray
@@ -205,7 +204,6 @@ def _changed(lineage, a: str, b: str) -> float:
 
 @pytest.mark.slow
 def test_recover_on_vllm_rollouts_writes_a_state_with_metrics(small_world):
-    pytest.importorskip("vllm")
     world, lineage, _ = small_world
     cfg = load_config(RecoverConfig, None, [*FAST, "teacher=base", "data=[science,tooluse]"])
     meta = recover(lineage, "base", "sdft-vllm", cfg, data_dir=world.data_dir, overwrite=True)
@@ -269,7 +267,6 @@ def test_qlora_recovery_of_an_nf4_state_runs_end_to_end(small_world, tutor):
 
 @pytest.mark.slow
 def test_full_recovery_of_a_pruned_state_runs_end_to_end_on_vllm(small_world, tutor):
-    pytest.importorskip("vllm")
     from sdftlab.degrade.prune import prune_state
 
     world, lineage, _ = small_world

@@ -42,7 +42,7 @@ def _lineage(args: argparse.Namespace, from_config: str | None = None):
 
 
 def _home(args: argparse.Namespace) -> Path:
-    from sdftlab.world.build import sdftlab_home
+    from sdftlab.paths import sdftlab_home
 
     if args.home:
         os.environ["SDFTLAB_HOME"] = args.home

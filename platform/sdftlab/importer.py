@@ -166,7 +166,10 @@ def _dequantise_gguf(path: Path, out: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
     check_gguf(path)
+    hf_logging.disable_progress_bar()  # one line per import, not a bar per tensor pass
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(

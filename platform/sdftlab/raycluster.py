@@ -23,7 +23,6 @@ same with them off (benchmarks/ray_niceness.py). A cluster keeps its own setting
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from sdftlab.config import TRUST_REMOTE_CODE_ENV, trust_remote_code
@@ -67,15 +66,3 @@ def ensure_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
         log_to_driver=True,
         **kwargs,
     )
-
-
-def storage_path() -> str:
-    """Where Ray Train/Tune persist runs: `$SDFTLAB_STORAGE` (a path or URI), else a local dir."""
-    from sdftlab.world.build import sdftlab_home
-
-    env = os.environ.get("SDFTLAB_STORAGE")
-    if env:
-        return env
-    path = Path(sdftlab_home()) / "ray_results"
-    path.mkdir(parents=True, exist_ok=True)
-    return str(path)

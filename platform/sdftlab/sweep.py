@@ -180,7 +180,8 @@ def run_sweep(cfg: SweepConfig, lineage: Lineage, data_dir: Path | None, log=pri
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from sdftlab.raycluster import ensure_ray, storage_path
+    from sdftlab.paths import storage_path
+    from sdftlab.raycluster import ensure_ray
 
     validate(cfg, lineage)
     ensure_ray()

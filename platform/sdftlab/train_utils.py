@@ -339,7 +339,7 @@ def make_trainer(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from sdftlab.raycluster import storage_path
+    from sdftlab.paths import storage_path
 
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True

@@ -24,30 +24,29 @@ __all__ = [
     "sequence_cka",
 ]
 
-# Capture, accumulation, the Ray actor pool and the comparison driver (plots stay in
-# `sdftlab.cka.plots`, imported on demand: matplotlib is not needed to compute CKA).
-from sdftlab.cka.capture import (
-    CKAAccumulator,
-    LayerPairs,
-    capture_hidden_states,
-    collate,
-    encode_examples,
-    relative_depth_map,
-)
-from sdftlab.cka.pool import CKAOptions, CKAWorker, cka_local, cka_over_dataset
-from sdftlab.cka.run import compare_states, format_table
+# Capture, accumulation, the Ray actor pool and the comparison driver load on first use
+# (PEP 562): importing the math needs neither Ray nor the lineage. Plots stay in
+# `sdftlab.cka.plots` (matplotlib is not needed to compute CKA).
+_LAZY = {
+    "CKAAccumulator": "capture",
+    "LayerPairs": "capture",
+    "capture_hidden_states": "capture",
+    "collate": "capture",
+    "encode_examples": "capture",
+    "relative_depth_map": "capture",
+    "CKAOptions": "pool",
+    "CKAWorker": "pool",
+    "cka_local": "pool",
+    "cka_over_dataset": "pool",
+    "compare_states": "run",
+    "format_table": "run",
+}
+__all__ += sorted(_LAZY)
 
-__all__ += [
-    "CKAAccumulator",
-    "CKAOptions",
-    "CKAWorker",
-    "LayerPairs",
-    "capture_hidden_states",
-    "cka_local",
-    "cka_over_dataset",
-    "collate",
-    "compare_states",
-    "encode_examples",
-    "format_table",
-    "relative_depth_map",
-]
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'sdftlab.cka' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"sdftlab.cka.{_LAZY[name]}"), name)

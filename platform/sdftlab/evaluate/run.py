@@ -56,7 +56,7 @@ def default_task_files(
     data_dir: Path, tasks: Sequence[str], split: str = "eval"
 ) -> dict[str, Path]:
     """Each task's file in `data_dir`; `english` is written from CPython's documentation."""
-    from sdftlab.world.build import sdftlab_home
+    from sdftlab.paths import sdftlab_home
 
     return {
         t: english_text_file(sdftlab_home() / "eval_text")

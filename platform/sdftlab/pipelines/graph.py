@@ -40,15 +40,14 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Union
 
 from pydantic import Field, field_validator, model_validator
 
 from sdftlab.config import TRUST_REMOTE_CODE_ENV, StrictModel, WorldConfig
-from sdftlab.degrade.sft import SFTConfig
-from sdftlab.distill.sdft import SPECIAL_TEACHERS, RecoverConfig
 from sdftlab.errors import ConfigError
 from sdftlab.lineage import Lineage
+from sdftlab.pipelines.stages import KINDS, Job, WorldStage, kind_of, options
 from sdftlab.specs import EvalEngineSpec
 
 Log = Callable[[str], None]
@@ -56,90 +55,15 @@ Log = Callable[[str], None]
 
 # ----------------------------------------------------------------------------- stage kinds
 
-
-class QuantizeSpec(StrictModel):
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: str = "float32"
-
-
-class PruneSpec(StrictModel):
-    ratio: float = Field(0.1, gt=0, lt=1)
-    importance: Literal["magnitude", "taylor"] = "magnitude"
-    multiple_of: int = Field(64, gt=0, description="new width rounded to this (16 for tiny)")
-    calibration: str = Field("science", description="taylor: task (or task=PATH) to score on")
-    calibration_rows: int = Field(64, gt=0)
-
-
-class ImportSpec(StrictModel):
-    path: str = Field(
-        description="an HF model folder, a .gguf file, a hub id (org/name) or a packaged model "
-        "(smollm2-135m); see `sdftlab.importer`"
-    )
-
-
-def _input(description: str) -> Any:
-    return Field(alias="from", description=description)
-
-
-class WorldStage(WorldConfig):
-    kind: Literal["world"]
-
-
-class ImportStage(ImportSpec):
-    kind: Literal["import"]
-
-
-class SFTStage(SFTConfig):
-    kind: Literal["sft"]
-    source: str = _input("the state fine-tuned")
-
-
-class SDFTStage(RecoverConfig):
-    kind: Literal["sdft"]
-    source: str = _input("the student state")
-
-
-class QuantizeStage(QuantizeSpec):
-    kind: Literal["quantize"]
-    source: str = _input("the state quantized")
-
-
-class PruneStage(PruneSpec):
-    kind: Literal["prune"]
-    source: str = _input("the state pruned")
-
-
 Stage = Annotated[
-    WorldStage | ImportStage | SFTStage | SDFTStage | QuantizeStage | PruneStage,
+    Union[tuple(kind.stage for kind in KINDS.values())],  # noqa: UP007 - built from KINDS
     Field(discriminator="kind"),
 ]
-SPEC = {  # stage class → the options it records in the lineage
-    WorldStage: WorldConfig,
-    ImportStage: ImportSpec,
-    SFTStage: SFTConfig,
-    SDFTStage: RecoverConfig,
-    QuantizeStage: QuantizeSpec,
-    PruneStage: PruneSpec,
-}
-
-
-def spec(stage: Any) -> Any:
-    """The stage's options without `kind` and `from`: the config the operator records."""
-    return SPEC[type(stage)].model_validate(stage.model_dump(exclude={"kind", "source"}))
 
 
 def inputs(stage: Any) -> list[str]:
-    """The states a stage reads: its `from`, and an SDFT teacher that names a state."""
-    names = [stage.source] if hasattr(stage, "source") else []
-    if isinstance(stage, SDFTStage) and not _outside(stage.teacher) and stage.teacher not in names:
-        names.append(stage.teacher)
-    return names
-
-
-def _outside(teacher: str) -> bool:
-    """`ema`, `live` or a model path: a teacher no stage has to make."""
-    return teacher in SPECIAL_TEACHERS or "/" in teacher or teacher.startswith(".")
+    """The states a stage reads (its `from`, an SDFT teacher that names a state)."""
+    return kind_of(stage).reads(stage)
 
 
 # ----------------------------------------------------------------------------- the config
@@ -283,74 +207,23 @@ def up_to_date(lineage: Lineage, name: str, recorded: dict[str, Any], reads: lis
 
 def recorded_config(stage: Any) -> dict[str, Any]:
     """What the stage's operator writes into the state's config, to compare on resume."""
-    options = spec(stage).model_dump(mode="json")
-    if isinstance(stage, SFTStage):
-        return {"sft": options}
-    if isinstance(stage, SDFTStage):
-        return {"recover": options}
-    if isinstance(stage, PruneStage):  # the calibration is not recorded (magnitude needs none)
-        return {k: options[k] for k in ("ratio", "importance", "multiple_of")}
-    if isinstance(stage, ImportStage):  # the importer records its provenance under `source`
-        return {"source": options["path"]}
-    return options
+    return kind_of(stage).recorded(options(stage).model_dump(mode="json"))
 
 
 def run_stage(
     label: str, name: str, done: bool, work: Callable[[], Any], log: Log, timings: dict
-) -> None:
+) -> Any:
+    """Run `work` (unless `done`), logging the stage and timing it; what `work` returns."""
     if done:
         log(f"── {label}: {name} is up to date (same config), skipped")
         timings[name] = 0.0
-        return
+        return None
     log(f"── {label}: {name}")
     t0 = time.perf_counter()
-    work()
+    out = work()
     timings[name] = time.perf_counter() - t0
     log(f"   {name} done in {timings[name]:.0f}s")
-
-
-def _describe(stage: Any) -> str:
-    if isinstance(stage, SDFTStage):
-        return f"SDFT {stage.mode} from {stage.source}, teacher {stage.teacher}"
-    if isinstance(stage, SFTStage):
-        return f"SFT {stage.source} on {' then '.join(stage.data)}"
-    if isinstance(stage, PruneStage):
-        return f"FFN pruning {stage.ratio:.0%} ({stage.importance}) of {stage.source}"
-    if isinstance(stage, QuantizeStage):
-        return f"{stage.quant_type.upper()} quantization of {stage.source}"
-    if isinstance(stage, WorldStage):
-        return f"tiny world (hidden {stage.model.hidden_size}, {stage.model.num_layers} layers)"
-    return f"import {stage.path}"
-
-
-def _execute(name: str, stage: Any, lineage: Lineage, data_dir: Path | None, log: Log) -> None:
-    from sdftlab.data.loaders import task_source
-    from sdftlab.degrade.prune import calibration_batches, prune_state
-    from sdftlab.degrade.quantize import quantize_state
-    from sdftlab.degrade.sft import run_sft
-    from sdftlab.distill.sdft import recover
-    from sdftlab.importer import import_model
-
-    sub: Log = lambda m: log("   " + m)  # noqa: E731
-    options = spec(stage)
-    if isinstance(stage, SFTStage):
-        run_sft(lineage, stage.source, name, options, data_dir=data_dir, log=sub, overwrite=True)
-    elif isinstance(stage, SDFTStage):
-        recover(lineage, stage.source, name, options, data_dir=data_dir, log=sub, overwrite=True)
-    elif isinstance(stage, QuantizeStage):
-        quantize_state(lineage, stage.source, name, overwrite=True, **options.model_dump())
-    elif isinstance(stage, PruneStage):
-        calibration = None
-        if options.importance == "taylor":
-            task, path = task_source(options.calibration, data_dir, "train")
-            tokenizer = lineage.load_tokenizer(stage.source)
-            calibration = calibration_batches(tokenizer, path, task, rows=options.calibration_rows)
-        prune_state(
-            lineage, stage.source, name, options.ratio, importance=options.importance,
-            multiple_of=options.multiple_of, calibration=calibration, overwrite=True,
-        )  # fmt: skip
-    elif isinstance(stage, ImportStage):
-        import_model(lineage, stage.path, name, overwrite=True, log=sub)
+    return out
 
 
 def needs_evaluation(
@@ -378,7 +251,7 @@ def run_pipeline(
     from sdftlab.data.loaders import count_rows
     from sdftlab.evaluate.run import default_task_files, evaluate_state
     from sdftlab.report import write_report
-    from sdftlab.world.build import build_world, build_world_data
+    from sdftlab.world.build import build_world_data
 
     names = order(cfg.stages)
     if cfg.trust_remote_code:  # before Ray starts: its workers inherit the environment
@@ -398,17 +271,14 @@ def run_pipeline(
         data_dir = build_world_data(cfg.task_data, home)
     for i, name in enumerate(names, 1):
         stage = cfg.stages[name]
-        label = f"stage {i}/{len(names)} {_describe(stage)}"
-        if isinstance(stage, WorldStage):
-            log(f"── {label}: {name}")
-            t0 = time.perf_counter()
-            world = build_world(spec(stage), lineage, home, name=name, log=lambda m: log("   " + m))
-            data_dir = data_dir or world.data_dir
-            timings[name] = time.perf_counter() - t0
-            continue
-        done = up_to_date(lineage, name, recorded_config(stage), inputs(stage))
-        work = partial(_execute, name, stage, lineage, data_dir, log)
-        run_stage(label, name, done, work, log, timings)
+        kind = kind_of(stage)
+        label = f"stage {i}/{len(names)} {kind.describe(stage)}"
+        job = Job(name, stage, options(stage), lineage, data_dir, home, lambda m: log("   " + m))
+        done = not kind.caches_itself and up_to_date(
+            lineage, name, recorded_config(stage), inputs(stage)
+        )
+        made = run_stage(label, name, done, partial(kind.run, job), log, timings)
+        data_dir = data_dir or made
     assert data_dir is not None  # PipelineConfig: a world stage or data_dir
 
     log(f"── evaluation ({', '.join(cfg.eval.tasks)}, limit {cfg.eval.limit})")
@@ -453,7 +323,7 @@ def main(argv: list[str] | None, default_config: Path, doc: str) -> int:
     from sdftlab.allocator import tune_cpu_allocator
     from sdftlab.config import load_config
     from sdftlab.errors import SdftlabError
-    from sdftlab.world.build import sdftlab_home
+    from sdftlab.paths import sdftlab_home
 
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--config", default=str(default_config), help="a pipeline YAML")

@@ -25,6 +25,7 @@ from sdftlab.data.chat import off_path
 from sdftlab.data.loaders import world_task_file, write_task_file
 from sdftlab.errors import LineageError
 from sdftlab.lineage import Lineage
+from sdftlab.paths import sdftlab_home
 from sdftlab.world import tasks
 from sdftlab.world.model import (
     Batch,
@@ -69,11 +70,6 @@ class World:
 
     def task_file(self, task: str, split: str) -> Path:
         return world_task_file(self.data_dir, task, split)
-
-
-def sdftlab_home() -> Path:
-    """Where worlds and the default lineage live: `$SDFTLAB_HOME`, else `./.sdftlab`."""
-    return Path(os.environ.get("SDFTLAB_HOME", ".sdftlab")).expanduser().resolve()
 
 
 def current_world(home: Path | None = None) -> World:
