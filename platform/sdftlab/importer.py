@@ -165,7 +165,6 @@ def _dequantise_gguf(path: Path, out: Path) -> dict[str, Any]:
     """Load a GGUF file with transformers (dequantised to float32) and save it as an HF folder."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     check_gguf(path)
