@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdftlab.chunked import chunked_head_loss
+from sdftlab.chunked import chunked_cross_entropy, chunked_head_loss
 from sdftlab.distill.losses import (
     TopK,
-    chunked_cross_entropy,
     chunked_sdft_loss,
     importance_weights,
     sdft_loss,

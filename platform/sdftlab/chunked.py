@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 ChunkLoss = Callable[[torch.Tensor, slice], torch.Tensor]
 
@@ -94,3 +95,19 @@ def chunked_head_loss(
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     params = list(head.parameters())
     return _ChunkedHeadLoss.apply(hidden_ND, head, loss_fn, chunk_tokens, *params)
+
+
+def chunked_cross_entropy(
+    hidden_ND: torch.Tensor,
+    head: torch.nn.Module,
+    labels_N: torch.Tensor,
+    *,
+    n_tokens: int,
+    chunk_tokens: int | None = 1024,
+) -> torch.Tensor:
+    """Σ −log p(label) over N selected tokens / `n_tokens`, the head run a chunk at a time."""
+
+    def loss_fn(logits_CV: torch.Tensor, rows: slice) -> torch.Tensor:
+        return F.cross_entropy(logits_CV, labels_N[rows], reduction="sum")
+
+    return chunked_head_loss(hidden_ND, head, loss_fn, chunk_tokens) / max(n_tokens, 1)

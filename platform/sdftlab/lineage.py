@@ -33,7 +33,6 @@ from typing import Any
 import pyarrow.fs as pafs
 from pydantic import BaseModel, Field
 
-from sdftlab.config import trust_remote_code
 from sdftlab.errors import LineageError
 
 META_FILE = "sdftlab_state.json"
@@ -288,26 +287,15 @@ class Lineage:
         raise AssertionError("unreachable")
 
     def load_model(self, ref: str, **kwargs: Any) -> Any:
-        """`AutoModelForCausalLM.from_pretrained` on a state: safetensors only, no remote code."""
-        from transformers import AutoModelForCausalLM
+        """The state's model (`models.load_model`: safetensors only, no remote code)."""
+        from sdftlab.models import load_model
 
-        kwargs.setdefault("trust_remote_code", trust_remote_code())
-        model = AutoModelForCausalLM.from_pretrained(
-            self.resolve(ref), use_safetensors=True, **kwargs
-        )
-        if getattr(model.config, "quantization_config", None):
-            # bitsandbytes' CPU repacking of 4-bit weights breaks later training: turn it off.
-            from sdftlab.degrade.quantize import prepare_4bit_for_cpu
-
-            prepare_4bit_for_cpu(model)
-        return model
+        return load_model(self.resolve(ref), **kwargs)
 
     def load_tokenizer(self, ref: str) -> Any:
-        from transformers import AutoTokenizer
+        from sdftlab.models import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(
-            self.resolve(ref), trust_remote_code=trust_remote_code()
-        )
+        return load_tokenizer(self.resolve(ref))
 
     # -------------------------------------------------------------- display
 

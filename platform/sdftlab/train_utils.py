@@ -293,14 +293,9 @@ def save_checkpoint(
     save_optimizer(optimizer, directory)
     write_train_state(directory, step=step)
     if final:
-        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        if getattr(merged.config, "quantization_config", None) is not None:  # QLoRA: NF4 again
-            from sdftlab.degrade.quantize import save_requantized
+        from sdftlab.models import save_final
 
-            save_requantized(merged, tokenizer, directory / "model")
-            return
-        merged.save_pretrained(directory / "model", safe_serialization=True)
-        tokenizer.save_pretrained(directory / "model")
+        save_final(model, tokenizer, directory / "model")
 
 
 def load_parameters(model: torch.nn.Module, path: Path) -> None:

@@ -140,7 +140,7 @@ def sft_step(
     """Forward and backward of one step's batch, `cfg.memory.micro_batch_size` rows at a time;
     returns the step's mean cross-entropy over assistant tokens (the gradients are its)."""
     from sdftlab import train_utils as tu
-    from sdftlab.distill.losses import chunked_cross_entropy
+    from sdftlab.chunked import chunked_cross_entropy
 
     batch = tu.pack_padded(batch) if cfg.padding_free else tu.trim_padding(batch)
     n_tokens = int((batch["labels"][:, 1:] != -100).sum())  # the step's, for every micro-batch

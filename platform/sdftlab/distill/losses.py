@@ -228,20 +228,3 @@ def chunked_sdft_loss(
     if weighted:
         stats["importance_ratio"] = float(sums["importance_ratio"]) / denominator
     return total / denominator, stats
-
-
-def chunked_cross_entropy(
-    hidden_ND: torch.Tensor,
-    head: torch.nn.Module,
-    labels_N: torch.Tensor,
-    *,
-    n_tokens: int,
-    chunk_tokens: int | None = 1024,
-) -> torch.Tensor:
-    """Σ −log p(label) over N selected tokens / `n_tokens`, the head run a chunk at a time."""
-    from sdftlab.chunked import chunked_head_loss
-
-    def loss_fn(logits_CV: torch.Tensor, rows: slice) -> torch.Tensor:
-        return F.cross_entropy(logits_CV, labels_N[rows], reduction="sum")
-
-    return chunked_head_loss(hidden_ND, head, loss_fn, chunk_tokens) / max(n_tokens, 1)

@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from sdftlab.distill.batch import RolloutBatch, completion_hidden, padded_floats, padded_ids
+from sdftlab.distill.config import RecoverConfig
 from sdftlab.distill.losses import chunked_sdft_loss, mask_first_tokens
 from sdftlab.distill.teachers import Teacher
-
-if TYPE_CHECKING:
-    from sdftlab.distill.sdft import RecoverConfig
 
 
 @dataclass

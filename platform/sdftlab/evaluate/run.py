@@ -100,7 +100,7 @@ def generator_for(
     lineage: Lineage, ref: str, tokenizer: Any, spec: EvalEngineSpec
 ) -> Iterator[Generator]:
     """A greedy generator for state `ref` on `spec.engine`; a vLLM engine stops on exit."""
-    from sdftlab.degrade.quantize import is_quantized
+    from sdftlab.models import is_quantized
 
     path = lineage.resolve(ref)
     if spec.engine == "hf" or is_quantized(path):  # vLLM does not serve NF4 states here

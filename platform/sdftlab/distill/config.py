@@ -1,0 +1,104 @@
+"""The configuration of an SDFT (or off-policy distillation) run: `RecoverConfig`, with its
+rollout, loss and memory sections. Every field is validated on load, and the combinations
+that cannot run are refused with one message naming the fields and the fix.
+
+    >>> load_config(RecoverConfig, "recover.yaml", ["teacher=expert", "loss.topk=20"])
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from sdftlab.config import StrictModel
+from sdftlab.data.templates import DEMO_TEMPLATE
+from sdftlab.specs import LoraSpec, MemorySpec
+
+SPECIAL_TEACHERS = ("ema", "live")
+
+
+class RolloutSpec(StrictModel):
+    engine: Literal["vllm", "hf"] = "vllm"
+    actors: int = Field(1, gt=0, description="vLLM rollout actors")
+    cpus_per_actor: float = Field(0.5, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    n: int = Field(1, gt=0, description="completions per prompt")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, description="completion budget per rollout")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="the engines' weights and activations (the trainer's: float32)"
+    )
+    kv_cache_gb: float = Field(0.0625, gt=0, description="KV cache per engine, on CPU")
+    max_model_len: int | None = Field(
+        None, gt=0, description="longest prompt + completion (None: the model's own limit)"
+    )
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _budget(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError(
+                "the completion budget must be at least 1 token (the reference uses up to "
+                "2048 on real models; 64 fits the tiny world)"
+            )
+        return value
+
+
+class LossSpec(StrictModel):
+    kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = Field(0.5, ge=0, le=1, description="JSD interpolation (0 = forward KL)")
+    topk: int | None = Field(None, gt=0, description="top-k teacher tokens; None = full vocab")
+    mask_first_k: int = Field(3, ge=0, description="completion tokens left out of the loss")
+    importance_cap: float | None = Field(2.0, gt=0, description="None switches the ratio off")
+    cka_weight: float = Field(0.0, ge=0, description="weight of (1 − CKA) in the loss")
+    cka_layers: list[int] = Field([-1], description="hidden-state layers for the CKA term")
+
+
+class RecoverConfig(StrictModel):
+    """One recovery run: student state → new state, distilled from `teacher`."""
+
+    teacher: str = Field("expert", description="lineage state, model path, `ema` or `live`")
+    teacher_context: Literal["demonstration", "bare"] = "demonstration"
+    template: str = DEMO_TEMPLATE
+    ema_rate: float = Field(0.01, gt=0, le=1)
+    mode: Literal["on_policy", "off_policy"] = "on_policy"
+    data: list[str] = Field(["science", "tooluse"], min_length=1)
+    scoring: Literal["exact", "vllm"] = "exact"
+    rollout: RolloutSpec = RolloutSpec()
+    loss: LossSpec = LossSpec()
+    steps: int = Field(100, gt=0)
+    prompts_per_step: int = Field(16, gt=0, description="global (split across workers)")
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lora: LoraSpec | None = Field(None, description="adapters on the student (QLoRA if NF4)")
+    memory: MemorySpec = MemorySpec()
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    threads_per_worker: int = Field(2, gt=0)
+    checkpoint_every: int = Field(50, gt=0)
+    log_every: int = Field(10, gt=0, description="progress line every this many steps")
+    max_failures: int = Field(1, ge=-1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RecoverConfig:
+        if self.prompts_per_step % self.num_workers:
+            raise ValueError(
+                f"prompts_per_step={self.prompts_per_step} does not split over num_workers="
+                f"{self.num_workers}; make it a multiple"
+            )
+        if "{demonstration}" not in self.template or "{prompt}" not in self.template:
+            raise ValueError("template must contain {prompt} and {demonstration}")
+        if self.scoring == "vllm" and self.loss.topk is None:
+            raise ValueError("scoring=vllm gives top-k teacher log-probs: set loss.topk (e.g. 20)")
+        if self.loss.cka_weight > 0 and self.scoring != "exact":
+            raise ValueError("loss.cka_weight needs teacher hidden states: use scoring=exact")
+        if self.teacher == "ema" and self.lora is not None:
+            raise ValueError("teacher=ema averages full weights: use it without lora")
+        if self.mode == "off_policy" and self.teacher in SPECIAL_TEACHERS:
+            raise ValueError("mode=off_policy distils from another model: teacher must be a state")
+        return self
