@@ -10,8 +10,8 @@ variant that passes `--rss-limit-gb` and records it as out of memory.
   chat template, packed), AdamW, bf16 autocast (the stage's default on a CPU with AMX).
   `whole logits` is the step before the memory-lean path: `model(**batch).loss` (the
   [8, 600, 49152] logits at once), eager attention (the CPU choice then); the rest run
-  `degrade.sft.sft_step` with the chunked head and loss, SDPA, and the micro-batch and
-  checkpointing options.
+  `degrade.sft.sft_step` with the chunked head and loss (`chunk_tokens=auto`: 320 tokens),
+  SDPA, and the micro-batch and checkpointing options.
 - **SDFT**: one step of 16 prompts (science questions; completions of 128 tokens; the teacher
   a frozen copy with the demonstration in its prompt), forward KL over the full vocabulary,
   mask_first_k 3. `whole logits`: the student's and the teacher's [16, 128, 49152] logits at
@@ -44,6 +44,8 @@ STEP_CHILD = r"""
 import json, sys, time, statistics
 import torch
 from sdftlab import train_utils as tu
+from sdftlab.allocator import tune_cpu_allocator
+tune_cpu_allocator()  # as the train workers do
 kind, state_dir, data_dir, variant, steps = sys.argv[1:6]
 variant, steps = json.loads(variant), int(steps)
 torch.set_num_threads(2)
@@ -64,6 +66,7 @@ if variant.get("checkpointing"):
     tu.enable_checkpointing(model)
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=1e-5)
+model.train()  # as in the workers (checkpointing is active in training mode only)
 times, tokens = [], 0
 if kind == "sft":
     from sdftlab.degrade.sft import SFTConfig, sft_step
@@ -155,27 +158,28 @@ print("RESULT " + json.dumps({"startup_s": up, "generate_s": gen, "rows": rows, 
 
 SFT_VARIANTS: dict[str, dict[str, Any]] = {
     "whole logits, eager (before)": {"path": "whole", "attention": "eager"},
-    "whole logits, SDPA": {"path": "whole", "attention": "sdpa"},
-    "chunked": {"path": "lean", "memory": {"chunk_tokens": 1024}},
-    "chunked, micro-batch 2": {
-        "path": "lean", "memory": {"chunk_tokens": 1024, "micro_batch_size": 2},
-    },
+    "chunked": {"path": "lean"},
+    "chunked, micro-batch 2": {"path": "lean", "memory": {"micro_batch_size": 2}},
     "chunked, micro-batch 2, checkpointing": {
-        "path": "lean", "checkpointing": True,
-        "memory": {"chunk_tokens": 1024, "micro_batch_size": 2},
+        "path": "lean", "checkpointing": True, "memory": {"micro_batch_size": 2},
+    },
+    "chunked, micro-batch 8, checkpointing": {
+        "path": "lean", "checkpointing": True, "memory": {"micro_batch_size": 8},
     },
 }  # fmt: skip
 SDFT_VARIANTS: dict[str, dict[str, Any]] = {
     "whole logits, fp32, eager (before)": {"path": "whole", "attention": "eager"},
-    "chunked, micro-batch 4": {
-        "path": "lean", "memory": {"micro_batch_size": 4},
-    },
+    "chunked, micro-batch 4": {"path": "lean", "memory": {"micro_batch_size": 4}},
     "chunked, micro-batch 4, checkpointing": {
         "path": "lean", "checkpointing": True, "memory": {"micro_batch_size": 4},
     },
     "chunked, micro-batch 4, checkpointing, bf16": {
         "path": "lean", "checkpointing": True,
         "memory": {"micro_batch_size": 4, "bf16_autocast": True},
+    },
+    "chunked, micro-batch 16, checkpointing, bf16": {
+        "path": "lean", "checkpointing": True,
+        "memory": {"micro_batch_size": 16, "bf16_autocast": True},
     },
 }  # fmt: skip
 

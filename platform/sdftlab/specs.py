@@ -9,10 +9,13 @@ activations — never the model or the arithmetic of the step:
   token count), so the step is the same whatever the micro-batch; `prompts_per_step` and
   `batch_size` then no longer set the memory.
 - `chunk_tokens`: the output layer and the loss run this many tokens at a time
-  (`sdftlab.chunked`), so the [tokens, vocabulary] logits are never whole.
+  (`sdftlab.chunked`), so the [tokens, vocabulary] logits are never whole. `auto` sizes the
+  chunk to 2^24 logits (320 tokens of SmolLM2's 49,152 words, 64 of Qwen2.5's 152k; the
+  whole batch at once for the tiny world's vocabulary of about a thousand): the loss keeps
+  about a dozen tensors of that size alive while it runs.
 - `gradient_checkpointing`: keep each decoder layer's input only and recompute the layer in
-  the backward pass (transformers' non-reentrant checkpointing): about a third more compute
-  for activations that no longer grow with depth.
+  the backward pass (transformers' non-reentrant checkpointing; active in training mode):
+  about a third more compute for activations that no longer grow with depth.
 - `bf16_autocast`: bf16 matmuls where the hardware has them (CUDA; CPUs with AVX512-BF16 /
   AMX), fp32 weights and optimizer state. `None` means on for GPU workers, and off on CPU for
   SDFT (its documented tiny-world figures are fp32); SFT's default is on.
@@ -42,17 +45,28 @@ class LoraSpec(StrictModel):
     ]
 
 
+AUTO_CHUNK_LOGITS = 2**24  # logits per chunk with chunk_tokens=auto
+
+
 class MemorySpec(StrictModel):
     micro_batch_size: int | None = Field(
         None, gt=0, description="sequences per forward/backward (None: a worker's whole batch)"
     )
-    chunk_tokens: int | None = Field(
-        1024, gt=0, description="tokens per output-layer + loss chunk (None: all at once)"
+    chunk_tokens: int | Literal["auto"] | None = Field(
+        "auto",
+        description="tokens per output-layer + loss chunk; auto: 2^24 logits a chunk (64 MB in "
+        "fp32: 320 tokens of a 49k vocabulary), None: all at once",
     )
     gradient_checkpointing: bool = Field(False, description="recompute layers in backward")
     bf16_autocast: bool | None = Field(
         None, description="bf16 matmuls where supported; None: on for GPU, stage default on CPU"
     )
+
+    def chunk_for(self, vocab_size: int) -> int | None:
+        """Tokens per chunk for a vocabulary of `vocab_size` words."""
+        if self.chunk_tokens != "auto":
+            return self.chunk_tokens
+        return max(64, (AUTO_CHUNK_LOGITS // vocab_size) // 64 * 64)
 
     def autocast_on(self, use_gpu: bool, cpu_default: bool) -> bool:
         """Whether this stage asks for bf16 autocast (`train_utils.autocast` still checks that

@@ -331,7 +331,14 @@ def make_trainer(
     The datasets reach the workers in order (`preserve_order`): batches are then the same
     from run to run whatever the load, and a resumed worker that skips the batches it had
     seen skips the very ones the killed run saw."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     from sdftlab.paths import storage_path
@@ -351,6 +358,9 @@ def make_trainer(
             storage_path=storage_path(),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=max_failures),
+            # Ray Train's own INFO lines (each report, each checkpoint) go to its log files,
+            # not the console: the stage's progress lines are what a person reads.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
         dataset_config=DataConfig(execution_options=ingest),

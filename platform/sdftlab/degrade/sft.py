@@ -162,7 +162,7 @@ def sft_step(
                     head,
                     labels_BT[:, 1:][keep_BT],
                     n_tokens=n_tokens,
-                    chunk_tokens=cfg.memory.chunk_tokens,
+                    chunk_tokens=cfg.memory.chunk_for(head.weight.shape[0]),
                 )
             loss.backward()
         total += float(loss.detach())

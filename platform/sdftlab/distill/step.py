@@ -92,7 +92,7 @@ def sdft_step(
                         else None
                     ),
                     importance_cap=cfg.loss.importance_cap,
-                    chunk_tokens=cfg.memory.chunk_tokens,
+                    chunk_tokens=cfg.memory.chunk_for(head.weight.shape[0]),
                 )
                 if layers:  # CKA over the micro-batch's valid tokens, averaged over layers
                     cka = torch.stack([
