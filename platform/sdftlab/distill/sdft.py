@@ -450,6 +450,61 @@ def check_same_vocabulary(lineage: Lineage, student: str, teacher_dir: Path | No
         )
 
 
+def check_recovery(
+    lineage: Lineage, student: str, dst: str, cfg: RecoverConfig, overwrite: bool
+) -> tuple[Path | None, list[str]]:
+    """Everything a user can get wrong, before any actor starts: the states, the teacher's
+    vocabulary, an NF4 student's engine and scoring. Returns (teacher dir, parents)."""
+    from sdftlab.models import is_quantized
+
+    lineage.require(student)
+    teacher_dir = resolve_teacher(lineage, cfg.teacher)
+    parents = [student]
+    if lineage.exists(cfg.teacher) and cfg.teacher != student:
+        parents.append(cfg.teacher)
+    lineage.check_new(dst, parents=parents, overwrite=overwrite)
+    check_same_vocabulary(lineage, student, teacher_dir)
+    if is_quantized(lineage.resolve(student)):
+        if cfg.rollout.engine == "vllm" and cfg.mode == "on_policy":
+            raise ConfigError(
+                f"rollout.engine=vllm: student {student!r} is NF4 (bitsandbytes), which the "
+                "vLLM rollout engine does not serve here; set rollout.engine=hf"
+            )
+        if cfg.teacher == "live" or cfg.scoring == "vllm":
+            raise ConfigError(
+                "an NF4 student is distilled from an unquantized teacher state with "
+                "scoring=exact: set teacher to a state (e.g. the original) and scoring=exact"
+            )
+    return teacher_dir, parents
+
+
+def start_engines(cfg: RecoverConfig, student_dir: Path, teacher_dir: Path | None) -> tuple:
+    """The vLLM pools the run needs — student rollouts, teacher scoring — loading in the
+    background while the Ray Train worker group starts: (rollout pool, teacher pool)."""
+    from sdftlab.rollout.pool import RolloutPool
+
+    engine_kwargs = {
+        "max_logprobs": max(20, cfg.loss.topk or 0),  # top-k scoring
+        "dtype": cfg.rollout.dtype,
+        "kv_cache_bytes": int(cfg.rollout.kv_cache_gb * 2**30),
+        "max_model_len": cfg.rollout.max_model_len,
+    }
+
+    def pool(path: Path, seed: int) -> RolloutPool:
+        return RolloutPool.start(
+            path, actors=cfg.rollout.actors, cpus_per_actor=cfg.rollout.cpus_per_actor,
+            gpus_per_actor=cfg.rollout.gpus_per_actor, seed=seed, engine_kwargs=engine_kwargs,
+            wait=False,
+        )  # fmt: skip
+
+    rollout_pool = teacher_pool = None
+    if cfg.mode == "on_policy" and cfg.rollout.engine == "vllm":
+        rollout_pool = pool(student_dir, cfg.seed)
+    if cfg.scoring == "vllm" and cfg.teacher != "live":
+        teacher_pool = pool(teacher_dir or student_dir, cfg.seed + 1000)  # ema: the student
+    return rollout_pool, teacher_pool
+
+
 def recover(
     lineage: Lineage,
     student: str,
@@ -462,30 +517,10 @@ def recover(
 ) -> StateMeta:
     """Run SDFT from `student` and save the result as `dst`; returns its lineage metadata."""
     from sdftlab import train_utils as tu
-    from sdftlab.models import is_quantized
     from sdftlab.raycluster import ensure_ray
-    from sdftlab.rollout.pool import RolloutPool
 
-    # Everything a user can get wrong is checked before any actor starts.
-    lineage.require(student)
-    teacher_dir = resolve_teacher(lineage, cfg.teacher)
-    parents = [student]
-    if lineage.exists(cfg.teacher) and cfg.teacher != student:
-        parents.append(cfg.teacher)
-    lineage.check_new(dst, parents=parents, overwrite=overwrite)
-    check_same_vocabulary(lineage, student, teacher_dir)
+    teacher_dir, parents = check_recovery(lineage, student, dst, cfg, overwrite)
     student_dir = lineage.resolve(student)
-    if is_quantized(student_dir):
-        if cfg.rollout.engine == "vllm" and cfg.mode == "on_policy":
-            raise ConfigError(
-                f"rollout.engine=vllm: student {student!r} is NF4 (bitsandbytes), which the "
-                "vLLM rollout engine does not serve here; set rollout.engine=hf"
-            )
-        if cfg.teacher == "live" or cfg.scoring == "vllm":
-            raise ConfigError(
-                "an NF4 student is distilled from an unquantized teacher state with "
-                "scoring=exact: set teacher to a state (e.g. the original) and scoring=exact"
-            )
     files = task_files(cfg, data_dir)
     n_rows = check_task_files(files)
     log(
@@ -494,53 +529,23 @@ def recover(
         f"{cfg.prompts_per_step} prompts, loss {cfg.loss.kind}"
         f"{'' if cfg.loss.topk is None else f' top-{cfg.loss.topk}'}"
     )
-
     ensure_ray()
-    rollout_pool = teacher_pool = None
-    engine_kwargs = {
-        "max_logprobs": max(20, cfg.loss.topk or 0),  # top-k scoring
-        "dtype": cfg.rollout.dtype,
-        "kv_cache_bytes": int(cfg.rollout.kv_cache_gb * 2**30),
-        "max_model_len": cfg.rollout.max_model_len,
-    }
+    pools = start_engines(cfg, student_dir, teacher_dir)
+    teacher_hash = (
+        lineage.meta(cfg.teacher).content_hash if lineage.exists(cfg.teacher) else cfg.teacher
+    )
     try:
-        if cfg.mode == "on_policy" and cfg.rollout.engine == "vllm":
-            rollout_pool = RolloutPool.start(
-                student_dir,
-                actors=cfg.rollout.actors,
-                cpus_per_actor=cfg.rollout.cpus_per_actor,
-                gpus_per_actor=cfg.rollout.gpus_per_actor,
-                seed=cfg.seed,
-                engine_kwargs=engine_kwargs,
-                wait=False,  # the engines load while the worker group starts
-            )
-        if cfg.scoring == "vllm" and cfg.teacher != "live":
-            teacher_pool = RolloutPool.start(
-                teacher_dir or student_dir,  # ema starts from the student
-                actors=cfg.rollout.actors,
-                cpus_per_actor=cfg.rollout.cpus_per_actor,
-                gpus_per_actor=cfg.rollout.gpus_per_actor,
-                seed=cfg.seed + 1000,
-                engine_kwargs=engine_kwargs,
-                wait=False,
-            )
         trainer = tu.make_trainer(
             recover_worker_loop,
             {
                 "recover": cfg.model_dump(mode="json"),
                 "student_dir": str(student_dir),
                 "teacher_dir": str(teacher_dir) if teacher_dir else None,
-                "rollout_pool": rollout_pool,
-                "teacher_pool": teacher_pool,
+                "rollout_pool": pools[0],
+                "teacher_pool": pools[1],
             },
             run_name=tu.run_name(
-                "sdft",
-                dst,
-                cfg,
-                lineage.meta(student).content_hash,
-                lineage.meta(cfg.teacher).content_hash
-                if lineage.exists(cfg.teacher)
-                else cfg.teacher,
+                "sdft", dst, cfg, lineage.meta(student).content_hash, teacher_hash
             ),
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
@@ -552,7 +557,7 @@ def recover(
         result = trainer.fit()
         seconds = time.perf_counter() - t0
     finally:
-        for pool in (rollout_pool, teacher_pool):
+        for pool in pools:
             if pool is not None:
                 pool.shutdown()
     if result.checkpoint is None:
@@ -560,21 +565,14 @@ def recover(
     m = result.metrics
     with result.checkpoint.as_directory() as d:
         meta = lineage.save_dir(
-            dst,
-            Path(d) / "model",
-            kind="sdft",
-            parents=parents,
-            overwrite=overwrite,
+            dst, Path(d) / "model", kind="sdft", parents=parents, overwrite=overwrite,
             config={"recover": cfg.model_dump(mode="json"), "student": student},
             metrics={
-                "sdft/loss": m["loss"],
-                "sdft/divergence": m["divergence"],
-                "sdft/seconds": seconds,
-                "sdft/tokens_per_s": m["tokens_per_s"],
-                "sdft/sync_s": m.get("sync_s", 0.0),
-                "sdft/step_s": m["step_s_mean"],
-                "sdft/sync_fraction": m["sync_fraction"],
+                "sdft/loss": m["loss"], "sdft/divergence": m["divergence"],
+                "sdft/seconds": seconds, "sdft/tokens_per_s": m["tokens_per_s"],
+                "sdft/sync_s": m.get("sync_s", 0.0), "sdft/step_s": m["step_s_mean"],
+                "sdft/sync_fraction": m["sync_fraction"], "sdft/peak_rss_gb": m["peak_rss_gb"],
             },
-        )
+        )  # fmt: skip
     log(f"  saved {dst}: loss {m['loss']:.4f}, {seconds:.0f}s ({m['tokens_per_s']:.0f} tok/s)")
     return meta
