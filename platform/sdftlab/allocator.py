@@ -26,7 +26,7 @@ def tune_cpu_allocator() -> bool:
     so each training step page-faults much of its activations in anew: 20–30 thousand faults
     a step on the tiny world's SFT batches. With `mmap` off for malloc and no trimming, a step
     reuses the previous step's memory: the same arithmetic, 1.09–1.14× faster steps in a
-    plain process and a 1.10× faster SFT stage in a Ray Train worker (benchmarks/cpu_alloc.py,
+    plain process and a 1.10× faster SFT stage in a Ray Train worker (benchmarks/experiments/cpu_alloc.py,
     docs/BENCHMARKS.md). The cost is that a process keeps its peak heap until it exits, which
     suits the short-lived workers and commands here.
 

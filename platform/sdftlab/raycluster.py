@@ -15,7 +15,7 @@ A local cluster starts its workers at niceness 0 instead of Ray's 15
 workers and rollout actors do all the work, and at 15 a busy driver (drawing Ray Data's
 progress bars under `sdftlab degrade` / `recover`) preempts one of a worker's two compute
 threads and stalls the other: an SFT stage ran 1.08× faster at 0 with the bars on, and the
-same with them off (benchmarks/ray_niceness.py). A cluster keeps its own setting.
+same with them off (benchmarks/experiments/ray_niceness.py). A cluster keeps its own setting.
 
     >>> ensure_ray()          # idempotent
 """

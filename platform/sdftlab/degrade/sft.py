@@ -9,7 +9,7 @@ is what makes it a usable SDFT teacher), Ray Train checkpoints (safetensors) eve
 and kept in Ray's object store (`materialize`, Ray Train's advice for data that fits in
 memory; `materialize=false` re-tokenizes each epoch). With `padding_free=true` (TRL's
 option) each batch's rows are laid end to end with their own positions: the padded batch's
-loss on about half the tokens (benchmarks/padding_free.py). It is off by default because the
+loss on about half the tokens (benchmarks/experiments/padding_free.py). It is off by default because the
 tiny world's documented figures were taken with padded batches, and another rounding is
 another draw of those figures (docs/LOG.md). With `demo_off_path` > 0, the rows answered
 from a demonstration in their prompt (the teacher-format replay rows) are perturbed off the

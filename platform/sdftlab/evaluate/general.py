@@ -206,7 +206,7 @@ def general_capability(
     with tempfile.TemporaryDirectory(prefix="sdftlab-lmeval-") as tmp:
         names = write_task_yamls(files, Path(tmp))
         # Our YAMLs include lm-eval's task files by path, so its index of every built-in task
-        # (5-8 s to build, once per call) is not needed (benchmarks/lmeval_tasks.py).
+        # (5-8 s to build, once per call) is not needed (benchmarks/experiments/lmeval_tasks.py).
         manager = TaskManager(include_path=tmp, include_defaults=False)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = evaluator.simple_evaluate(

@@ -2,7 +2,7 @@
 
 Run from the repository root (about a minute on 2 cores):
 
-    PYTHONPATH=platform .venv/bin/python benchmarks/attention_cpu.py \
+    PYTHONPATH=platform .venv/bin/python benchmarks/experiments/attention_cpu.py \
         --out runs/bench/attention_cpu.json
 
 The tiny Qwen2 of the default world (`WorldConfig()`: hidden 128, 4 layers, vocab 1024) takes

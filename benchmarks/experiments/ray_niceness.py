@@ -4,7 +4,7 @@ default) vs 0 (what `ensure_ray` starts a local cluster with).
 Run from the repository root, after `sdftlab world build` (about 8 minutes on 2 cores with
 the defaults; nothing else should run):
 
-    PYTHONPATH=platform .venv/bin/python benchmarks/ray_niceness.py \
+    PYTHONPATH=platform .venv/bin/python benchmarks/experiments/ray_niceness.py \
         --out runs/bench/ray_niceness.json
 
 Each run is a fresh process (`sft_stage.run_stage`): `ensure_ray` starts a local cluster
@@ -23,7 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # + benchmarks/
 
 from rollout import write_results
 from sft_stage import alternate, same_loss, scratch_lineage

@@ -3,7 +3,7 @@ one `general_capability` call (MMLU- and Winogrande-format, the whole eval split
 
 Run from the repository root, after `sdftlab world build`:
 
-    PYTHONPATH=platform .venv/bin/python benchmarks/lmeval_tasks.py \
+    PYTHONPATH=platform .venv/bin/python benchmarks/experiments/lmeval_tasks.py \
         --out runs/bench/lmeval_tasks.json
 
 `evaluate.general` writes one task YAML per general task that includes lm-eval's own task
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # + benchmarks/
 
 from rollout import write_results
 from sdftlab.evaluate.general import general_capability, write_task_yamls

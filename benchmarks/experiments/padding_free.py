@@ -2,7 +2,7 @@
 
 Run from the repository root, after `sdftlab world build` (about two minutes on 2 cores):
 
-    PYTHONPATH=platform .venv/bin/python benchmarks/padding_free.py \
+    PYTHONPATH=platform .venv/bin/python benchmarks/experiments/padding_free.py \
         --out runs/bench/padding_free.json
 
 Two kinds of batch the project trains on, drawn from the current world (`sdftlab world
@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # + benchmarks/
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer

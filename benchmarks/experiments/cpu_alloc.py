@@ -2,7 +2,7 @@
 
 Run from the repository root, after `sdftlab world build`, with nothing else running:
 
-    PYTHONPATH=platform .venv/bin/python benchmarks/cpu_alloc.py \
+    PYTHONPATH=platform .venv/bin/python benchmarks/experiments/cpu_alloc.py \
         --steps 40 --stage-steps 150 --repeats 2 --out runs/bench/cpu_alloc.json   # ~12 min
 
 Two measurements, each alternating the two settings (`system`: the C library's defaults;
@@ -10,12 +10,12 @@ Two measurements, each alternating the two settings (`system`: the C library's d
 a change in the machine's speed hits both alike:
 
 - **bare steps in a plain process** (as `sdftlab world build` pretrains): full training
-  steps (`benchmarks/padding_free.py`'s `time_steps`: bf16 autocast where the CPU has it,
+  steps (`benchmarks/experiments/padding_free.py`'s `time_steps`: bf16 autocast where the CPU has it,
   eager attention, gradient clipping, AdamW, 2 threads) on the world's copy-curriculum and
   SFT batches as that script draws them, each run a fresh process; seconds and minor page
   faults per step after 3 warm-up steps, and a checksum of the trained weights;
 - **a whole SFT stage in a Ray Train worker** (as the pipelines run it): the expert stage
-  (`benchmarks/sft_stage.py`), each run a fresh process and Ray cluster; wall seconds,
+  (`benchmarks/experiments/sft_stage.py`), each run a fresh process and Ray cluster; wall seconds,
   `trainer.fit` seconds, tokens/s of the loop, and the final loss.
 
 The setting changes where memory comes from, not the arithmetic: the checksums and the
@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from statistics import mean
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # + benchmarks/
 
 from rollout import write_results
 from sft_stage import alternate, run_child, same_loss, scratch_lineage

@@ -2,7 +2,7 @@
 
 Run from the repository root (py-spy: `.venv/bin/python -m pip install py-spy`):
 
-    PYTHONPATH=platform .venv/bin/python benchmarks/cka_profile.py [--d 4096 --n 1000]
+    PYTHONPATH=platform .venv/bin/python benchmarks/experiments/cka_profile.py [--d 4096 --n 1000]
 
 The case benchmarks/cka_stats.py reports as a miss (d = 4096, n = 10³). A child process runs
 `run_stats` and then `run_gram` from that benchmark on the same rows (`--repeat` times each)
@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # + benchmarks/
 
 FRAME = re.compile(r"^(?P<fn>.+?) \((?P<file>[^:()]+)(?::(?P<line>\d+))?\)$")
 PY_FILES = ("cka/stats.py", "cka_stats.py")  # as py-spy names them

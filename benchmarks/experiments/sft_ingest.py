@@ -3,7 +3,7 @@ default) vs re-tokenized by Ray Data every epoch (`materialize=false`).
 
 Run from the repository root, after `sdftlab world build` (nothing else should run):
 
-    PYTHONPATH=platform .venv/bin/python benchmarks/sft_ingest.py \
+    PYTHONPATH=platform .venv/bin/python benchmarks/experiments/sft_ingest.py \
         --out runs/bench/sft_ingest.json
 
 Each run is a fresh process (`sft_stage.run_stage`): a local Ray cluster started the
@@ -23,7 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # + benchmarks/
 
 from rollout import write_results
 from sft_stage import alternate, same_loss, scratch_lineage
