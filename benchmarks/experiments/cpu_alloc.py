@@ -10,8 +10,8 @@ Two measurements, each alternating the two settings (`system`: the C library's d
 a change in the machine's speed hits both alike:
 
 - **bare steps in a plain process** (as `sdftlab world build` pretrains): full training
-  steps (`benchmarks/experiments/padding_free.py`'s `time_steps`: bf16 autocast where the CPU has it,
-  eager attention, gradient clipping, AdamW, 2 threads) on the world's copy-curriculum and
+  steps (`benchmarks/experiments/padding_free.py`'s `time_steps`: bf16 autocast where the
+  CPU has it, eager attention, gradient clipping, AdamW, 2 threads) on the world's copy-curriculum and
   SFT batches as that script draws them, each run a fresh process; seconds and minor page
   faults per step after 3 warm-up steps, and a checksum of the trained weights;
 - **a whole SFT stage in a Ray Train worker** (as the pipelines run it): the expert stage
@@ -30,10 +30,12 @@ import sys
 from pathlib import Path
 from statistics import mean
 
-sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # + benchmarks/
+sys.path.insert(0, str(Path(__file__).parents[1]))  # benchmarks/
+sys.path.insert(0, str(Path(__file__).parent))
+
+from sft_stage import alternate, run_child, same_loss, scratch_lineage
 
 from rollout import write_results
-from sft_stage import alternate, run_child, same_loss, scratch_lineage
 
 SETTINGS = ("system", "heap")
 

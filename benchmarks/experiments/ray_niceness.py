@@ -23,10 +23,12 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # + benchmarks/
+sys.path.insert(0, str(Path(__file__).parents[1]))  # benchmarks/
+sys.path.insert(0, str(Path(__file__).parent))
+
+from sft_stage import alternate, same_loss, scratch_lineage
 
 from rollout import write_results
-from sft_stage import alternate, same_loss, scratch_lineage
 
 NICENESS = (15, 0)  # Ray's default, then what `ensure_ray` starts a local cluster with
 
