@@ -9,14 +9,14 @@ Two measurements, each alternating the two settings (`system`: the C library's d
 `heap`: `sdftlab.allocator.tune_cpu_allocator`, mmap off for malloc and no trimming) so that
 a change in the machine's speed hits both alike:
 
-- **bare steps in a plain process** (as `sdftlab world build` pretrains): full training
-  steps (`benchmarks/experiments/padding_free.py`'s `time_steps`: bf16 autocast where the
-  CPU has it, eager attention, gradient clipping, AdamW, 2 threads) on the world's
-  copy-curriculum and SFT batches as that script draws them, each run a fresh process;
-  seconds and minor page faults per step after 3 warm-up steps, and a checksum of the trained weights;
+- **bare steps in a plain process** (as `sdftlab world build` pretrains): full training steps
+  (`benchmarks/experiments/padding_free.py`'s `time_steps`: bf16 autocast where the CPU has it,
+  eager attention, gradient clipping, AdamW, 2 threads) on the world's copy-curriculum and SFT
+  batches as that script draws them, each run a fresh process; seconds and minor page faults per
+  step after 3 warm-up steps, and a checksum of the trained weights;
 - **a whole SFT stage in a Ray Train worker** (as the pipelines run it): the expert stage
-  (`benchmarks/experiments/sft_stage.py`), each run a fresh process and Ray cluster; wall seconds,
-  `trainer.fit` seconds, tokens/s of the loop, and the final loss.
+  (`benchmarks/experiments/sft_stage.py`), each run a fresh process and Ray cluster; wall
+  seconds, `trainer.fit` seconds, tokens/s of the loop, and the final loss.
 
 The setting changes where memory comes from, not the arithmetic: the checksums and the
 losses must be equal, and the script says so.
