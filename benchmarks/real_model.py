@@ -16,11 +16,14 @@ variant that passes `--rss-limit-gb` and records it as out of memory.
   a frozen copy with the demonstration in its prompt), forward KL over the full vocabulary,
   mask_first_k 3. `whole logits`: the student's and the teacher's [16, 128, 49152] logits at
   once, in fp32 with eager attention (the step before); the rest run `distill.step.sdft_step`.
+- **SFT in a Ray Train worker**: `run_sft` (4 steps) on the tiny world's science rows, 32 a
+  step, packed padding-free into rows of 600 tokens; the worker's own peak (`sft/peak_rss_gb`)
+  with the workers' allocator setting (`heap`) and with the C library's (`system`).
 - **Evaluation**: the papers' science (507 rows) and tool-use (97 rows) sets, greedy, with and
   without the demonstration, on one vLLM engine actor (all rows) and with transformers
   `generate` (the first `--hf-rows` rows of each, timed and projected to all rows).
 
-    python benchmarks/real_model.py                      # all three parts
+    python benchmarks/real_model.py                      # every part
     python benchmarks/real_model.py --parts sft,sdft --steps 2
 """
 
@@ -156,6 +159,30 @@ rows = sum(metrics[f"{t}/n"] + metrics[f"{t}/n_demo"] for t in ("science", "tool
 print("RESULT " + json.dumps({"startup_s": up, "generate_s": gen, "rows": rows, **metrics}))
 """
 
+WORKER_CHILD = r"""
+import json, sys, time
+from sdftlab.raycluster import ensure_ray
+ensure_ray()
+from sdftlab.degrade.sft import SFTConfig, run_sft
+from sdftlab.lineage import Lineage
+from sdftlab.world.build import build_world_data
+from sdftlab.config import WorldConfig
+root, name, home, memory = sys.argv[1:5]
+data = build_world_data(WorldConfig(), __import__("pathlib").Path(home))
+cfg = SFTConfig(data=["science"], steps=4, batch_size=32, max_len=600, padding_free=True,
+                replay_frac=0.0, lr=1e-5, log_every=1, memory=json.loads(memory))
+meta = run_sft(Lineage(root), "smol", name, cfg, data_dir=data, log=lambda _: None,
+               overwrite=True)
+print("RESULT " + json.dumps(meta.metrics))
+"""
+WORKER_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
+    "micro-batch 2, checkpointing": ({"micro_batch_size": 2, "gradient_checkpointing": True},
+                                     "heap"),
+    "micro-batch 1, checkpointing": ({"micro_batch_size": 1, "gradient_checkpointing": True},
+                                     "heap"),
+    "micro-batch 1, checkpointing, allocator: system": (
+        {"micro_batch_size": 1, "gradient_checkpointing": True}, "system"),
+}  # fmt: skip
 SFT_VARIANTS: dict[str, dict[str, Any]] = {
     "whole logits, eager (before)": {"path": "whole", "attention": "eager"},
     "chunked": {"path": "lean"},
@@ -184,7 +211,9 @@ SDFT_VARIANTS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def run_child(code: str, args: list[str], rss_limit_gb: float) -> dict[str, Any]:
+def run_child(
+    code: str, args: list[str], rss_limit_gb: float, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """A fresh process; its RESULT line, or {'oom': True} if it passed the RSS limit."""
     import psutil
 
@@ -193,7 +222,7 @@ def run_child(code: str, args: list[str], rss_limit_gb: float) -> dict[str, Any]
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"},
+        env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", **(env or {})},
     )
     killed = threading.Event()
 
@@ -236,7 +265,7 @@ def table(title: str, rows: dict[str, dict[str, Any]], columns: list[tuple[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", default="sft,sdft,eval")
+    parser.add_argument("--parts", default="sft,sdft,worker,eval")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
     parser.add_argument("--rss-limit-gb", type=float, default=20.0)
     parser.add_argument("--hf-rows", type=int, default=24, help="transformers: rows per task")
@@ -259,6 +288,14 @@ def main() -> None:
                 argv = [kind, state, str(EVAL_DATA), json.dumps(variant), str(args.steps)]
                 results[kind][label] = run_child(STEP_CHILD, argv, args.rss_limit_gb)
                 print(f"{kind} {label}: {results[kind][label]}", flush=True)
+        if "worker" in parts:
+            results["worker"] = {}
+            for i, (label, (memory, alloc)) in enumerate(WORKER_VARIANTS.items()):
+                env = {"SDFTLAB_CPU_ALLOC": alloc, "SDFTLAB_STORAGE": f"{tmp}/ray{i}"}
+                argv = [str(lineage.root), f"sft{i}", tmp, json.dumps(memory)]
+                r = run_child(WORKER_CHILD, argv, args.rss_limit_gb, env)
+                results["worker"][label] = r
+                print(f"worker {label}: {r}", flush=True)
         if "eval" in parts:
             results["eval"] = {}
             engines = {
@@ -290,7 +327,8 @@ def main() -> None:
     }
     for kind, rows in results.items():
         print()
-        print(table(titles[kind], rows, eval_cols if kind == "eval" else step_cols))
+        cols = {"eval": eval_cols, "worker": worker_cols}.get(kind, step_cols)
+        print(table(titles[kind], rows, cols))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.out}")
