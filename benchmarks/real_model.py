@@ -320,9 +320,12 @@ def main() -> None:
                  ("science+demo", "science/acc_demo", "{:.3f}"),
                  ("tool use", "tooluse/acc", "{:.3f}"),
                  ("tool use+demo", "tooluse/acc_demo", "{:.3f}")]  # fmt: skip
+    worker_cols = [("tokens/s", "sft/tokens_per_s", "{:.0f}"),
+                   ("peak RSS GB (worker)", "sft/peak_rss_gb", "{:.2f}")]  # fmt: skip
     titles = {
         "sft": "SFT step, 8 × 600 tokens",
         "sdft": "SDFT step, 16 prompts × 128 tokens",
+        "worker": "`run_sft` in a Ray Train worker: 32 rows packed into rows of 600 tokens",
         "eval": "Evaluation, science 507 + tool use 97, with and without the demonstration",
     }
     for kind, rows in results.items():
