@@ -210,7 +210,7 @@ SWEEP = [
     "name=t-sweep", "student=base",
     "recover={teacher: base, steps: 1, prompts_per_step: 2, data: [science], checkpoint_every: 1, "
     "rollout: {engine: hf, max_new_tokens: 6}}",
-    "eval_tasks=[science]", "eval_limit=4", "cka_limit=4", "cka_reference=base",
+    "eval.tasks=[science]", "eval.limit=4", "cka.limit=4", "cka.reference=base",
     "scheduler.type=fifo",
 ]  # fmt: skip
 

@@ -25,10 +25,10 @@ def tune_cpu_allocator() -> bool:
     the OS past its trim threshold. PyTorch's CPU allocator has no cache of its own,
     so each training step page-faults much of its activations in anew: 20–30 thousand faults
     a step on the tiny world's SFT batches. With `mmap` off for malloc and no trimming, a step
-    reuses the previous step's memory: the same arithmetic, 1.09–1.14× faster steps in a
-    plain process and a 1.10× faster SFT stage in a Ray Train worker (benchmarks/experiments/cpu_alloc.py,
-    docs/BENCHMARKS.md). The cost is that a process keeps its peak heap until it exits, which
-    suits the short-lived workers and commands here.
+    reuses the previous step's memory: the same arithmetic, faster steps
+    (`benchmarks/experiments/cpu_alloc.py`; figures in docs/BENCHMARKS.md). The cost is that a
+    process keeps its peak heap until it exits, which suits the short-lived workers and
+    commands here; where memory is the limit, `SDFTLAB_CPU_ALLOC=system` returns freed memory.
 
     Applied once per process; a no-op off glibc, or with `SDFTLAB_CPU_ALLOC=system` (the
     C library's defaults). Returns whether the tuning is in effect.

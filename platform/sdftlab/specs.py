@@ -1,5 +1,5 @@
-"""Config sections that more than one stage shares: LoRA adapters, the memory of a training
-step, and the engine that evaluation generates with.
+"""Config sections that more than one stage or command shares: LoRA adapters, the memory of a
+training step, evaluation (tasks, rows, the engine answers are generated with) and CKA.
 
 `MemorySpec` sets how a training step (SFT, SDFT, off-policy distillation) holds its
 activations — never the model or the arithmetic of the step:
@@ -101,3 +101,25 @@ class EvalEngineSpec(StrictModel):
             "kv_cache_bytes": int(self.kv_cache_gb * 2**30),
             "max_model_len": self.max_model_len,
         }
+
+
+class EvalSpec(StrictModel):
+    """What each state is evaluated on: tasks, rows, the teachers' view, the engine."""
+
+    tasks: list[str] = ["science", "tooluse", "mmlu", "winogrande"]
+    limit: int | None = Field(100, gt=0, description="first N eval rows per task")
+    demonstration_for: list[str] = Field(
+        [], description="states also scored with the demonstration in the prompt (teachers)"
+    )
+    generation: EvalEngineSpec = Field(
+        EvalEngineSpec(), description="where answers are generated: transformers or a vLLM actor"
+    )
+
+
+class CKASpec(StrictModel):
+    """CKA of every state against `reference` on the first `limit` rows of `data`."""
+
+    reference: str = Field(description="the state every other state is compared with")
+    data: str = "science"
+    limit: int = Field(64, ge=4)
+    actors: int | None = Field(None, description="None: in the driver; N: the Ray actor pool")

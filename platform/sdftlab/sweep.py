@@ -32,6 +32,7 @@ from sdftlab.config import StrictModel
 from sdftlab.distill.sdft import RecoverConfig
 from sdftlab.errors import ConfigError
 from sdftlab.lineage import Lineage
+from sdftlab.specs import CKASpec, EvalSpec
 
 SPACE_TYPES = ("grid", "choice", "loguniform", "uniform")
 # what a trial's parameters may set (RecoverConfig fields, dotted) besides the prune ratio
@@ -71,11 +72,8 @@ class SweepConfig(StrictModel):
     metric: str = "science/acc"
     mode: Literal["max", "min"] = "max"
     scheduler: SchedulerSpec = SchedulerSpec()
-    eval_tasks: list[str] = ["science", "tooluse", "mmlu", "winogrande"]
-    eval_limit: int | None = 50
-    cka_reference: str = "expert"
-    cka_data: str = "science"
-    cka_limit: int = Field(16, ge=4)
+    eval: EvalSpec = EvalSpec(limit=50)
+    cka: CKASpec = CKASpec(reference="expert", limit=16)
     max_concurrent_trials: int = Field(1, gt=0)
     cpus_per_trial: float = Field(
         0.01, gt=0, description="the trial driver itself; its Ray Train workers ask for their own"
@@ -94,8 +92,8 @@ class SweepConfig(StrictModel):
 
     def reported_metrics(self) -> set[str]:
         """Every metric a trial reports (what `metric` may name)."""
-        out = {f"{t}/acc" for t in self.eval_tasks}
-        out |= {f"cka/{self.cka_reference}/{k}" for k in ("last_layer", "mean_over_layers")}
+        out = {f"{t}/acc" for t in self.eval.tasks}
+        out |= {f"cka/{self.cka.reference}/{k}" for k in ("last_layer", "mean_over_layers")}
         return out | {"sdft/loss", "sdft/seconds"}
 
 
@@ -164,13 +162,14 @@ def run_trial(params: dict[str, Any], *, cfg_json: str, root: str, data_dir: str
     metrics = evaluate_state(
         lineage,
         name,
-        default_task_files(directory, cfg.eval_tasks),
-        limit=cfg.eval_limit,
+        default_task_files(directory, cfg.eval.tasks),
+        limit=cfg.eval.limit,
+        engine=cfg.eval.generation,
         log=lambda _: None,
     )
-    examples = load_examples(cfg.cka_data, directory, limit=cfg.cka_limit)
-    df = compare_states(lineage, name, cfg.cka_reference, examples, record=True)
-    metrics |= summary_metrics(df, reference_label(lineage, cfg.cka_reference))
+    examples = load_examples(cfg.cka.data, directory, limit=cfg.cka.limit)
+    df = compare_states(lineage, name, cfg.cka.reference, examples, record=True)
+    metrics |= summary_metrics(df, reference_label(lineage, cfg.cka.reference))
     metrics |= {k: v for k, v in meta.metrics.items() if k in ("sdft/loss", "sdft/seconds")}
     ray.tune.report({**metrics, "state": name})
 
@@ -238,7 +237,7 @@ def write_results(cfg: SweepConfig, df, out_dir: Path, log=print) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cka_col = f"cka/{cfg.cka_reference}/last_layer"
+    cka_col = f"cka/{cfg.cka.reference}/last_layer"
     task_col = cfg.metric if not cfg.metric.startswith("cka/") else "science/acc"
     general = [c for c in ("mmlu/acc", "winogrande/acc") if c in df.columns]
     done = df.dropna(subset=[c for c in (cka_col, task_col) if c in df.columns])

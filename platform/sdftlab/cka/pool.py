@@ -38,17 +38,14 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import ConfigDict, Field, field_validator
 
 from sdftlab.cka.capture import (
-    PADDING_SIDES,
-    POOLINGS,
-    SEQUENCE_TOKENS,
     CKAAccumulator,
     LayerPairs,
     Pair,
@@ -59,7 +56,7 @@ from sdftlab.cka.capture import (
     unpack_arrays,
 )
 from sdftlab.cka.stats import Standardizer
-from sdftlab.config import trust_remote_code
+from sdftlab.config import StrictModel, trust_remote_code
 from sdftlab.errors import ConfigError, DataError
 from sdftlab.lineage import Lineage
 
@@ -71,50 +68,38 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
-@dataclass(frozen=True)
-class CKAOptions:
+class CKAOptions(StrictModel):
     """How to run one CKA comparison (JSON-serializable, sent to every actor).
 
     ``batch_size``: examples per padded model batch. ``dtype``: the models' compute dtype
     (statistics are always float64). See `LayerPairs.build` for ``layers``.
     """
 
-    layers: Any = "diagonal"
-    pooling: str = "answer_mean"
-    sequence_tokens: str = "answer"
-    sequence_debiased: bool = False
-    batch_size: int = 8
-    max_len: int = 512
-    padding_side: str = "right"
-    dtype: str = "float32"
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def __post_init__(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise ConfigError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.sequence_tokens not in SEQUENCE_TOKENS:
-            raise ConfigError(
-                f"sequence_tokens must be one of {SEQUENCE_TOKENS}, got {self.sequence_tokens!r}"
-            )
-        if self.padding_side not in PADDING_SIDES:
-            raise ConfigError(
-                f"padding_side must be one of {PADDING_SIDES}, got {self.padding_side!r}"
-            )
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        for name in ("batch_size", "max_len"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-        if isinstance(self.layers, list):  # keep the options hashable and JSON round-trippable
-            layers = tuple(tuple(x) if isinstance(x, list | tuple) else x for x in self.layers)
-            object.__setattr__(self, "layers", layers)
+    layers: Any = "diagonal"
+    pooling: Literal["last", "answer_mean"] = "answer_mean"
+    sequence_tokens: Literal["answer", "all"] = "answer"
+    sequence_debiased: bool = False
+    batch_size: int = Field(8, gt=0)
+    max_len: int = Field(512, gt=0)
+    padding_side: Literal["right", "left"] = "right"
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
+
+    @field_validator("layers")
+    @classmethod
+    def _hashable(cls, layers: Any) -> Any:
+        """Lists become tuples: the options stay hashable and round-trip through JSON."""
+        if isinstance(layers, list | tuple):
+            return tuple(tuple(x) if isinstance(x, list | tuple) else x for x in layers)
+        return layers
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        return self.model_dump_json()
 
     @classmethod
     def from_json(cls, text: str) -> CKAOptions:
-        return cls(**json.loads(text))
+        return cls.model_validate(json.loads(text))
 
 
 def _example_record(example: Any) -> dict[str, Any]:

@@ -1,23 +1,23 @@
 """Multi-round supervised fine-tuning on Ray Train: how the expert and the forgetting are made.
 
 Each round is one `TorchTrainer` run (CPU workers with gloo here, GPU workers with NCCL on a
-cluster — the same code; `num_workers > 1` is DDP): full fine-tuning or LoRA (merged into the
-saved state), loss on the assistant tokens only, optional replay of general chat data in
+cluster — the same code; `num_workers > 1` is DDP): full fine-tuning or LoRA (merged into
+the saved state), loss on the assistant tokens only, optional replay of general chat data in
 every batch (≈ 25% keeps a fine-tuned model able to use a demonstration in its prompt, which
 is what makes it a usable SDFT teacher), Ray Train checkpoints (safetensors) every
-`checkpoint_every` steps, resumed after a worker failure. The rows are tokenized once
-and kept in Ray's object store (`materialize`, Ray Train's advice for data that fits in
-memory; `materialize=false` re-tokenizes each epoch). With `padding_free=true` (TRL's
-option) each batch's rows are laid end to end with their own positions: the padded batch's
-loss on about half the tokens (benchmarks/experiments/padding_free.py). It is off by default because the
-tiny world's documented figures were taken with padded batches, and another rounding is
-another draw of those figures (docs/LOG.md). With `demo_off_path` > 0, the rows answered
-from a demonstration in their prompt (the teacher-format replay rows) are perturbed off the
-demonstration's path, as `pretrain.demo_off_path` does in pretraining: stray tokens without
-loss and dropped tokens, so the SDFT teacher learns to find its place again after a
-student's sample leaves the demonstration (off by default). Every round lands in the lineage
-with its parent, config and metrics. It is also the plain-SFT baseline recovery is
-compared against.
+`checkpoint_every` steps, resumed after a worker failure. A step runs in micro-batches with
+the output layer and the cross-entropy chunked (`memory`, `specs.MemorySpec`). The rows are
+tokenized once and kept in Ray's object store (`materialize`, Ray Train's advice for data
+that fits in memory; `materialize=false` re-tokenizes each epoch). With `padding_free=true`
+(TRL's option) each batch's rows are laid end to end with their own positions: the padded
+batch's loss on fewer tokens. It is off by default because the tiny world's documented
+figures were taken with padded batches, and another rounding is another draw of those
+figures. With `demo_off_path` > 0, the rows answered from a demonstration in their prompt
+(the teacher-format replay rows) are perturbed off the demonstration's path, as
+`pretrain.demo_off_path` does in pretraining: stray tokens without loss and dropped tokens,
+so the SDFT teacher learns to find its place again after a student's sample leaves the
+demonstration (off by default). Every round lands in the lineage with its parent, config and
+metrics. It is also the plain-SFT baseline recovery is compared against.
 
     sdftlab degrade sft --from base --to expert --data science --steps 300
     sdftlab degrade sft --from expert --to forgot --data tooluse

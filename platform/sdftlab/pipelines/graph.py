@@ -48,7 +48,7 @@ from sdftlab.config import TRUST_REMOTE_CODE_ENV, StrictModel, WorldConfig
 from sdftlab.errors import ConfigError
 from sdftlab.lineage import Lineage
 from sdftlab.pipelines.stages import KINDS, Job, WorldStage, kind_of, options
-from sdftlab.specs import EvalEngineSpec
+from sdftlab.specs import CKASpec, EvalSpec
 
 Log = Callable[[str], None]
 
@@ -67,24 +67,6 @@ def inputs(stage: Any) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- the config
-
-
-class EvalSpec(StrictModel):
-    tasks: list[str] = ["science", "tooluse", "mmlu", "winogrande"]
-    limit: int | None = Field(100, gt=0, description="first N eval rows per task")
-    demonstration_for: list[str] = Field(
-        [], description="states also scored with the demonstration in the prompt (teachers)"
-    )
-    generation: EvalEngineSpec = Field(
-        EvalEngineSpec(), description="where answers are generated: transformers or a vLLM actor"
-    )
-
-
-class CKASpec(StrictModel):
-    reference: str = Field(description="the state every other state is compared with")
-    data: str = "science"
-    limit: int = Field(64, ge=4)
-    actors: int | None = Field(None, description="None: in the driver; N: the Ray actor pool")
 
 
 class ReportSpec(StrictModel):
