@@ -6,6 +6,10 @@ State API behind it) but listens on 127.0.0.1 only. `RAY_DATA_DISABLE_PROGRESS_B
 `HF_HUB_DISABLE_PROGRESS_BARS` (transformers' loading and saving bars), when set in the
 driver's environment, reach every worker: the pipelines set them, since they print a progress
 line per stage and the bars from inside the train workers would bury it.
+Ray Data's and Ray Train's own INFO lines (each dataset's execution, every split coordinator,
+each report and checkpoint) go to their log files in the Ray session directory, not the
+console (`ray_data_logging.yaml`, and `LoggingConfig` in `train_utils.make_trainer`): the
+stages' progress lines are what a person reads.
 Ray Train's print patching is off in every worker (`RAY_TRAIN_ENABLE_PRINT_PATCH=0`): it
 logs each `print` and also tees it to stdout whenever `sys.stdout` is wrapped, which in a Ray
 worker it always is, so every progress line of a train worker reached the driver twice.
@@ -23,11 +27,15 @@ same with them off (benchmarks/experiments/ray_niceness.py). A cluster keeps its
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from sdftlab.config import TRUST_REMOTE_CODE_ENV, trust_remote_code
 
+RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
+
 PASSED_THROUGH = (
+    "RAY_DATA_LOGGING_CONFIG",
     "RAY_DATA_DISABLE_PROGRESS_BARS",
     "HF_HUB_DISABLE_PROGRESS_BARS",
     "SDFTLAB_CPU_ALLOC",
@@ -53,6 +61,7 @@ def ensure_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING))
     runtime_env = {"env_vars": worker_env()}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, **kwargs)
