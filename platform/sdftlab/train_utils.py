@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import resource
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,15 @@ STATE_FILE = "train_state.json"
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the model itself)."""
     return model.module if hasattr(model, "module") else model
+
+
+def ray_train_logs_to_files() -> None:
+    """In a Ray Train worker: Ray Train's own records go to its log files only.
+
+    Its console handler already filters them at the run's level (`LoggingConfig` in
+    `make_trainer`), but the `ray.train` logger also propagates to Ray's root handler, which
+    would print every report ("Reporting training result …") on the driver's console."""
+    logging.getLogger("ray.train").propagate = False
 
 
 def with_lora(model: Any, lora: Any) -> Any:
@@ -343,7 +354,9 @@ def make_trainer(
 
     from sdftlab.paths import storage_path
 
-    ingest = DataConfig.default_ingest_options()
+    with warnings.catch_warnings():  # Ray's own use of its deprecated `exclude_resources`
+        warnings.filterwarnings("ignore", message=".*exclude_resources", category=Warning)
+        ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
     return TorchTrainer(
         loop,

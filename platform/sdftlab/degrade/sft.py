@@ -179,6 +179,7 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
     from sdftlab.allocator import tune_cpu_allocator
 
     cfg = SFTConfig.model_validate(config["sft"])
+    tu.ray_train_logs_to_files()
     torch.set_num_threads(cfg.threads_per_worker)
     if not cfg.use_gpu:
         tune_cpu_allocator()  # reuse freed activations (the same arithmetic, faster steps)
@@ -232,9 +233,17 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
             "lr": optimizer.param_groups[0]["lr"],
             "peak_rss_gb": tu.peak_rss_gb(),
         }
+        rank = ray.train.get_context().get_world_rank()
+        if rank == 0 and (done % cfg.log_every == 0 or done in (start + 1, cfg.steps)):
+            print(
+                f"[sft] step {done:4d}/{cfg.steps}  loss {metrics['loss']:.4f}  "
+                f"{metrics['tokens_per_s']:6.0f} tok/s  lr {metrics['lr']:.2e}  "
+                f"peak {metrics['peak_rss_gb']:.1f}GB",
+                flush=True,
+            )
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             with tempfile.TemporaryDirectory() as d:
-                if ray.train.get_context().get_world_rank() == 0:
+                if rank == 0:
                     tu.save_checkpoint(
                         tu.unwrap(model), tokenizer, optimizer, Path(d), done,
                         final=done == cfg.steps,

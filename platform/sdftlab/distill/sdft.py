@@ -227,6 +227,7 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
     from sdftlab.rollout.engines import HFEngine
 
     cfg = RecoverConfig.model_validate(config["recover"])
+    tu.ray_train_logs_to_files()
     torch.set_num_threads(cfg.threads_per_worker)
     if not cfg.use_gpu:
         tune_cpu_allocator()  # reuse freed activations (the same arithmetic, faster steps)
