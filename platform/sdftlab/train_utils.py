@@ -34,13 +34,28 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+class _RayTrainRecords(logging.Filter):
+    """Drops the records of Ray Train's own modules (some log under their file's path, not
+    under `ray.train`, and so reach the root logger's console handler)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        inside = record.name.startswith("ray.train") or f"{os.sep}ray{os.sep}train{os.sep}" in (
+            record.pathname or ""
+        )
+        return not inside
+
+
 def ray_train_logs_to_files() -> None:
     """In a Ray Train worker: Ray Train's own records go to its log files only.
 
-    Its console handler already filters them at the run's level (`LoggingConfig` in
-    `make_trainer`), but the `ray.train` logger also propagates to Ray's root handler, which
-    would print every report ("Reporting training result …") on the driver's console."""
+    `ray.train`'s console handler already filters them at the run's level (`LoggingConfig`
+    in `make_trainer`); the root logger's console handler, which Ray Train also configures,
+    gets a filter for the ones logged under a file path ("Reporting training result …" at
+    every report), while its file handler keeps them."""
     logging.getLogger("ray.train").propagate = False
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == "PlainRayHandler":  # the console, not the log files
+            handler.addFilter(_RayTrainRecords())
 
 
 def with_lora(model: Any, lora: Any) -> Any:
