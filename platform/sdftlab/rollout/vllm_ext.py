@@ -58,9 +58,14 @@ class WeightSyncExtension:
         per-layer processing the backend applied at start-up (e.g. CPU weight repacking).
         """
         quiet_computed_cache_reloads()
-        device = next(self.model_runner.get_model().parameters()).device
+        param = next(self.model_runner.get_model().parameters())
+        # The trainer's fp32 tensors in the engine's dtype (a bf16 engine would otherwise warn
+        # once per tensor per sync, and cast anyway).
         self.model_runner.reload_weights(
-            weights_iterator=((name, t.to(device)) for name, t in named),
+            weights_iterator=(
+                (name, t.to(param.device, param.dtype if t.is_floating_point() else t.dtype))
+                for name, t in named
+            ),
             is_checkpoint_format=True,
         )
         return len(named)
