@@ -184,6 +184,20 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
 EAGER_MAX_HIDDEN = 256  # CPU: eager attention for models up to this width, SDPA beyond
 
 
+def use_cpu_allocator(memory: Any, model: torch.nn.Module, device: torch.device) -> bool:
+    """Apply `memory.cpu_allocator` in a CPU worker (`auto`: the heap setting for models up
+    to `EAGER_MAX_HIDDEN` wide, the C library's beyond); whether the heap setting is on."""
+    from sdftlab.allocator import tune_cpu_allocator
+
+    if device.type != "cpu":
+        return False
+    choice = memory.cpu_allocator
+    if choice == "auto":
+        hidden = getattr(getattr(model, "config", None), "hidden_size", EAGER_MAX_HIDDEN + 1)
+        choice = "heap" if hidden <= EAGER_MAX_HIDDEN else "system"
+    return tune_cpu_allocator() if choice == "heap" else False
+
+
 def use_training_attention(model: torch.nn.Module, device: torch.device) -> None:
     """Pick the attention kernel for training on `device`: on CPU, eager for models of hidden
     size up to `EAGER_MAX_HIDDEN` (the tiny worlds), the default (SDPA) otherwise and on GPUs.

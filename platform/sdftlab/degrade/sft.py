@@ -176,19 +176,17 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sdftlab import train_utils as tu
-    from sdftlab.allocator import tune_cpu_allocator
 
     cfg = SFTConfig.model_validate(config["sft"])
     tu.ray_train_logs_to_files()
     torch.set_num_threads(cfg.threads_per_worker)
-    if not cfg.use_gpu:
-        tune_cpu_allocator()  # reuse freed activations (the same arithmetic, faster steps)
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(
         config["init_dir"], use_safetensors=True, dtype=torch.float32
     )
     tokenizer = AutoTokenizer.from_pretrained(config["init_dir"])
     device = ray.train.torch.get_device()
+    tu.use_cpu_allocator(cfg.memory, model, device)  # the same arithmetic either way
     tu.use_training_attention(model, device)
     if cfg.memory.gradient_checkpointing:
         tu.enable_checkpointing(model)

@@ -223,19 +223,17 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
     from transformers import AutoTokenizer
 
     from sdftlab import train_utils as tu
-    from sdftlab.allocator import tune_cpu_allocator
     from sdftlab.rollout.engines import HFEngine
 
     cfg = RecoverConfig.model_validate(config["recover"])
     tu.ray_train_logs_to_files()
     torch.set_num_threads(cfg.threads_per_worker)
-    if not cfg.use_gpu:
-        tune_cpu_allocator()  # reuse freed activations (the same arithmetic, faster steps)
     torch.manual_seed(cfg.seed)
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
     tokenizer = AutoTokenizer.from_pretrained(config["student_dir"])
     model = build_student(cfg, config["student_dir"], device)
+    tu.use_cpu_allocator(cfg.memory, model, device)  # the same arithmetic either way
     teacher = build_teacher(cfg, model, config, tokenizer.pad_token_id, device)
     start, checkpoint = 0, ray.train.get_checkpoint()
     if checkpoint is not None:

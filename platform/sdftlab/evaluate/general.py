@@ -118,8 +118,13 @@ def _english_spec(name: str, path: Path, builder: str) -> dict[str, Any]:
         "output_type": "loglikelihood_rolling",
         "doc_to_text": "",
         "doc_to_target": "{{text}}",
-        "metric_list": [
-            {"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")
+        "metric_list": [  # as lm-eval's wikitext task declares them
+            {"metric": metric, "aggregation": aggregation, "higher_is_better": False}
+            for metric, aggregation in (
+                ("word_perplexity", "weighted_perplexity"),
+                ("byte_perplexity", "weighted_perplexity"),
+                ("bits_per_byte", "bits_per_byte"),
+            )
         ],
     }
 
@@ -163,6 +168,7 @@ def write_task_yamls(files: Mapping[str, str | Path], directory: Path) -> dict[s
         for metric in FORMULATIONS[task]:
             name = f"sdftlab_{task}{metric.removeprefix('acc')}"  # sdftlab_mmlu, …_mmlu_cloze
             if task == "english":
+                name = "sdftlab_english"
                 spec = _english_spec(name, path, builder)
                 (directory / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
                 names[name] = f"{task}/{metric}"
