@@ -149,37 +149,24 @@ def cmd_degrade(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
     elif args.op == "prune":
-        from sdftlab.data.loaders import task_source
-        from sdftlab.degrade.prune import calibration_batches, prune_state
+        from sdftlab.degrade.prune import PruneSpec, run_prune
 
-        calibration = None
-        if args.importance == "taylor":
-            task, path = task_source(args.calibration, _world_data_dir(args), "train")
-            lineage.require(args.src)
-            calibration = calibration_batches(lineage.load_tokenizer(args.src), path, task)
-        meta = prune_state(
-            lineage,
-            args.src,
-            args.dst,
-            args.ratio,
-            importance=args.importance,
-            multiple_of=args.multiple_of,
-            calibration=calibration,
-            overwrite=args.overwrite,
-        )
+        spec = load_config(PruneSpec, None, [
+            f"ratio={args.ratio}", f"importance={args.importance}",
+            f"multiple_of={args.multiple_of}", f"calibration={args.calibration}",
+        ])  # fmt: skip
+        meta = run_prune(lineage, args.src, args.dst, spec, data_dir=_world_data_dir(args),
+                         overwrite=args.overwrite)  # fmt: skip
         print(json.dumps(meta.config))
     elif args.op == "quantize":
-        from sdftlab.degrade.quantize import quantize_state
+        from sdftlab.degrade.quantize import QuantizeSpec, quantize_state
 
-        meta = quantize_state(
-            lineage,
-            args.src,
-            args.dst,
-            quant_type=args.quant_type,
-            double_quant=not args.no_double_quant,
-            compute_dtype=args.compute_dtype,
-            overwrite=args.overwrite,
-        )
+        spec = load_config(QuantizeSpec, None, [
+            f"quant_type={args.quant_type}", f"double_quant={not args.no_double_quant}",
+            f"compute_dtype={args.compute_dtype}",
+        ])  # fmt: skip
+        meta = quantize_state(lineage, args.src, args.dst, overwrite=args.overwrite,
+                              **spec.model_dump())  # fmt: skip
         print(json.dumps(meta.config))
     print(lineage.tree())
     return 0

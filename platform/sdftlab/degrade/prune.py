@@ -36,11 +36,14 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from sdftlab.config import StrictModel
 from sdftlab.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -340,6 +343,16 @@ def prune_ffn(
     )
 
 
+class PruneSpec(StrictModel):
+    """`prune_state`'s options, as a pipeline stage and `sdftlab degrade prune` give them."""
+
+    ratio: float = Field(0.1, gt=0, lt=1)
+    importance: Literal["magnitude", "taylor"] = "magnitude"
+    multiple_of: int = Field(64, gt=0, description="new width rounded to this (16 for tiny)")
+    calibration: str = Field("science", description="taylor: task (or task=PATH) to score on")
+    calibration_rows: int = Field(64, gt=0)
+
+
 def prune_state(
     lineage: Lineage,
     src: str,
@@ -423,3 +436,28 @@ def calibration_batches(
                                                       tokenizer.pad_token_id).items()}
         for i in range(0, len(encoded), batch_size)
     ]  # fmt: skip
+
+
+def run_prune(
+    lineage: Lineage,
+    src: str,
+    dst: str,
+    spec: PruneSpec,
+    *,
+    data_dir: Path | None,
+    overwrite: bool = False,
+) -> StateMeta:
+    """`prune_state` with a spec: Taylor importance is scored on `spec.calibration_rows` rows
+    of the `spec.calibration` task (the world's train split, or task=PATH)."""
+    from sdftlab.data.loaders import task_source
+
+    calibration = None
+    if spec.importance == "taylor":
+        lineage.require(src)
+        task, path = task_source(spec.calibration, data_dir, "train")
+        tokenizer = lineage.load_tokenizer(src)
+        calibration = calibration_batches(tokenizer, path, task, rows=spec.calibration_rows)
+    return prune_state(
+        lineage, src, dst, spec.ratio, importance=spec.importance,
+        multiple_of=spec.multiple_of, calibration=calibration, overwrite=overwrite,
+    )  # fmt: skip

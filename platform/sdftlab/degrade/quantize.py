@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from sdftlab.config import StrictModel
 from sdftlab.errors import ConfigError
 from sdftlab.models import (  # re-exported: the quantization API in one import
     LORA_TARGETS,
@@ -96,6 +97,14 @@ def bnb_config(
     )
 
 
+class QuantizeSpec(StrictModel):
+    """`quantize_state`'s options, as a pipeline stage and `sdftlab degrade quantize` give them."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "float32"
+
+
 def quantize_state(
     lineage: Lineage,
     src: str,
@@ -149,6 +158,7 @@ def quantize_state(
 
 __all__ = [
     "LORA_TARGETS",
+    "QuantizeSpec",
     "bnb_config",
     "dequantized_copy",
     "is_quantized",

@@ -27,25 +27,13 @@ from typing import Any, Literal
 from pydantic import Field
 
 from sdftlab.config import StrictModel, WorldConfig
+from sdftlab.degrade.prune import PruneSpec
+from sdftlab.degrade.quantize import QuantizeSpec
 from sdftlab.degrade.sft import SFTConfig
 from sdftlab.distill.sdft import SPECIAL_TEACHERS, RecoverConfig
 from sdftlab.lineage import Lineage
 
 Log = Callable[[str], None]
-
-
-class QuantizeSpec(StrictModel):
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: str = "float32"
-
-
-class PruneSpec(StrictModel):
-    ratio: float = Field(0.1, gt=0, lt=1)
-    importance: Literal["magnitude", "taylor"] = "magnitude"
-    multiple_of: int = Field(64, gt=0, description="new width rounded to this (16 for tiny)")
-    calibration: str = Field("science", description="taylor: task (or task=PATH) to score on")
-    calibration_rows: int = Field(64, gt=0)
 
 
 class ImportSpec(StrictModel):
@@ -150,19 +138,10 @@ def _run_quantize(job: Job) -> None:
 
 
 def _run_prune(job: Job) -> None:
-    from sdftlab.data.loaders import task_source
-    from sdftlab.degrade.prune import calibration_batches, prune_state
+    from sdftlab.degrade.prune import run_prune
 
-    options, source = job.options, job.stage.source
-    calibration = None
-    if options.importance == "taylor":
-        task, path = task_source(options.calibration, job.data_dir, "train")
-        tokenizer = job.lineage.load_tokenizer(source)
-        calibration = calibration_batches(tokenizer, path, task, rows=options.calibration_rows)
-    prune_state(
-        job.lineage, source, job.name, options.ratio, importance=options.importance,
-        multiple_of=options.multiple_of, calibration=calibration, overwrite=True,
-    )  # fmt: skip
+    run_prune(job.lineage, job.stage.source, job.name, job.options, data_dir=job.data_dir,
+              overwrite=True)  # fmt: skip
 
 
 @dataclass(frozen=True)
