@@ -181,12 +181,37 @@ def test_vllm_log_probs_match_the_trainer_after_a_sync_and_not_before(small_worl
         dropped, level = ray.get(pool.actors[0].__ray_call__.remote(reload_log_state))
         assert dropped >= 1 and level == logging.WARNING
 
+        # scoring=vllm: the engine's top-k targets line up, row by row and micro-batch by
+        # micro-batch, with the same teacher scored exactly beside the trainer.
+        _vllm_teacher_equals_the_exact_top_k(pool, model)
+
         # A seeded batch larger than one scheduler step (chunked prefill) samples fine.
         prompts = [list(range(3, 3 + 200 + i % 7)) for i in range(256)]
         out = pool.generate(prompts, SamplingSettings(max_new_tokens=4, seed=1))
         assert len(out) == 256 and all(len(c.token_ids) == len(c.logprobs) for c in out)
     finally:
         pool.shutdown()
+
+
+def _vllm_teacher_equals_the_exact_top_k(pool, model) -> None:
+    from sdftlab.distill.batch import RolloutBatch, pack
+    from sdftlab.distill.losses import mask_first_tokens
+    from sdftlab.distill.teachers import VLLMTeacher, frozen_teacher
+
+    prompts = [list(range(20, 30 + 3 * i)) for i in range(4)]
+    completions = [list(range(50, 53 + 2 * i)) for i in range(4)]
+    batch = RolloutBatch(prompts, prompts, completions)
+    remote, exact = VLLMTeacher(pool, topk=5), frozen_teacher(model, pad_id=0, topk=5)
+    remote.prepare(batch)
+    for rows in (slice(0, 1), slice(1, 4)):  # micro-batches, in order
+        part = batch.rows(rows)
+        _, _, valid_BC, _ = pack(part.student_prompts, part.completions, 0)
+        keep_BC = mask_first_tokens(valid_BC, 1)
+        n = int(keep_BC.sum())
+        got = remote.targets(part, keep_BC, valid_BC, []).chunk(slice(0, n))
+        want = exact.targets(part, keep_BC, valid_BC, []).chunk(slice(0, n))
+        assert torch.equal(got.indices_BTK, want.indices_BTK)
+        assert torch.allclose(got.logprobs_BTK, want.logprobs_BTK, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- end to end
