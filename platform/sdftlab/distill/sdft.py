@@ -12,12 +12,18 @@ learning", arXiv 2601.19897). Each step:
    the trainer (full vocabulary, `scoring=exact`), or on teacher vLLM actors (top-k prompt
    log-probs, `scoring=vllm`). Teachers: a lineage state or path, `ema` of the student
    (rate `ema_rate`), or `live` (the student itself, with the demonstration in context).
-4. Ray Train workers compute the per-token divergence (forward KL by default, full vocabulary
-   or top-k, first `mask_first_k` tokens masked, capped importance ratio engine → trainer),
-   plus an optional CKA term, and step (full FT, LoRA, or QLoRA on an NF4 student; DDP over
-   `num_workers`).
+4. Ray Train workers run `distill.step.sdft_step`: the per-token divergence (forward KL by
+   default, full vocabulary or top-k, first `mask_first_k` tokens masked, capped importance
+   ratio engine → trainer), plus an optional CKA term, over micro-batches with the output
+   layer chunked (`memory`); then the optimizer steps (full FT, LoRA, or QLoRA on an NF4
+   student; DDP over `num_workers`) and the teacher follows (`teachers`: the EMA update).
 5. Rank 0 pushes the new weights (or LoRA-merged layers) to the rollout actors in memory and
    logs the sync time, so the next rollouts are on-policy.
+
+This module is the Ray plumbing around those components — the data, the worker loop
+(`recover_worker_loop`: shard, resume, rollouts, step, sync, reports, checkpoints) and the
+driver (`recover`: checks, engines, the `TorchTrainer`, the new state); the config is in
+`distill/config.py`, the rows in `distill/batch.py`.
 
 `mode=off_policy` is the two-stage small-model recipe's first stage: no rollouts; student and
 an external (larger) teacher both see prompt + demonstration, KL on the demonstration tokens.
