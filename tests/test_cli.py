@@ -38,7 +38,14 @@ def test_degrade_errors_are_one_line_and_write_nothing(small_world, capsys):
     assert "leaves 0" in capsys.readouterr().err
     assert main([*base, "degrade", "sft", "--from", "base", "--to", "bad", "--data", "chess"]) == 2
     assert "chess" in capsys.readouterr().err
-    assert lineage.names() == before
+    before_metrics = dict(lineage.meta("base").metrics)
+    assert main([*base, "cka", "--a", "base", "--b", "base", "--limit", "2"]) == 2
+    assert "limit" in capsys.readouterr().err
+    assert main([*base, "cka", "--b", "base"]) == 2  # no state to measure
+    assert "a: required" in capsys.readouterr().err
+    assert main([*base, "cka", "--a", "base", "--b", "base", "pooling=max"]) == 2
+    assert "pooling" in capsys.readouterr().err
+    assert lineage.names() == before and lineage.meta("base").metrics == before_metrics
 
 
 def test_demo_runs_the_projects_forgetting_config_and_rejects_a_bad_graph_first(tmp_path, capsys):

@@ -8,7 +8,7 @@
     sdftlab degrade sft --from base --to expert --data science [--steps N] [key=value ...]
     sdftlab degrade quantize --from expert --to nf4
     sdftlab degrade prune --from expert --to pruned10 --ratio 0.1 [--importance taylor]
-    sdftlab cka --a forgot --b expert [--data science] [--actors 2] [--plot cka.png]
+    sdftlab cka --a forgot --b expert [--data science] [--actors 2] [--plot cka.png] [key=value]
     sdftlab lineage [tree | list | show NAME | rm NAME]
 
 Global: `--home DIR` (worlds and the default lineage; `$SDFTLAB_HOME`, else `./.sdftlab`) and

@@ -33,15 +33,18 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
+from pydantic import Field
 
 from sdftlab.cka.capture import relative_depth_map
 from sdftlab.cka.pool import cka_local, cka_over_dataset
 from sdftlab.data.loaders import load_task_file, task_source
+from sdftlab.config import load_config
 from sdftlab.errors import ConfigError, DataError
 from sdftlab.lineage import Lineage
+from sdftlab.specs import CKASpec
 
 
 def reference_label(lineage: Lineage, ref: str) -> str:
@@ -176,38 +179,74 @@ def load_examples(spec: str, data_dir: Path | None, limit: int | None = None) ->
     return load_task_file(path, task, limit=limit)
 
 
+class CKACommand(CKASpec):
+    """``sdftlab cka``: state `a` against `reference` (``--b``) on `data`, every row by default.
+
+    The pipeline's `CKASpec` plus the comparison's options; the command-line flags and any
+    ``key=value`` arguments are validated here, with the pipeline's error messages.
+    """
+
+    a: str = Field(description="the state to measure; its metrics receive the summary")
+    limit: int | None = Field(None, ge=4, description="the first N rows (default all)")
+    batch_size: int = Field(8, gt=0)
+    layers: Any = Field("diagonal", description="diagonal | last | all | 0,2,4")
+    pooling: Literal["answer_mean", "last"] = "answer_mean"
+    debiased: bool = False
+    plot: str | None = Field(None, description="write a CKA-by-layer PNG here")
+    record: bool = True
+
+
+_FLAGS = {  # flag -> CKACommand field
+    "a": "a", "b": "reference", "data": "data", "limit": "limit", "actors": "actors",
+    "batch_size": "batch_size", "layers": "layers", "pooling": "pooling", "plot": "plot",
+}  # fmt: skip
+
+
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``sdftlab cka`` (for the command-line parser)."""
-    parser.add_argument("--a", required=True, help="the state to measure (metrics go here)")
-    parser.add_argument("--b", required=True, help="the reference state")
-    parser.add_argument("--data", default="science", help="TASK or TASK=PATH (default science)")
-    parser.add_argument("--limit", type=int, default=None, help="first N examples only")
-    parser.add_argument("--actors", type=int, default=None, help="Ray actors (default: local)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--layers", default="diagonal", help="diagonal | last | all | 0,2,4")
-    parser.add_argument("--pooling", default="answer_mean", choices=["answer_mean", "last"])
+    """The options of ``sdftlab cka``: flags for the common fields, ``key=value`` for all."""
+    parser.add_argument("--a", help="the state to measure (metrics go here)")
+    parser.add_argument("--b", help="the reference state")
+    parser.add_argument("--data", help="TASK or TASK=PATH (default science)")
+    parser.add_argument("--limit", help="first N examples only")
+    parser.add_argument("--actors", help="Ray actors (default: in this process)")
+    parser.add_argument("--batch-size")
+    parser.add_argument("--layers", help="diagonal | last | all | 0,2,4")
+    parser.add_argument("--pooling", help="answer_mean | last")
     parser.add_argument("--debiased", action="store_true", help="debiased headline CKA")
-    parser.add_argument("--plot", default=None, help="write a CKA-by-layer PNG here")
+    parser.add_argument("--plot", help="write a CKA-by-layer PNG here")
     parser.add_argument("--no-record", action="store_true", help="do not record metrics")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="CKACommand fields")
+
+
+def command_from_args(args: argparse.Namespace) -> CKACommand:
+    """The validated `CKACommand` of parsed ``sdftlab cka`` arguments."""
+    overrides = [f"{field}={getattr(args, flag)}" for flag, field in _FLAGS.items()
+                 if getattr(args, flag) is not None]  # fmt: skip
+    if args.debiased:
+        overrides.append("debiased=true")
+    if args.no_record:
+        overrides.append("record=false")
+    return load_config(CKACommand, None, [*overrides, *args.overrides])
 
 
 def run_cli(args: argparse.Namespace, lineage: Lineage, data_dir: Path | None) -> str:
     """Run ``sdftlab cka`` with parsed `args`; the table to print."""
-    examples = load_examples(args.data, data_dir, args.limit)
+    cmd = command_from_args(args)
+    examples = load_examples(cmd.data, data_dir, cmd.limit)
     df = compare_states(
         lineage,
-        args.a,
-        args.b,
+        cmd.a,
+        cmd.reference,
         examples,
-        actors=args.actors,
-        batch_size=args.batch_size,
-        layers=args.layers,
-        pooling=args.pooling,
-        debiased=args.debiased,
-        record=not args.no_record,
+        actors=cmd.actors,
+        batch_size=cmd.batch_size,
+        layers=cmd.layers,
+        pooling=cmd.pooling,
+        debiased=cmd.debiased,
+        record=cmd.record,
     )
-    if args.plot:
+    if cmd.plot:
         from sdftlab.cka.plots import plot_cka_by_layer
 
-        plot_cka_by_layer({args.a: df}, reference_label(lineage, args.b), args.plot)
-    return format_table(df, title=f"CKA of {args.a} with {args.b} on {args.data}")
+        plot_cka_by_layer({cmd.a: df}, reference_label(lineage, cmd.reference), cmd.plot)
+    return format_table(df, title=f"CKA of {cmd.a} with {cmd.reference} on {cmd.data}")
