@@ -40,8 +40,8 @@ from pydantic import Field
 
 from sdftlab.cka.capture import relative_depth_map
 from sdftlab.cka.pool import cka_local, cka_over_dataset
-from sdftlab.data.loaders import load_task_file, task_source
 from sdftlab.config import load_config
+from sdftlab.data.loaders import load_task_file, task_source
 from sdftlab.errors import ConfigError, DataError
 from sdftlab.lineage import Lineage
 from sdftlab.specs import CKASpec
