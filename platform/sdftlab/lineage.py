@@ -286,6 +286,10 @@ class Lineage:
         self.require(ref)  # raises with the list of known states
         raise AssertionError("unreachable")
 
+    def label(self, ref: str) -> str:
+        """How `ref` appears in metric names: the state name, or a model directory's name."""
+        return ref if self.exists(ref) else Path(ref).expanduser().name
+
     def load_model(self, ref: str, **kwargs: Any) -> Any:
         """The state's model (`models.load_model`: safetensors only, no remote code)."""
         from sdftlab.models import load_model

@@ -1,5 +1,6 @@
 """Config sections that more than one stage or command shares: LoRA adapters, the memory of a
-training step, evaluation (tasks, rows, the engine answers are generated with) and CKA.
+training step, evaluation (tasks, rows, the engine answers are generated with), CKA, and the
+CKA measured during training.
 
 `MemorySpec` sets how a training step (SFT, SDFT, off-policy distillation) holds its
 activations — never the model or the arithmetic of the step:
@@ -134,3 +135,21 @@ class CKASpec(StrictModel):
     data: str = "science"
     limit: int = Field(64, ge=4)
     actors: int | None = Field(None, description="None: in the driver; N: the Ray actor pool")
+
+
+class LiveCKASpec(StrictModel):
+    """CKA measured while a model trains (`sdftlab.cka.live`): the student against `reference`
+    on a fixed probe, every `every` steps and at the last; reported with the training metrics
+    as ``live_cka/<reference>/{last_layer, mean_over_layers, sequence_last_layer}``."""
+
+    every: int = Field(10, ge=0, description="steps between measurements; 0 switches it off")
+    reference: str | None = Field(
+        None,
+        description="a lineage state or model path; None: the teacher's state (SDFT with an "
+        "ema or live teacher, and SFT: the state the run starts from)",
+    )
+    data: str | None = Field(
+        None, description="TASK (its eval split) or TASK=PATH; None: the run's first data entry"
+    )
+    rows: int = Field(16, ge=4, description="the probe: the first `rows` rows of `data`")
+    batch_size: int = Field(8, gt=0, description="probe rows per forward (as `sdftlab cka`)")

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 OPTIM_FILE = "optimizer.safetensors"
 STATE_FILE = "train_state.json"
+LIVE_CKA_FILE = "live_cka.json"  # in a saved state: its live CKA measurements, step by step
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -315,10 +316,12 @@ def save_checkpoint(
     *,
     final: bool,
     extra: dict[str, torch.nn.Module] | None = None,
+    live_cka: list[dict[str, float]] | None = None,
 ) -> None:
     """A Ray Train checkpoint directory, safetensors only: the trainable parameters, each
     `extra` module's parameters (`<name>.safetensors`, e.g. an EMA teacher), the optimizer,
-    the step; with `final`, also the state itself under `model/` (LoRA merged)."""
+    the step and the live CKA measurements so far; with `final`, also the state itself under
+    `model/` (LoRA merged), the measurements beside it (`live_cka.json`)."""
 
     def params(m: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
         return {
@@ -331,11 +334,18 @@ def save_checkpoint(
     for name, module in (extra or {}).items():
         save_file(params(module, False), str(directory / f"{name}.safetensors"))
     save_optimizer(optimizer, directory)
-    write_train_state(directory, step=step)
+    write_train_state(directory, step=step, live_cka=live_cka or [])
     if final:
         from sdftlab.models import save_final
 
         save_final(model, tokenizer, directory / "model")
+        if live_cka:
+            (directory / "model" / LIVE_CKA_FILE).write_text(json.dumps(live_cka, indent=1))
+
+
+def read_live_cka(directory: Path) -> list[dict[str, float]]:
+    """The live CKA measurements a checkpoint holds (none in one from before they existed)."""
+    return list(read_train_state(directory).get("live_cka", []))
 
 
 def load_parameters(model: torch.nn.Module, path: Path) -> None:
@@ -363,6 +373,7 @@ def make_trainer(
     cpus_per_worker: float,
     max_failures: int,
     datasets: dict[str, Any],
+    callbacks: Sequence[Any] = (),
 ) -> Any:
     """The `TorchTrainer` every training stage uses: `num_workers` DDP workers (gloo on CPU,
     NCCL on GPU), the latest checkpoint kept under the Ray storage path, and `max_failures`
@@ -403,7 +414,70 @@ def make_trainer(
             # Ray Train's own INFO lines (each report, each checkpoint) go to its log files,
             # not the console: the stage's progress lines are what a person reads.
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=list(callbacks),
         ),
         datasets=datasets,
         dataset_config=DataConfig(execution_options=ingest),
     )
+
+
+def live_cka_probe(
+    lineage: Any, spec: Any, *, reference: str, data: str, data_dir: Path | None
+) -> dict[str, Any] | None:
+    """The driver's half of live CKA (`specs.LiveCKASpec`; None when it is off): the probe's
+    rows and the reference's directory and label, checked before any worker starts.
+    `reference` and `data` are the run's defaults (the spec's own values win)."""
+    if spec.every == 0:
+        return None
+    from sdftlab.cka.capture import example_record
+    from sdftlab.data.loaders import load_task_file, task_source
+    from sdftlab.errors import SdftlabError
+
+    ref, entry = spec.reference or reference, spec.data or data.split("+")[0]
+    try:
+        task, path = task_source(entry, data_dir, "eval")
+        rows = [example_record(e) for e in load_task_file(path, task, limit=spec.rows)]
+        reference_dir = lineage.resolve(ref)
+    except SdftlabError as err:
+        raise type(err)(
+            f"live_cka: {err} (set live_cka.reference / live_cka.data, or live_cka.every=0)"
+        ) from None
+    return {
+        "every": spec.every, "label": lineage.label(ref), "reference_dir": str(reference_dir),
+        "rows": rows, "batch_size": spec.batch_size,
+    }  # fmt: skip
+
+
+def live_cka_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The last live CKA measurement among a run's final metrics (its time left out)."""
+    return {k: float(v) for k, v in metrics.items()
+            if k.startswith("live_cka/") and k != "live_cka/seconds"}  # fmt: skip
+
+
+def live_cka(
+    probe: dict[str, Any] | None,
+    tokenizer: Any,
+    device: torch.device,
+    resident: dict[str | None, torch.nn.Module],
+) -> Any:
+    """The worker's half: on rank 0, a `cka.live.LiveCKA` with the reference's states captured
+    (from a `resident` model that holds the reference's weights — the frozen teacher, the
+    student before its first step — or else loaded and let go); None elsewhere or when off."""
+    import ray.train
+
+    if probe is None or ray.train.get_context().get_world_rank() != 0:
+        return None
+    from sdftlab.cka.live import LiveCKA
+
+    model = resident.get(probe["reference_dir"])
+    if model is None:
+        from transformers import AutoModelForCausalLM
+
+        from sdftlab.config import trust_remote_code
+
+        model = AutoModelForCausalLM.from_pretrained(
+            probe["reference_dir"], use_safetensors=True, dtype=torch.float32,
+            trust_remote_code=trust_remote_code(),
+        ).to(device)  # fmt: skip
+    return LiveCKA(model, tokenizer, probe["rows"], label=probe["label"], every=probe["every"],
+                   batch_size=probe["batch_size"])  # fmt: skip

@@ -111,6 +111,17 @@ def _field(example: Any, name: str, default: Any = None) -> Any:
     return getattr(example, name, default)
 
 
+def example_record(example: Any) -> dict[str, Any]:
+    """The fields CKA needs from a TaskExample (or a mapping), JSON-ready."""
+    get = example.get if isinstance(example, Mapping) else lambda k: getattr(example, k, None)
+    messages = get("messages")
+    return {
+        "uid": get("uid"),
+        "messages": [dict(m) for m in messages] if messages else messages,
+        "demonstration": get("demonstration"),
+    }
+
+
 def encode_examples(tokenizer: Any, examples: Sequence[Any], max_len: int) -> list[Encoded]:
     """Token ids and answer masks of `examples` (TaskExamples, or mappings with `messages`,
     `demonstration` and optionally `uid`).
@@ -212,7 +223,8 @@ def capture_hidden_states(
     final norm). The forward pass runs in the model's own dtype on its device, without
     gradients and without the LM head; pad positions are set to 0 in the returned tensors.
     """
-    core = getattr(model, "base_model", model)
+    bare = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    core = getattr(bare, "base_model", bare)  # the decoder, without the LM head
     device = next(model.parameters()).device
     with torch.inference_mode():
         out = core(
@@ -331,6 +343,54 @@ class LayerPairs:
 
 
 # ------------------------------------------------------------------------------- pooling
+
+
+# ------------------------------------------------------------------------------- summaries
+
+
+def _depths(df: pd.DataFrame) -> tuple[int, int]:
+    try:
+        meta = json.loads(df.attrs["cka"])
+        return int(meta["depth_a"]), int(meta["depth_b"])
+    except (KeyError, TypeError, ValueError):
+        raise DataError(
+            "this DataFrame lacks the CKA metadata (df.attrs['cka']); pass the DataFrame "
+            "returned by compare_states / cka_local / cka_over_dataset"
+        ) from None
+
+
+def diagonal_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose layer_b is layer_a's diagonal (same relative depth) partner."""
+    depth_a, depth_b = _depths(df)
+    partner = df["layer_a"].map(lambda i: relative_depth_map(int(i), depth_a, depth_b))
+    return df[df["layer_b"] == partner]
+
+
+def summary_metrics(df: pd.DataFrame, label: str, prefix: str = "cka") -> dict[str, float]:
+    """``<prefix>/<label>/{last_layer, mean_over_layers, sequence_last_layer}`` of a result:
+    the diagonal pair at the last layer, the mean over the decoder layers' diagonal pairs
+    (index 0, the embedding lookup, left out), and the per-sequence form at the last layer."""
+    depth_a, depth_b = _depths(df)
+    diag = diagonal_rows(df)
+    last = diag[(diag["layer_a"] == depth_a) & (diag["layer_b"] == depth_b)]
+    if last.empty:
+        raise ConfigError(
+            f"the comparison has no (last, last) layer pair ({depth_a}, {depth_b}); use "
+            "layers='diagonal' (or include the last layer) to record summary metrics"
+        )
+    decoder = diag[diag["layer_a"] >= 1]
+    metrics = {
+        f"{prefix}/{label}/last_layer": float(last["cka"].iloc[0]),
+        f"{prefix}/{label}/mean_over_layers": float(decoder["cka"].mean()),
+        f"{prefix}/{label}/sequence_last_layer": float(last["sequence_cka"].iloc[0]),
+    }
+    undefined = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if undefined:
+        raise DataError(
+            f"{', '.join(undefined)} undefined (NaN) on this data — e.g. fewer than 4 examples "
+            "for debiased CKA; use more examples or record=False"
+        )
+    return metrics
 
 
 def _token_masks(masks: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -52,6 +52,7 @@ from sdftlab.cka.capture import (
     capture_hidden_states,
     collate,
     encode_examples,
+    example_record,
     pack_arrays,
     unpack_arrays,
 )
@@ -102,20 +103,9 @@ class CKAOptions(StrictModel):
         return cls.model_validate(json.loads(text))
 
 
-def _example_record(example: Any) -> dict[str, Any]:
-    """The fields CKA needs from a TaskExample (or a mapping), JSON-ready."""
-    get = example.get if isinstance(example, Mapping) else lambda k: getattr(example, k, None)
-    messages = get("messages")
-    return {
-        "uid": get("uid"),
-        "messages": [dict(m) for m in messages] if messages else messages,
-        "demonstration": get("demonstration"),
-    }
-
-
 def chunk_examples(examples: Sequence[Any], batch_size: int) -> list[list[dict[str, Any]]]:
     """The examples, in order, as chunks of `batch_size` JSON-ready records (model batches)."""
-    records = [_example_record(e) for e in examples]
+    records = [example_record(e) for e in examples]
     return [records[i : i + batch_size] for i in range(0, len(records), batch_size)]
 
 

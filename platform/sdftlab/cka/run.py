@@ -29,7 +29,6 @@ The recorded values use the call's settings; the defaults are the forms above.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,61 +37,17 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import Field
 
-from sdftlab.cka.capture import relative_depth_map
+from sdftlab.cka.capture import diagonal_rows, summary_metrics  # noqa: F401 (re-exported)
 from sdftlab.cka.pool import cka_local, cka_over_dataset
 from sdftlab.config import load_config
 from sdftlab.data.loaders import load_task_file, task_source
-from sdftlab.errors import ConfigError, DataError
 from sdftlab.lineage import Lineage
 from sdftlab.specs import CKASpec
 
 
 def reference_label(lineage: Lineage, ref: str) -> str:
-    """How `ref` appears in metric names: the state name, or a model directory's name."""
-    return ref if lineage.exists(ref) else Path(ref).expanduser().name
-
-
-def _depths(df: pd.DataFrame) -> tuple[int, int]:
-    try:
-        meta = json.loads(df.attrs["cka"])
-        return int(meta["depth_a"]), int(meta["depth_b"])
-    except (KeyError, TypeError, ValueError):
-        raise DataError(
-            "this DataFrame lacks the CKA metadata (df.attrs['cka']); pass the DataFrame "
-            "returned by compare_states / cka_local / cka_over_dataset"
-        ) from None
-
-
-def diagonal_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows whose layer_b is layer_a's diagonal (same relative depth) partner."""
-    depth_a, depth_b = _depths(df)
-    partner = df["layer_a"].map(lambda i: relative_depth_map(int(i), depth_a, depth_b))
-    return df[df["layer_b"] == partner]
-
-
-def summary_metrics(df: pd.DataFrame, label: str) -> dict[str, float]:
-    """``cka/<label>/{last_layer, mean_over_layers, sequence_last_layer}`` from a result."""
-    depth_a, depth_b = _depths(df)
-    diag = diagonal_rows(df)
-    last = diag[(diag["layer_a"] == depth_a) & (diag["layer_b"] == depth_b)]
-    if last.empty:
-        raise ConfigError(
-            f"the comparison has no (last, last) layer pair ({depth_a}, {depth_b}); use "
-            "layers='diagonal' (or include the last layer) to record summary metrics"
-        )
-    decoder = diag[diag["layer_a"] >= 1]
-    metrics = {
-        f"cka/{label}/last_layer": float(last["cka"].iloc[0]),
-        f"cka/{label}/mean_over_layers": float(decoder["cka"].mean()),
-        f"cka/{label}/sequence_last_layer": float(last["sequence_cka"].iloc[0]),
-    }
-    undefined = [k for k, v in metrics.items() if not math.isfinite(v)]
-    if undefined:
-        raise DataError(
-            f"{', '.join(undefined)} undefined (NaN) on this data — e.g. fewer than 4 examples "
-            "for debiased CKA; use more examples or record=False"
-        )
-    return metrics
+    """How `ref` appears in metric names (`Lineage.label`)."""
+    return lineage.label(ref)
 
 
 def compare_states(

@@ -35,12 +35,13 @@ from typing import Any
 import torch
 from pydantic import Field, model_validator
 
+from sdftlab.cka.live import due, live_cka_text
 from sdftlab.config import StrictModel
 from sdftlab.data.chat import ChatTokenizer, count_assistant_tokens, example_to_row
 from sdftlab.data.loaders import iter_jsonl, load_task_file, task_source, world_task_file
 from sdftlab.errors import ConfigError
 from sdftlab.lineage import Lineage, StateMeta
-from sdftlab.specs import LoraSpec, MemorySpec
+from sdftlab.specs import LiveCKASpec, LoraSpec, MemorySpec
 
 
 class SFTConfig(StrictModel):
@@ -77,6 +78,9 @@ class SFTConfig(StrictModel):
     replay_data: str | None = Field(None, description="chat JSONL; default the world's replay")
     lora: LoraSpec | None = None
     memory: MemorySpec = MemorySpec()
+    live_cka: LiveCKASpec = Field(
+        LiveCKASpec(), description="CKA to the state the run starts from, while training"
+    )
     num_workers: int = Field(1, gt=0)
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, gt=0)
@@ -191,7 +195,8 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
     if cfg.memory.gradient_checkpointing:
         tu.enable_checkpointing(model)
     model = tu.with_lora(model, cfg.lora)
-    start = 0
+    live = tu.live_cka(config["live_cka"], tokenizer, device, {config["init_dir"]: model})
+    start, live_history = 0, []
     checkpoint = ray.train.get_checkpoint()
     model = ray.train.torch.prepare_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -200,7 +205,7 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             tu.load_parameters(tu.unwrap(model), Path(d) / "trainable.safetensors")
             tu.load_optimizer(optimizer, Path(d))
-            start = tu.read_train_state(Path(d))["step"]
+            start, live_history = tu.read_train_state(Path(d))["step"], tu.read_live_cka(Path(d))
     per_worker = cfg.batch_size // cfg.num_workers
     shard = ray.train.get_dataset_shard("train")
     batches = tu.cycle_epochs(
@@ -231,11 +236,17 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
             "lr": optimizer.param_groups[0]["lr"],
             "peak_rss_gb": tu.peak_rss_gb(),
         }
+        measure = due(cfg.live_cka.every, done, cfg.steps)  # asked on every rank
+        if measure and live is not None:
+            metrics |= live.measure(tu.unwrap(model))
+            live_history.append({k: v for k, v in metrics.items() if k.startswith("live_cka/")}
+                                | {"step": done})  # fmt: skip
         rank = ray.train.get_context().get_world_rank()
         if rank == 0 and (done % cfg.log_every == 0 or done in (start + 1, cfg.steps)):
             print(
-                f"[sft] step {done:4d}/{cfg.steps}  loss {metrics['loss']:.4f}  "
-                f"{metrics['tokens_per_s']:6.0f} tok/s  lr {metrics['lr']:.2e}  "
+                f"[sft] step {done:4d}/{cfg.steps}  loss {metrics['loss']:.4f}"
+                f"{live_cka_text(metrics)}  {metrics['tokens_per_s']:6.0f} tok/s  "
+                f"lr {metrics['lr']:.2e}  "
                 f"peak {metrics['peak_rss_gb']:.1f}GB",
                 flush=True,
             )
@@ -244,12 +255,12 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
                 if rank == 0:
                     tu.save_checkpoint(
                         tu.unwrap(model), tokenizer, optimizer, Path(d), done,
-                        final=done == cfg.steps,
+                        final=done == cfg.steps, live_cka=live_history,
                     )  # fmt: skip
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
                 else:
                     ray.train.report(metrics)
-        elif done % cfg.log_every == 0:
+        elif done % cfg.log_every == 0 or measure:
             ray.train.report(metrics)
         tu.kill_point(done)
 
@@ -298,6 +309,9 @@ def run_sft(
     for name in names:
         lineage.check_new(name, parents=[src], overwrite=overwrite)
     tokenizer = lineage.load_tokenizer(src)
+    probe = tu.live_cka_probe(
+        lineage, cfg.live_cka, reference=src, data=cfg.data[0], data_dir=data_dir
+    )
     round_rows = {}
     for entry in dict.fromkeys(cfg.data):
         rows = sft_rows(entry, cfg, data_dir)
@@ -317,7 +331,7 @@ def run_sft(
         dataset = sft_dataset(round_rows[entry], init_dir, cfg)
         trainer = tu.make_trainer(
             sft_worker_loop,
-            {"sft": cfg.model_dump(mode="json"), "init_dir": init_dir},
+            {"sft": cfg.model_dump(mode="json"), "init_dir": init_dir, "live_cka": probe},
             run_name=tu.run_name("sft", name, cfg, lineage.meta(parent).content_hash),
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
@@ -343,6 +357,7 @@ def run_sft(
                     "sft/seconds": seconds,
                     "sft/tokens_per_s": result.metrics["tokens_per_s"],
                     "sft/peak_rss_gb": result.metrics["peak_rss_gb"],
+                    **tu.live_cka_metrics(result.metrics),
                 },
             )
         log(f"  saved {name}: loss {result.metrics['loss']:.3f}, {seconds:.0f}s")

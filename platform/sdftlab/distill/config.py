@@ -13,7 +13,7 @@ from pydantic import Field, field_validator, model_validator
 
 from sdftlab.config import StrictModel
 from sdftlab.data.templates import DEMO_TEMPLATE
-from sdftlab.specs import LoraSpec, MemorySpec
+from sdftlab.specs import LiveCKASpec, LoraSpec, MemorySpec
 
 SPECIAL_TEACHERS = ("ema", "live")
 
@@ -75,6 +75,9 @@ class RecoverConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     lora: LoraSpec | None = Field(None, description="adapters on the student (QLoRA if NF4)")
     memory: MemorySpec = MemorySpec()
+    live_cka: LiveCKASpec = Field(
+        LiveCKASpec(), description="CKA to the teacher's state on a probe, while training"
+    )
     num_workers: int = Field(1, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)

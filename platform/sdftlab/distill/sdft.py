@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdftlab.cka.live import due, live_cka_text
 from sdftlab.config import trust_remote_code
 from sdftlab.data.loaders import iter_jsonl, row_to_example, task_source
 from sdftlab.data.templates import student_messages, teacher_messages
@@ -241,13 +242,16 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
     model = build_student(cfg, config["student_dir"], device)
     tu.use_cpu_allocator(cfg.memory, model, device)  # the same arithmetic either way
     teacher = build_teacher(cfg, model, config, tokenizer.pad_token_id, device)
-    start, checkpoint = 0, ray.train.get_checkpoint()
+    live = tu.live_cka(
+        config["live_cka"], tokenizer, device, resident_models(config, model, teacher)
+    )
+    start, checkpoint, live_history = 0, ray.train.get_checkpoint(), []
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             tu.load_parameters(model, Path(d) / "trainable.safetensors")
             for file, module in teacher_modules(teacher).items():
                 tu.load_parameters(module, Path(d) / f"{file}.safetensors")
-            start = tu.read_train_state(Path(d))["step"]
+            start, live_history = tu.read_train_state(Path(d))["step"], tu.read_live_cka(Path(d))
     model = ray.train.torch.prepare_model(model)
     bare = tu.unwrap(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -259,7 +263,7 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
     engine = pool or HFEngine(bare, tokenizer.eos_token_id, tokenizer.pad_token_id)
     wait_for_engines(config, cfg, teacher, bare, rank, resumed=start > 0)
     batches = prompt_batches(cfg, world, skip=start)
-    log = StepLog(cfg, world, start)
+    log = StepLog(cfg, world, start, live_history)
     model.train()
     for step in range(start, cfg.steps):
         for group in optimizer.param_groups:
@@ -279,13 +283,25 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
             pool.sync(named_weights_for_sync(bare))  # the next rollouts are on-policy
         if world > 1:
             torch.distributed.barrier()
-        metrics = log.finish(step, result, batch, optimizer, extra_sync_s=sync_s)
+        measure = due(cfg.live_cka.every, step + 1, cfg.steps)  # asked on every rank
+        cka = live.measure(bare) if measure and live is not None else {}
+        metrics = log.finish(step, result, batch, optimizer, extra_sync_s=sync_s, live=cka)
         save = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
         if save:
-            report_checkpoint(metrics, bare, tokenizer, optimizer, teacher, step + 1, cfg, rank)
-        elif (step + 1) % cfg.log_every == 0:  # a report is a round trip to the controller
+            report_checkpoint(metrics, bare, tokenizer, optimizer, teacher, step + 1, cfg, rank,
+                              log.live_history)  # fmt: skip
+        elif (step + 1) % cfg.log_every == 0 or measure:  # a report: a controller round trip
             ray.train.report(metrics)
         tu.kill_point(step + 1)
+
+
+def resident_models(config: dict[str, Any], student: Any, teacher: Teacher) -> dict[str, Any]:
+    """The models in this worker that hold a state's weights, by directory: the student before
+    its first step, a frozen teacher (live CKA captures its reference from them)."""
+    out = {config["student_dir"]: student}
+    if isinstance(teacher, ModelTeacher) and teacher.update is None and config["teacher_dir"]:
+        out[config["teacher_dir"]] = teacher.model
+    return out
 
 
 def wait_for_engines(
@@ -336,8 +352,11 @@ def prompt_batches(cfg: RecoverConfig, world: int, skip: int) -> Iterator[dict[s
 class StepLog:
     """Timings of a step's phases, the run's running figures, and the progress line."""
 
-    def __init__(self, cfg: RecoverConfig, world: int, start: int) -> None:
+    def __init__(
+        self, cfg: RecoverConfig, world: int, start: int, live_history: list[dict[str, float]]
+    ) -> None:
         self.cfg, self.world, self.first = cfg, world, start
+        self.live_history = live_history  # the live CKA measurements, step by step
         self.busy_s = self.sync_total_s = 0.0
         self.tokens, self.history = 0, []
         self.timings: dict[str, float] = {}
@@ -357,6 +376,7 @@ class StepLog:
         batch: RolloutBatch,
         optimizer: Any,
         extra_sync_s: float,
+        live: dict[str, float],
     ) -> dict[str, Any]:
         from sdftlab import train_utils as tu
 
@@ -381,7 +401,10 @@ class StepLog:
             "peak_rss_gb": tu.peak_rss_gb(),
             **result.stats,
             **t,
+            **live,
         }
+        if live:
+            self.live_history.append({"step": done, **live})
         first_or_last = done in (self.first + 1, self.cfg.steps)
         if done % self.cfg.log_every == 0 or first_or_last:
             print(progress_line(metrics, self.cfg.steps), flush=True)
@@ -397,8 +420,10 @@ def report_checkpoint(
     done: int,
     cfg: RecoverConfig,
     rank: int,
+    live_history: list[dict[str, float]],
 ) -> None:
-    """Report with a checkpoint (rank 0 writes it: safetensors, the EMA average beside)."""
+    """Report with a checkpoint (rank 0 writes it: safetensors, the EMA average beside, the
+    live CKA measurements so far)."""
     import ray.train
 
     from sdftlab import train_utils as tu
@@ -409,16 +434,17 @@ def report_checkpoint(
             return
         tu.save_checkpoint(
             bare, tokenizer, optimizer, Path(d), done,
-            final=done == cfg.steps, extra=teacher_modules(teacher),
+            final=done == cfg.steps, extra=teacher_modules(teacher), live_cka=live_history,
         )  # fmt: skip
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def progress_line(m: dict[str, Any], steps: int) -> str:
-    """One progress line: step, loss, divergence, throughput, importance ratio, phase times."""
+    """One progress line: step, loss, divergence, live CKA, throughput, importance ratio,
+    phase times."""
     return (
         f"[sdft] step {m['step']:4d}/{steps}  loss {m['loss']:.4f}  "
-        f"kl {m['divergence']:.4f}  {m['tokens_per_s']:6.0f} tok/s  "
+        f"kl {m['divergence']:.4f}{live_cka_text(m)}  {m['tokens_per_s']:6.0f} tok/s  "
         f"ratio {m.get('importance_ratio', 1.0):.3f}  rollout {m['rollout_s']:.2f}s  "
         f"teacher {m['teacher_s']:.2f}s  train {m['train_s']:.2f}s  "
         f"sync {m['sync_s'] * 1e3:.0f}ms  data {m['data_s']:.2f}s  "
@@ -519,8 +545,10 @@ def recover(
     data_dir: Path | None = None,
     log: Callable[[str], None] = print,
     overwrite: bool = False,
+    callbacks: Sequence[Any] = (),
 ) -> StateMeta:
-    """Run SDFT from `student` and save the result as `dst`; returns its lineage metadata."""
+    """Run SDFT from `student` and save the result as `dst`; returns its lineage metadata.
+    `callbacks`: Ray Train callbacks (a sweep's trial passes Tune's, to see every report)."""
     from sdftlab import train_utils as tu
     from sdftlab.raycluster import ensure_ray
 
@@ -528,6 +556,10 @@ def recover(
     student_dir = lineage.resolve(student)
     files = task_files(cfg, data_dir)
     n_rows = check_task_files(files)
+    probe = tu.live_cka_probe(
+        lineage, cfg.live_cka, reference=student if teacher_dir is None else cfg.teacher,
+        data=cfg.data[0], data_dir=data_dir,
+    )  # fmt: skip
     log(
         f"SDFT {student} → {dst}: teacher {cfg.teacher} ({cfg.teacher_context}), {cfg.mode}, "
         f"{n_rows} prompts from {', '.join(t for t, _ in files)}; {cfg.steps} steps × "
@@ -548,6 +580,7 @@ def recover(
                 "teacher_dir": str(teacher_dir) if teacher_dir else None,
                 "rollout_pool": pools[0],
                 "teacher_pool": pools[1],
+                "live_cka": probe,
             },
             run_name=tu.run_name(
                 "sdft", dst, cfg, lineage.meta(student).content_hash, teacher_hash
@@ -557,6 +590,7 @@ def recover(
             cpus_per_worker=cfg.cpus_per_worker,
             max_failures=cfg.max_failures,
             datasets={"train": prompt_dataset(files, str(student_dir), cfg)},
+            callbacks=callbacks,
         )
         t0 = time.perf_counter()
         result = trainer.fit()
@@ -577,6 +611,7 @@ def recover(
                 "sdft/seconds": seconds, "sdft/tokens_per_s": m["tokens_per_s"],
                 "sdft/sync_s": m.get("sync_s", 0.0), "sdft/step_s": m["step_s_mean"],
                 "sdft/sync_fraction": m["sync_fraction"], "sdft/peak_rss_gb": m["peak_rss_gb"],
+                **tu.live_cka_metrics(m),
             },
         )  # fmt: skip
     log(f"  saved {dst}: loss {m['loss']:.4f}, {seconds:.0f}s ({m['tokens_per_s']:.0f} tok/s)")
