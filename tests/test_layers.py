@@ -14,8 +14,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "sdftlab"
 
 # Lowest first. A module may import its own layer and the layers below; in the algorithms'
 # layer, one package may not import another (shared pieces move down a layer instead).
+# The measurement of CKA itself (statistics, hidden-state capture, the live probe) knows no
+# store and no Ray: a foundation the training loops, the pool and the reports all stand on.
+CKA_CORE = ("cka.stats", "cka.capture", "cka.live")
 LAYERS = [
-    {"errors", "config", "paths", "specs", "chunked", "allocator", "cka.stats"},  # foundations
+    {"errors", "config", "paths", "specs", "chunked", "allocator", *CKA_CORE},  # foundations
     {"models", "lineage", "train_utils", "raycluster", "data", "rollout"},  # store, plumbing
     {"world", "degrade", "distill", "evaluate", "cka", "importer"},  # the algorithms
     {"report", "pipelines", "sweep", "cli"},  # recipes and entry points
@@ -32,11 +35,9 @@ def _modules() -> dict[str, Path]:
 
 
 def _unit(module: str) -> str:
-    """The layer entry a module belongs to: `cka.stats` by itself, else its first part."""
+    """The layer entry a module belongs to: a CKA_CORE module by itself, else its first part."""
     rest = module.removeprefix("sdftlab.")
-    if rest == "cka.stats" or rest.startswith("cka.stats."):
-        return "cka.stats"
-    return rest.split(".")[0]
+    return rest if rest in CKA_CORE else rest.split(".")[0]
 
 
 def _imports(path: Path) -> set[str]:
