@@ -19,12 +19,17 @@ variant that passes `--rss-limit-gb` and records it as out of memory.
 - **SFT in a Ray Train worker**: `run_sft` (4 steps) on the tiny world's science rows, 32 a
   step, packed padding-free into rows of 600 tokens; the worker's own peak (`sft/peak_rss_gb`)
   with the workers' allocator setting (`heap`) and with the C library's (`system`).
+- **Live CKA**: beside the SDFT step above with the forgetting pipeline's memory settings
+  (micro-batches of 8, bf16), a `cka.live.LiveCKA` against the frozen teacher on 16 further
+  science rows: its set-up (the teacher's states captured once), one measurement, and its
+  share of the time at the default interval (every 10 steps).
 - **Evaluation**: the papers' science (507 rows) and tool-use (97 rows) sets, greedy, with and
   without the demonstration, on one vLLM engine actor (all rows) and with transformers
   `generate` (the first `--hf-rows` rows of each, timed and projected to all rows).
 
     python benchmarks/real_model.py                      # every part
     python benchmarks/real_model.py --parts sft,sdft --steps 2
+    python benchmarks/real_model.py --parts live
 """
 
 from __future__ import annotations
@@ -132,8 +137,18 @@ else:
         if step:
             times.append(time.perf_counter() - t0)
 step_s = statistics.median(times)
-print("RESULT " + json.dumps({"step_s": step_s, "tokens_per_s": tokens / step_s,
-                              "peak_rss_gb": tu.peak_rss_gb()}))
+out = {"step_s": step_s, "tokens_per_s": tokens / step_s}
+if variant.get("live"):  # live CKA against the frozen teacher on `live` science rows
+    from sdftlab.cka.live import LiveCKA
+    t0 = time.perf_counter()
+    live = LiveCKA(teacher_model, tok, examples[16:16 + variant["live"]], label="teacher",
+                   every=10)
+    out["live_setup_s"] = time.perf_counter() - t0
+    measured = [live.measure(model) for _ in range(steps)]
+    out["live_s"] = statistics.median(m["live_cka/seconds"] for m in measured)
+    out["live_cka"] = measured[-1]["live_cka/teacher/last_layer"]
+    out["share_every_10"] = out["live_s"] / (10 * step_s + out["live_s"])
+print("RESULT " + json.dumps({**out, "peak_rss_gb": tu.peak_rss_gb()}))
 """
 
 EVAL_CHILD = r"""
@@ -209,6 +224,11 @@ SDFT_VARIANTS: dict[str, dict[str, Any]] = {
         "memory": {"micro_batch_size": 16, "bf16_autocast": True},
     },
 }  # fmt: skip
+LIVE_VARIANTS: dict[str, dict[str, Any]] = {  # the forgetting_smollm2 pipeline's SDFT memory
+    "SDFT step, micro-batch 8, bf16; live CKA on 16 rows": {
+        "path": "lean", "memory": {"micro_batch_size": 8, "bf16_autocast": True}, "live": 16,
+    },
+}  # fmt: skip
 
 
 def run_child(
@@ -265,7 +285,7 @@ def table(title: str, rows: dict[str, dict[str, Any]], columns: list[tuple[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", default="sft,sdft,worker,eval")
+    parser.add_argument("--parts", default="sft,sdft,live,worker,eval")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
     parser.add_argument("--rss-limit-gb", type=float, default=20.0)
     parser.add_argument("--hf-rows", type=int, default=24, help="transformers: rows per task")
@@ -280,14 +300,16 @@ def main() -> None:
         lineage = Lineage(Path(tmp) / "lineage")
         import_model(lineage, "smollm2-135m", "smol", log=lambda _: None)
         state = str(lineage.local_path("smol"))
-        for kind, variants in (("sft", SFT_VARIANTS), ("sdft", SDFT_VARIANTS)):
-            if kind not in parts:
+        for part, variants in (("sft", SFT_VARIANTS), ("sdft", SDFT_VARIANTS),
+                               ("live", LIVE_VARIANTS)):  # fmt: skip
+            if part not in parts:
                 continue
-            results[kind] = {}
+            kind = "sft" if part == "sft" else "sdft"
+            results[part] = {}
             for label, variant in variants.items():
                 argv = [kind, state, str(EVAL_DATA), json.dumps(variant), str(args.steps)]
-                results[kind][label] = run_child(STEP_CHILD, argv, args.rss_limit_gb)
-                print(f"{kind} {label}: {results[kind][label]}", flush=True)
+                results[part][label] = run_child(STEP_CHILD, argv, args.rss_limit_gb)
+                print(f"{part} {label}: {results[part][label]}", flush=True)
         if "worker" in parts:
             results["worker"] = {}
             for i, (label, (memory, alloc)) in enumerate(WORKER_VARIANTS.items()):
@@ -327,10 +349,15 @@ def main() -> None:
         "sdft": "SDFT step, 16 prompts × 128 tokens",
         "worker": "`run_sft` in a Ray Train worker: 32 rows packed into rows of 600 tokens",
         "eval": "Evaluation, science 507 + tool use 97, with and without the demonstration",
+        "live": "Live CKA beside the SDFT step (16 prompts × 128 tokens)",
     }
+    live_cols = [("s/step", "step_s", "{:.1f}"), ("CKA set-up s", "live_setup_s", "{:.1f}"),
+                 ("s/measurement", "live_s", "{:.2f}"),
+                 ("share of time, every 10 steps", "share_every_10", "{:.1%}"),
+                 ("peak RSS GB", "peak_rss_gb", "{:.2f}")]  # fmt: skip
     for kind, rows in results.items():
         print()
-        cols = {"eval": eval_cols, "worker": worker_cols}.get(kind, step_cols)
+        cols = {"eval": eval_cols, "worker": worker_cols, "live": live_cols}.get(kind, step_cols)
         print(table(titles[kind], rows, cols))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))

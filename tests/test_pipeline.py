@@ -257,6 +257,38 @@ def test_sweep_runs_reports_and_restores_without_rerunning_finished_trials(small
 
 
 @pytest.mark.slow
+def test_asha_stops_the_trial_whose_live_cka_lags_at_its_first_measurement(small_world, tmp_path):
+    """Two trials report live CKA every 2 of 6 steps; the one whose lr wrecks the model (CKA to
+    the reference falls) is stopped by ASHA at step 2, the other runs to the end. The summary
+    counts the trial-steps saved against FIFO."""
+    world, lineage, _ = small_world
+    cfg = load_config(SweepConfig, None, [
+        "name=t-asha", "student=base", "eval.tasks=[science]", "eval.limit=4",
+        "cka.limit=8", "cka.reference=base", f"out_dir={tmp_path}",
+        "recover={teacher: base, steps: 6, prompts_per_step: 2, data: [science], "
+        "rollout: {engine: hf, max_new_tokens: 6}, live_cka: {every: 2}}",
+        "space={lr: {type: grid, values: [1.0e-6, 0.3]}}",  # grid order: the steady one first
+        "metric=live_cka/base/last_layer", "scheduler.type=asha", "max_concurrent_trials=1",
+    ])  # fmt: skip
+    out = run_sweep(cfg, lineage, world.data_dir, log=lambda _: None)
+    trials = pd.read_parquet(out / "trials.parquet").set_index("lr")
+    assert trials.loc[1e-6, "steps_run"] == 6 and trials.loc[0.3, "steps_run"] == 2
+    assert trials["science/acc"].notna().tolist() == [True, False]  # the stopped one: no eval
+    history = pd.read_parquet(out / "live_cka.parquet")
+    steady = trials.loc[1e-6, "trial_id"]
+    assert history.groupby("trial_id")["step"].apply(list).to_dict() == {
+        steady: [2, 4, 6],
+        trials.loc[0.3, "trial_id"]: [2],
+    }
+    lagging = history.set_index(["trial_id", "step"])["live_cka/base/last_layer"]
+    assert lagging[(trials.loc[0.3, "trial_id"], 2)] < lagging[(steady, 2)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["trial_steps_run"], summary["trial_steps_fifo"]) == (8, 12)
+    assert summary["best_by_early_cka"] == steady
+    assert [n for n in lineage.names() if n.startswith("t-asha-")] == [f"t-asha-{steady}"]
+
+
+@pytest.mark.slow
 def test_an_interrupted_sweep_restores_without_rerunning_its_finished_trial(
     small_world, tmp_path, monkeypatch
 ):

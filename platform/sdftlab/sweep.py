@@ -1,16 +1,25 @@
 """Ray Tune sweeps over teacher choice, pruning ratio, learning rate and loss, with CKA as a
-cheap selection signal.
+live, cheap selection signal.
 
 Each trial: (prune `prune_from` at `prune_ratio`) → SDFT recovery of the student with the
 trial's teacher / lr / loss → evaluation → CKA of the result against the reference on a small
-shard. A trial reports once, at its end; the scheduler (ASHA by default) ranks trials on the
-metric the config names, which may be the CKA itself (`cka/<ref>/last_layer`): the paper's
-open question of whether alignment can stand in for expensive evaluation.
+shard. While it recovers, the trial measures live CKA against the same reference on the same
+shard every `recover.live_cka.every` steps (`sdftlab.cka.live`; the last measurement equals
+the final offline CKA). When the sweep's `metric` is a live one
+(``live_cka/<ref>/last_layer`` or ``mean_over_layers``), every measurement is a Tune report
+(Ray Train's reports forwarded by `TuneReportCallback`), so ASHA — on the trial's optimizer
+step, from `scheduler.grace_period` steps — stops the trials whose alignment lags: the paper's
+open question of whether alignment can stand in for expensive evaluation, put to work. With
+an end-of-trial metric (task accuracy) a trial reports once, at its end, and ASHA can stop
+nothing (the sweep says so).
 
 An interrupted sweep resumes with `Tuner.restore` semantics: finished trials are not run
-again. Results: `trials.parquet` (one row per trial), `best_recover.yaml` (a ready-to-run
-`recover:` config), `tradeoff.png` (task accuracy vs general capability), and the Spearman
-rank correlation between CKA and accuracy across trials (printed and in `summary.json`).
+again. Results: `trials.parquet` (one row per trial: parameters, steps run, metrics),
+`live_cka.parquet` (every trial's live CKA, step by step), `best_recover.yaml` (a
+ready-to-run `recover:` config), `tradeoff.png` (task accuracy vs general capability), and in
+`summary.json` (and printed): the Spearman rank correlation of CKA — final, and at the first
+measurement — with the task accuracy across trials, the trial each would select against the
+one accuracy selects, and the trial-steps run against a FIFO sweep's.
 
     sdftlab sweep jobs/configs/sweep_teacher_lr.yaml
     ray job submit --working-dir . -- python jobs/sweep.py jobs/configs/sweep_teacher_lr.yaml
@@ -28,7 +37,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
-from sdftlab.config import StrictModel
+from sdftlab.config import StrictModel, WorldConfig
 from sdftlab.distill.sdft import RecoverConfig
 from sdftlab.errors import ConfigError
 from sdftlab.lineage import Lineage
@@ -58,7 +67,12 @@ class SearchDim(StrictModel):
 
 class SchedulerSpec(StrictModel):
     type: Literal["asha", "fifo"] = "asha"
-    grace_period: int = Field(1, gt=0)
+    grace_period: int | None = Field(
+        None,
+        gt=0,
+        description="optimizer steps a trial runs before ASHA may stop it; None: its first "
+        "live CKA measurement (recover.live_cka.every)",
+    )
     reduction_factor: float = Field(2.0, gt=1)
 
 
@@ -66,6 +80,10 @@ class SweepConfig(StrictModel):
     name: str = "sweep"
     student: str = "forgot"
     prune_from: str | None = Field(None, description="state pruned per trial at prune_ratio")
+    data_dir: str | None = Field(None, description="task files; default the current world's")
+    task_data: WorldConfig | None = Field(
+        None, description="the tiny world's task files without its model (an imported model's)"
+    )
     recover: RecoverConfig = RecoverConfig(steps=20, prompts_per_step=8)
     space: dict[str, SearchDim]
     num_samples: int = Field(1, gt=0, description="samples per grid point")
@@ -88,13 +106,29 @@ class SweepConfig(StrictModel):
             raise ValueError(f"space has unknown keys {unknown}; use some of {list(TRIAL_KEYS)}")
         if "prune_ratio" in self.space and self.prune_from is None:
             raise ValueError("space.prune_ratio needs prune_from (the state to prune)")
+
+        if self.metric.startswith("live_cka/") and self.recover.live_cka.every == 0:
+            raise ValueError(f"metric {self.metric} needs recover.live_cka.every > 0")
         return self
+
+    def live_metrics(self) -> set[str]:
+        """The metrics a trial reports while it trains (what ASHA can stop trials on)."""
+        return {f"live_cka/{self.cka.reference}/{k}" for k in ("last_layer", "mean_over_layers")}
 
     def reported_metrics(self) -> set[str]:
         """Every metric a trial reports (what `metric` may name)."""
         out = {f"{t}/acc" for t in self.eval.tasks}
         out |= {f"cka/{self.cka.reference}/{k}" for k in ("last_layer", "mean_over_layers")}
-        return out | {"sdft/loss", "sdft/seconds"}
+        return out | self.live_metrics() | {"sdft/loss", "sdft/seconds"}
+
+    @property
+    def reports_live(self) -> bool:
+        return self.metric in self.live_metrics()
+
+    def trial_steps(self) -> int:
+        """The longest trial's optimizer steps (ASHA's horizon)."""
+        steps = self.space.get("steps")
+        return int(max(steps.values or [0])) if steps else self.recover.steps
 
 
 def param_space(cfg: SweepConfig) -> dict[str, Any]:
@@ -125,8 +159,12 @@ def validate(cfg: SweepConfig, lineage: Lineage) -> None:
         )
 
 
-def _trial_recover_config(base: RecoverConfig, params: dict[str, Any]) -> RecoverConfig:
-    data = base.model_dump(mode="json")
+def _trial_recover_config(cfg: SweepConfig, params: dict[str, Any]) -> RecoverConfig:
+    """The trial's recovery: the sweep's, the trial's parameters set, and live CKA on the
+    shard and against the reference of the sweep's final CKA (so its last value is that)."""
+    data = cfg.recover.model_dump(mode="json")
+    data["live_cka"] |= {"reference": cfg.cka.reference, "data": cfg.cka.data,
+                         "rows": cfg.cka.limit}  # fmt: skip
     for key, value in params.items():
         if key == "prune_ratio":
             continue
@@ -139,8 +177,10 @@ def _trial_recover_config(base: RecoverConfig, params: dict[str, Any]) -> Recove
 
 
 def run_trial(params: dict[str, Any], *, cfg_json: str, root: str, data_dir: str | None) -> None:
-    """One Tune trial (a function trainable): prune → recover → eval → CKA → one report."""
+    """One Tune trial (a function trainable): prune → recover (reporting each live CKA
+    measurement when the metric is live) → eval → CKA → the final report."""
     import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
 
     from sdftlab.cka.run import compare_states, load_examples, reference_label, summary_metrics
     from sdftlab.degrade.prune import prune_state
@@ -155,9 +195,11 @@ def run_trial(params: dict[str, Any], *, cfg_json: str, root: str, data_dir: str
     if "prune_ratio" in params:
         student = f"{cfg.name}-{trial}-pruned"
         prune_state(lineage, cfg.prune_from, student, float(params["prune_ratio"]), overwrite=True)
-    rcfg = _trial_recover_config(cfg.recover, params)
+    rcfg = _trial_recover_config(cfg, params)
     name = f"{cfg.name}-{trial}"
-    meta = recover(lineage, student, name, rcfg, data_dir=directory, overwrite=True)
+    callbacks = [TuneReportCallback()] if cfg.reports_live else []
+    meta = recover(lineage, student, name, rcfg, data_dir=directory, overwrite=True,
+                   callbacks=callbacks)  # fmt: skip
     assert directory is not None
     metrics = evaluate_state(
         lineage,
@@ -170,8 +212,9 @@ def run_trial(params: dict[str, Any], *, cfg_json: str, root: str, data_dir: str
     examples = load_examples(cfg.cka.data, directory, limit=cfg.cka.limit)
     df = compare_states(lineage, name, cfg.cka.reference, examples, record=True)
     metrics |= summary_metrics(df, reference_label(lineage, cfg.cka.reference))
-    metrics |= {k: v for k, v in meta.metrics.items() if k in ("sdft/loss", "sdft/seconds")}
-    ray.tune.report({**metrics, "state": name})
+    keep = ("sdft/loss", "sdft/seconds")
+    metrics |= {k: v for k, v in meta.metrics.items() if k in keep or k.startswith("live_cka/")}
+    ray.tune.report({**metrics, "step": rcfg.steps, "state": name})
 
 
 def run_sweep(cfg: SweepConfig, lineage: Lineage, data_dir: Path | None, log=print) -> Path:
@@ -183,7 +226,11 @@ def run_sweep(cfg: SweepConfig, lineage: Lineage, data_dir: Path | None, log=pri
     from sdftlab.raycluster import ensure_ray
 
     validate(cfg, lineage)
+    data_dir = sweep_data_dir(cfg, data_dir)
     ensure_ray()
+    if cfg.scheduler.type == "asha" and not cfg.reports_live:
+        log(f"ASHA sees {cfg.metric} only when a trial ends, so it can stop no trial early; "
+            f"a live metric ({' or '.join(sorted(cfg.live_metrics()))}) lets it")  # fmt: skip
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
@@ -198,10 +245,14 @@ def run_sweep(cfg: SweepConfig, lineage: Lineage, data_dir: Path | None, log=pri
         log(f"resuming sweep {exp_dir}: finished trials are kept, not run again")
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
     else:
+        grace = cfg.scheduler.grace_period or cfg.recover.live_cka.every or cfg.trial_steps()
         scheduler = (
             ASHAScheduler(
-                grace_period=cfg.scheduler.grace_period,
+                time_attr="step",  # the trial's optimizer steps, as its reports count them
+                max_t=cfg.trial_steps(),
+                grace_period=min(grace, cfg.trial_steps()),
                 reduction_factor=cfg.scheduler.reduction_factor,
+                stop_last_trials=False,  # a trial at its last step goes on to its evaluation
             )
             if cfg.scheduler.type == "asha"
             else FIFOScheduler()
@@ -219,8 +270,46 @@ def run_sweep(cfg: SweepConfig, lineage: Lineage, data_dir: Path | None, log=pri
             run_config=tune.RunConfig(name=Path(exp_dir).name, storage_path=storage_path()),
         )
     grid = tuner.fit()
-    df = grid.get_dataframe()
-    return write_results(cfg, df, Path(cfg.out_dir), log)
+    history = live_history(cfg, grid, lineage)
+    return write_results(cfg, grid.get_dataframe(), history, Path(cfg.out_dir), log)
+
+
+def sweep_data_dir(cfg: SweepConfig, current: Path | None) -> Path | None:
+    """The task files: `data_dir`, else `task_data` (built once, cached), else the world's."""
+    if cfg.data_dir is not None:
+        return Path(cfg.data_dir)
+    if cfg.task_data is not None:
+        from sdftlab.paths import sdftlab_home
+        from sdftlab.world.build import build_world_data
+
+        return build_world_data(cfg.task_data, sdftlab_home())
+    return current
+
+
+def live_history(cfg: SweepConfig, grid: Any, lineage: Lineage) -> Any:
+    """Every trial's live CKA measurements, one row per (trial, step): from its reports to
+    Tune (a live metric), and from its saved state's `live_cka.json` (a finished trial)."""
+    import pandas as pd
+
+    from sdftlab.train_utils import LIVE_CKA_FILE
+
+    columns = ["trial_id", "step", *sorted(cfg.live_metrics())]
+    frames = []
+    for result in grid:
+        reported = result.metrics_dataframe
+        if reported is not None and set(columns) <= set(reported.columns):
+            frames.append(reported[columns].dropna())
+        state = (result.metrics or {}).get("state")
+        if state and lineage.exists(state):
+            saved = lineage.local_path(state) / LIVE_CKA_FILE
+            if saved.is_file():
+                rows = pd.DataFrame(json.loads(saved.read_text()))
+                rows["trial_id"] = result.metrics["trial_id"]
+                frames.append(rows[[c for c in columns if c in rows]])
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    history = pd.concat(frames, ignore_index=True).drop_duplicates(subset=["trial_id", "step"])
+    return history.sort_values(["trial_id", "step"], ignore_index=True)
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -231,30 +320,84 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(pd.Series(x).rank().corr(pd.Series(y).rank()))
 
 
-def write_results(cfg: SweepConfig, df, out_dir: Path, log=print) -> Path:
+def selection(cfg: SweepConfig, df: Any, history: Any) -> dict[str, Any]:
+    """Whether CKA could stand in for evaluation, on this sweep: its rank correlation with the
+    task accuracy (final CKA, and live CKA at the first measurement), the trial each selects
+    against the one the accuracy selects, and the trial-steps run against a FIFO sweep's."""
+    acc_col = cfg.metric if cfg.metric.endswith("/acc") else f"{cfg.eval.tasks[0]}/acc"
+    cka_col = f"cka/{cfg.cka.reference}/last_layer"
+    live_col = f"live_cka/{cfg.cka.reference}/last_layer"
+    finished = df.dropna(subset=[c for c in (acc_col, cka_col) if c in df.columns])
+    out: dict[str, Any] = {"trials": len(df), "finished": len(finished), "accuracy": acc_col}
+    if acc_col in finished and cka_col in finished:
+        out["spearman_cka_vs_accuracy"] = spearman(
+            finished[cka_col].tolist(), finished[acc_col].tolist()
+        )
+        out["best_by_accuracy"] = _argmax(finished, acc_col)
+        out["best_by_cka"] = _argmax(finished, cka_col)
+        out["cka_picks_best"] = out["best_by_cka"] == out["best_by_accuracy"]
+    if len(history):
+        first = int(history["step"].min())
+        early = history[history["step"] == first].set_index("trial_id")[live_col]
+        out["first_measurement_step"] = first
+        out["best_by_early_cka"] = str(early.idxmax())
+        if "best_by_accuracy" in out:
+            both = finished.set_index("trial_id")
+            both = both[both.index.isin(early.index)]
+            out["spearman_early_cka_vs_accuracy"] = spearman(
+                early[both.index].tolist(), both[acc_col].tolist()
+            )
+            out["early_cka_picks_best"] = out["best_by_early_cka"] == out["best_by_accuracy"]
+    planned = df["config/steps"] if "config/steps" in df else [cfg.recover.steps] * len(df)
+    planned = [int(x) for x in planned]
+    if "step" in df:
+        out["trial_steps_run"] = int(df["step"].fillna(0).sum())
+        out["trial_steps_fifo"] = sum(planned)
+        out["steps_saved"] = 1 - out["trial_steps_run"] / max(out["trial_steps_fifo"], 1)
+    if "first_measurement_step" in out and "trial_steps_fifo" in out:
+        k = out["first_measurement_step"]
+        chosen = planned[list(df["trial_id"]).index(out["best_by_early_cka"])]
+        cost = sum(min(k, n) for n in planned) + max(chosen - k, 0)
+        out["steps_saved_selecting_by_early_cka"] = 1 - cost / max(out["trial_steps_fifo"], 1)
+    return out
+
+
+def _argmax(df: Any, column: str) -> str:
+    return str(df.loc[df[column].idxmax(), "trial_id"])
+
+
+def write_results(cfg: SweepConfig, df: Any, history: Any, out_dir: Path, log=print) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cka_col = f"cka/{cfg.cka.reference}/last_layer"
-    task_col = cfg.metric if not cfg.metric.startswith("cka/") else "science/acc"
+    summary = selection(cfg, df, history)
+    task_col = summary["accuracy"]
     general = [c for c in ("mmlu/acc", "winogrande/acc") if c in df.columns]
-    done = df.dropna(subset=[c for c in (cka_col, task_col) if c in df.columns])
-    rho = spearman(done[cka_col].tolist(), done[task_col].tolist()) if len(done) else math.nan
+    done = df.dropna(subset=[c for c in (task_col,) if c in df.columns])
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".sweep-", dir=out_dir))
     try:
-        keep = [c for c in df.columns if c.startswith(("config/", "sdft/", "cka/")) or "/acc" in c]
-        table = df[["trial_id", *keep]].rename(columns=lambda c: c.removeprefix("config/"))
+        keep = [
+            c
+            for c in df.columns
+            if c.startswith(("config/", "sdft/", "cka/", "live_cka/")) or "/acc" in c
+        ]
+        steps = ["step"] if "step" in df else []
+        table = df[["trial_id", *steps, *keep]].rename(
+            columns=lambda c: {"step": "steps_run"}.get(c, c.removeprefix("config/"))
+        )
         table.to_parquet(tmp / "trials.parquet", index=False)
-        best = df.sort_values(cfg.metric, ascending=cfg.mode == "min").iloc[0]
+        history.to_parquet(tmp / "live_cka.parquet", index=False)
+        ranked = df.dropna(subset=[cfg.metric]) if cfg.metric in df else df
+        best = ranked.sort_values(cfg.metric, ascending=cfg.mode == "min").iloc[0]
         params = {k.removeprefix("config/"): best[k] for k in df.columns if k.startswith("config/")}
-        best_cfg = _trial_recover_config(cfg.recover, {k: _plain(v) for k, v in params.items()})
+        best_cfg = _trial_recover_config(cfg, {k: _plain(v) for k, v in params.items()})
         (tmp / "best_recover.yaml").write_text(
             yaml.safe_dump({"recover": best_cfg.model_dump(mode="json")}, sort_keys=False)
         )
-        summary = {"trials": len(df), "spearman_cka_vs_accuracy": rho, "best": params}
+        summary["best"] = params
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         if general:
             fig, ax = plt.subplots(figsize=(6, 4))
@@ -279,8 +422,40 @@ def write_results(cfg: SweepConfig, df, out_dir: Path, log=print) -> Path:
 
         shutil.rmtree(tmp, ignore_errors=True)
     log(table.to_string(index=False))
-    log(f"Spearman rank correlation, {cka_col} vs {task_col} over {len(done)} trials: {rho:.3f}")
+    for line in summary_lines(summary):
+        log(line)
     return out_dir
+
+
+def summary_lines(s: dict[str, Any]) -> list[str]:
+    """The selection summary, in words."""
+    lines = []
+    if "spearman_cka_vs_accuracy" in s:
+        lines.append(
+            f"Spearman, final CKA vs {s['accuracy']} over {s['finished']} finished "
+            f"trials: {s['spearman_cka_vs_accuracy']:.3f}"
+        )
+    if "spearman_early_cka_vs_accuracy" in s:
+        lines.append(
+            f"Spearman, live CKA at step {s['first_measurement_step']} vs "
+            f"{s['accuracy']}: {s['spearman_early_cka_vs_accuracy']:.3f}"
+        )
+    if "best_by_accuracy" in s:
+        lines.append(
+            f"best by {s['accuracy']}: {s['best_by_accuracy']}; by final CKA: "
+            f"{s['best_by_cka']}; by early CKA: {s.get('best_by_early_cka', '—')}"
+        )
+    if "trial_steps_run" in s:
+        lines.append(
+            f"trial-steps run: {s['trial_steps_run']} of {s['trial_steps_fifo']} a "
+            f"FIFO sweep runs ({s['steps_saved']:.0%} saved)"
+        )
+    if "steps_saved_selecting_by_early_cka" in s:
+        lines.append(
+            "selecting by the first live CKA and finishing that trial alone would "
+            f"save {s['steps_saved_selecting_by_early_cka']:.0%} of the trial-steps"
+        )
+    return lines
 
 
 def _plain(value: Any) -> Any:
