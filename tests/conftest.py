@@ -86,3 +86,20 @@ def smollm2(tmp_path_factory):
     lineage = Lineage(tmp_path_factory.mktemp("real") / "lineage")
     import_model(lineage, "smollm2-135m", "smol", log=lambda _: None)
     return lineage, "smol"
+
+
+@pytest.fixture(scope="session")
+def tutor(small_world):
+    """A second state with `base`'s vocabulary and other weights (a stand-in teacher, or a
+    student some way from `base`)."""
+    import torch
+
+    _, lineage, _ = small_world
+    if not lineage.exists("tutor"):
+        model = lineage.load_model("base")
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        lineage.save("tutor", model, lineage.load_tokenizer("base"), kind="test", parents=["base"])
+    return "tutor"

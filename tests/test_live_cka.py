@@ -22,31 +22,16 @@ def offline(lineage, state, reference, data_dir, rows):
     return summary_metrics(df, reference)
 
 
-@pytest.fixture(scope="module")
-def nudged(small_world):
-    """A state a little away from `base`: the student CKA is measured on."""
-    _, lineage, _ = small_world
-    if not lineage.exists("live-nudged"):
-        model = lineage.load_model("base")
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        tokenizer = lineage.load_tokenizer("base")
-        lineage.save("live-nudged", model, tokenizer, kind="test", parents=["base"])
-    return "live-nudged"
-
-
 def test_measurement_equals_offline_cka_and_leaves_the_model_training(
-    small_world, nudged, torch_one_thread
+    small_world, tutor, torch_one_thread
 ):
     world, lineage, _ = small_world
     rows = load_examples("science", world.data_dir, 12)
     live = LiveCKA(lineage.load_model("base"), lineage.load_tokenizer("base"), rows,
                    label="base", every=5)  # fmt: skip
-    student = lineage.load_model(nudged).train()
+    student = lineage.load_model(tutor).train()
     got = live.measure(student)
-    want = offline(lineage, nudged, "base", world.data_dir, 12)
+    want = offline(lineage, tutor, "base", world.data_dir, 12)
     for key in KEYS:
         assert got[f"live_cka/base/{key}"] == pytest.approx(want[f"cka/base/{key}"], abs=1e-9)
     assert 0 < got["live_cka/base/last_layer"] < 0.9999  # a real difference is measured
@@ -78,8 +63,8 @@ def test_measurements_fall_every_n_steps_and_on_the_last():
 
 
 @pytest.mark.slow
-def test_sdft_reports_live_cka_that_equals_offline_cka_of_the_saved_state(small_world, nudged):
-    """SDFT from `live-nudged` towards `base`: measured at steps 2 and 4, saved with the state
+def test_sdft_reports_live_cka_that_equals_offline_cka_of_the_saved_state(small_world, tutor):
+    """SDFT from `tutor` towards `base`: measured at steps 2 and 4, saved with the state
     (`live_cka.json`, the metrics), the last equal to `sdftlab cka` of the saved weights."""
     from sdftlab.distill.sdft import RecoverConfig, recover
 
@@ -88,7 +73,7 @@ def test_sdft_reports_live_cka_that_equals_offline_cka_of_the_saved_state(small_
         "teacher=base", "data=[science]", "steps=4", "prompts_per_step=4", "lr=3e-3",
         "rollout={engine: hf, max_new_tokens: 8}", "live_cka={every: 2, rows: 8}",
     ])  # fmt: skip
-    meta = recover(lineage, nudged, "live-rec", cfg, data_dir=world.data_dir, overwrite=True)
+    meta = recover(lineage, tutor, "live-rec", cfg, data_dir=world.data_dir, overwrite=True)
     history = json.loads((lineage.local_path("live-rec") / "live_cka.json").read_text())
     assert [h["step"] for h in history] == [2, 4]
     want = offline(lineage, "live-rec", "base", world.data_dir, 8)
@@ -96,7 +81,7 @@ def test_sdft_reports_live_cka_that_equals_offline_cka_of_the_saved_state(small_
         recorded = meta.metrics[f"live_cka/base/{key}"]
         assert recorded == history[-1][f"live_cka/base/{key}"]
         assert recorded == pytest.approx(want[f"cka/base/{key}"], abs=1e-5)
-    before = offline(lineage, nudged, "base", world.data_dir, 8)["cka/base/last_layer"]
+    before = offline(lineage, tutor, "base", world.data_dir, 8)["cka/base/last_layer"]
     assert history[-1]["live_cka/base/last_layer"] != pytest.approx(before, abs=1e-6)
 
 

@@ -237,20 +237,6 @@ def test_recover_on_vllm_rollouts_writes_a_state_with_metrics(small_world):
     assert _changed(lineage, "base", "sdft-vllm") > 0
 
 
-@pytest.fixture(scope="module")
-def tutor(small_world):
-    """A second state with the student's vocabulary and other weights (a stand-in teacher)."""
-    _, lineage, _ = small_world
-    if not lineage.exists("tutor"):
-        model = lineage.load_model("base")
-        torch.manual_seed(0)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        lineage.save("tutor", model, lineage.load_tokenizer("base"), kind="test", parents=["base"])
-    return "tutor"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
