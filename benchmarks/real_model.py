@@ -225,7 +225,10 @@ SDFT_VARIANTS: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 LIVE_VARIANTS: dict[str, dict[str, Any]] = {  # the forgetting_smollm2 pipeline's SDFT memory
-    "SDFT step, micro-batch 8, bf16; live CKA on 16 rows": {
+    "SDFT step, micro-batch 8, bf16": {
+        "path": "lean", "memory": {"micro_batch_size": 8, "bf16_autocast": True},
+    },
+    "the same, and live CKA on 16 rows": {
         "path": "lean", "memory": {"micro_batch_size": 8, "bf16_autocast": True}, "live": 16,
     },
 }  # fmt: skip
