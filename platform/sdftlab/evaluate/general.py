@@ -28,6 +28,8 @@ Forgetting general language shows as a rise against the model the lineage starte
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import tempfile
 from collections.abc import Mapping
@@ -208,8 +210,12 @@ def general_capability(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    logging.getLogger("lm-eval").setLevel(logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="sdftlab-lmeval-") as tmp:
+    for name in ("lm-eval", "lm_eval"):  # its per-call notices and progress bars: not for
+        logging.getLogger(name).setLevel(logging.ERROR)  # a person reading a pipeline's run
+    with (
+        tempfile.TemporaryDirectory(prefix="sdftlab-lmeval-") as tmp,
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
         names = write_task_yamls(files, Path(tmp))
         # Our YAMLs include lm-eval's task files by path, so its index of every built-in task
         # (5-8 s to build, once per call) is not needed (benchmarks/experiments/lmeval_tasks.py).

@@ -89,9 +89,14 @@ class RolloutPool:
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
             "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
         }
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         remote = ray.remote(RolloutServer).options(
-            num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, runtime_env={"env_vars": env}
-        )
+            num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, runtime_env={"env_vars": env},
+            # Outside any placement group the caller runs in (a Tune trial's holds only the
+            # trial driver's own CPUs): the engines ask the cluster for their resources.
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+        )  # fmt: skip
         handles = [
             remote.remote(str(model_path), seed + i, engine_kwargs or {}) for i in range(actors)
         ]
