@@ -270,8 +270,12 @@ def run_sweep(cfg: SweepConfig, lineage: Lineage, data_dir: Path | None, log=pri
             run_config=tune.RunConfig(name=Path(exp_dir).name, storage_path=storage_path()),
         )
     grid = tuner.fit()
-    history = live_history(cfg, grid, lineage)
-    return write_results(cfg, grid.get_dataframe(), history, Path(cfg.out_dir), log)
+    df = grid.get_dataframe()
+    if df.empty or "trial_id" not in df:
+        errors = [str(r.error).splitlines()[-1] for r in grid if r.error is not None][:1]
+        raise RuntimeError(f"no trial reported a result (first error: {errors}); the trials' "
+                           f"logs and error files are under {exp_dir}")  # fmt: skip
+    return write_results(cfg, df, live_history(cfg, grid, lineage), Path(cfg.out_dir), log)
 
 
 def sweep_data_dir(cfg: SweepConfig, current: Path | None) -> Path | None:
