@@ -134,8 +134,9 @@ def prompt_dataset(files: Sequence[tuple[str, Path]], tokenizer_dir: str, cfg: R
     if len(tasks) != len(files):
         raise ConfigError("data: two task files share a file name; give them distinct names")
     paths = [str(p) for _, p in files]
-    # Light reads: the CPUs belong to the train workers and rollout actors.
-    read = ray.data.read_text(paths, include_paths=True, num_cpus=0.25)
+    # Light reads: the CPUs belong to the train workers and rollout actors (0.2 + 0.2 beside
+    # one worker and one 0.5-CPU engine leaves room on 2 CPUs for a sweep trial's driver).
+    read = ray.data.read_text(paths, include_paths=True, num_cpus=0.2)
     return read.map_batches(
         PromptEncoder,
         fn_constructor_kwargs={
@@ -145,7 +146,7 @@ def prompt_dataset(files: Sequence[tuple[str, Path]], tokenizer_dir: str, cfg: R
         },
         batch_size=64,
         compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=0.25,
+        num_cpus=0.2,
     )
 
 
