@@ -333,7 +333,9 @@ def selection(cfg: SweepConfig, df: Any, history: Any) -> dict[str, Any]:
     live_col = f"live_cka/{cfg.cka.reference}/last_layer"
     finished = df.dropna(subset=[c for c in (acc_col, cka_col) if c in df.columns])
     out: dict[str, Any] = {"trials": len(df), "finished": len(finished), "accuracy": acc_col}
-    if acc_col in finished and cka_col in finished:
+    if acc_col in finished and finished[acc_col].nunique() < 2:
+        out["accuracy_ties"] = True  # every trial scored the same: accuracy ranks nothing
+    elif acc_col in finished and cka_col in finished:
         out["spearman_cka_vs_accuracy"] = spearman(
             finished[cka_col].tolist(), finished[acc_col].tolist()
         )
@@ -341,10 +343,15 @@ def selection(cfg: SweepConfig, df: Any, history: Any) -> dict[str, Any]:
         out["best_by_cka"] = _argmax(finished, cka_col)
         out["cka_picks_best"] = out["best_by_cka"] == out["best_by_accuracy"]
     if len(history):
-        first = int(history["step"].min())
+        first, last = int(history["step"].min()), int(history["step"].max())
         early = history[history["step"] == first].set_index("trial_id")[live_col]
+        final = history[history["step"] == last].set_index("trial_id")[live_col]
         out["first_measurement_step"] = first
         out["best_by_early_cka"] = str(early.idxmax())
+        both_cka = final.index.intersection(early.index)
+        out["spearman_early_vs_final_cka"] = spearman(
+            early[both_cka].tolist(), final[both_cka].tolist()
+        )
         if "best_by_accuracy" in out:
             both = finished.set_index("trial_id")
             both = both[both.index.isin(early.index)]
@@ -434,6 +441,13 @@ def write_results(cfg: SweepConfig, df: Any, history: Any, out_dir: Path, log=pr
 def summary_lines(s: dict[str, Any]) -> list[str]:
     """The selection summary, in words."""
     lines = []
+    if s.get("accuracy_ties"):
+        lines.append(f"every finished trial scored the same {s['accuracy']}: it ranks nothing")
+    if "spearman_early_vs_final_cka" in s:
+        lines.append(
+            f"Spearman, live CKA at step {s['first_measurement_step']} vs at the last "
+            f"measurement: {s['spearman_early_vs_final_cka']:.3f}"
+        )
     if "spearman_cka_vs_accuracy" in s:
         lines.append(
             f"Spearman, final CKA vs {s['accuracy']} over {s['finished']} finished "
