@@ -258,16 +258,17 @@ def test_sweep_runs_reports_and_restores_without_rerunning_finished_trials(small
 
 @pytest.mark.slow
 def test_asha_stops_the_trial_whose_live_cka_lags_at_its_first_measurement(small_world, tmp_path):
-    """Two trials report live CKA every 2 of 6 steps; the one whose lr wrecks the model (CKA to
-    the reference falls) is stopped by ASHA at step 2, the other runs to the end. The summary
+    """Two trials (vLLM rollouts: engines outside the trial's placement group, everything on 2
+    CPUs) report live CKA every 2 of 6 steps; the one whose lr wrecks the model (CKA to the
+    reference falls) is stopped by ASHA at step 2, the other runs to the end. The summary
     counts the trial-steps saved against FIFO."""
     world, lineage, _ = small_world
     cfg = load_config(SweepConfig, None, [
         "name=t-asha", "student=base", "eval.tasks=[science]", "eval.limit=4",
         "cka.limit=8", "cka.reference=base", f"out_dir={tmp_path}",
         "recover={teacher: base, steps: 6, prompts_per_step: 2, data: [science], "
-        "rollout: {engine: hf, max_new_tokens: 6}, live_cka: {every: 2}}",
-        "space={lr: {type: grid, values: [1.0e-6, 0.3]}}",  # grid order: the steady one first
+        "rollout: {engine: vllm, max_new_tokens: 6}, live_cka: {every: 2}}",  # engines beside
+        "space={lr: {type: grid, values: [1.0e-6, 0.3]}}",  # the trial, on 2 CPUs; steady first
         "metric=live_cka/base/last_layer", "scheduler.type=asha", "max_concurrent_trials=1",
     ])  # fmt: skip
     out = run_sweep(cfg, lineage, world.data_dir, log=lambda _: None)
