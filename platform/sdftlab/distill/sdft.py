@@ -19,6 +19,8 @@ learning", arXiv 2601.19897). Each step:
    student; DDP over `num_workers`) and the teacher follows (`teachers`: the EMA update).
 5. Rank 0 pushes the new weights (or LoRA-merged layers) to the rollout actors in memory and
    logs the sync time, so the next rollouts are on-policy.
+6. Every `live_cka.every` steps (and at the last) rank 0 measures CKA to the reference state
+   on a fixed probe (`cka.live`); each measurement is a report, so a sweep's ASHA sees it.
 
 This module is the Ray plumbing around those components — the data, the worker loop
 (`recover_worker_loop`: shard, resume, rollouts, step, sync, reports, checkpoints) and the
