@@ -110,11 +110,10 @@ def write_report(
     import matplotlib.pyplot as plt
 
     from sdftlab.cka.plots import plot_cka_by_layer, plot_misalignment_vs_accuracy
-    from sdftlab.cka.run import reference_label
 
     df = results_frame(lineage, states)
     wide = df.pivot_table(index="state", columns="metric", values="value").reindex(states)
-    label = reference_label(lineage, reference)
+    label = lineage.label(reference)
     cka_col = f"cka/{label}/last_layer"
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -182,7 +182,7 @@ def run_trial(params: dict[str, Any], *, cfg_json: str, root: str, data_dir: str
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from sdftlab.cka.run import compare_states, load_examples, reference_label, summary_metrics
+    from sdftlab.cka.run import compare_states, load_examples, summary_metrics
     from sdftlab.degrade.prune import prune_state
     from sdftlab.distill.sdft import recover
     from sdftlab.evaluate.run import default_task_files, evaluate_state
@@ -211,7 +211,7 @@ def run_trial(params: dict[str, Any], *, cfg_json: str, root: str, data_dir: str
     )
     examples = load_examples(cfg.cka.data, directory, limit=cfg.cka.limit)
     df = compare_states(lineage, name, cfg.cka.reference, examples, record=True)
-    metrics |= summary_metrics(df, reference_label(lineage, cfg.cka.reference))
+    metrics |= summary_metrics(df, lineage.label(cfg.cka.reference))
     keep = ("sdft/loss", "sdft/seconds")
     metrics |= {k: v for k, v in meta.metrics.items() if k in keep or k.startswith("live_cka/")}
     ray.tune.report({**metrics, "step": rcfg.steps, "state": name})
@@ -386,7 +386,7 @@ def write_results(cfg: SweepConfig, df: Any, history: Any, out_dir: Path, log=pr
     summary = selection(cfg, df, history)
     task_col = summary["accuracy"]
     general = [c for c in ("mmlu/acc", "winogrande/acc") if c in df.columns]
-    done = df.dropna(subset=[c for c in (task_col,) if c in df.columns])
+    done = df.dropna(subset=[task_col]) if task_col in df else df
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".sweep-", dir=out_dir))
     try:

@@ -45,11 +45,6 @@ from sdftlab.lineage import Lineage
 from sdftlab.specs import CKASpec
 
 
-def reference_label(lineage: Lineage, ref: str) -> str:
-    """How `ref` appears in metric names (`Lineage.label`)."""
-    return lineage.label(ref)
-
-
 def compare_states(
     lineage: Lineage,
     a: str,
@@ -91,7 +86,7 @@ def compare_states(
     else:
         df = cka_over_dataset(lineage, a, b, examples, actors=actors, log=log, **kwargs)
     if record:
-        metrics = summary_metrics(df, reference_label(lineage, b))
+        metrics = summary_metrics(df, lineage.label(b))
         lineage.record_metrics(a, metrics)
         if log is not None:
             log("recorded " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -203,5 +198,5 @@ def run_cli(args: argparse.Namespace, lineage: Lineage, data_dir: Path | None) -
     if cmd.plot:
         from sdftlab.cka.plots import plot_cka_by_layer
 
-        plot_cka_by_layer({cmd.a: df}, reference_label(lineage, cmd.reference), cmd.plot)
+        plot_cka_by_layer({cmd.a: df}, lineage.label(cmd.reference), cmd.plot)
     return format_table(df, title=f"CKA of {cmd.a} with {cmd.reference} on {cmd.data}")

@@ -238,9 +238,9 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
         }
         measure = due(cfg.live_cka.every, done, cfg.steps)  # asked on every rank
         if measure and live is not None:
-            metrics |= live.measure(tu.unwrap(model))
-            live_history.append({k: v for k, v in metrics.items() if k.startswith("live_cka/")}
-                                | {"step": done})  # fmt: skip
+            cka = live.measure(tu.unwrap(model))
+            metrics |= cka
+            live_history.append({"step": done, **cka})
         rank = ray.train.get_context().get_world_rank()
         if rank == 0 and (done % cfg.log_every == 0 or done in (start + 1, cfg.steps)):
             print(
