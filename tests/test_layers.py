@@ -18,7 +18,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "sdftlab"
 # store and no Ray: a foundation the training loops, the pool and the reports all stand on.
 CKA_CORE = ("cka.stats", "cka.capture", "cka.live")
 LAYERS = [
-    {"errors", "config", "paths", "specs", "chunked", "allocator", *CKA_CORE},  # foundations
+    # foundations
+    {"errors", "config", "paths", "specs", "modes", "chunked", "allocator", *CKA_CORE},
     {"models", "lineage", "train_utils", "raycluster", "data", "rollout"},  # store, plumbing
     {"world", "degrade", "distill", "evaluate", "cka", "importer"},  # the algorithms
     {"report", "pipelines", "sweep", "cli"},  # recipes and entry points

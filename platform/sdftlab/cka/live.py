@@ -36,6 +36,7 @@ from sdftlab.cka.capture import (
     encode_examples,
     summary_metrics,
 )
+from sdftlab.modes import evaluating
 
 PREFIX = "live_cka"
 
@@ -92,16 +93,3 @@ def live_cka_text(metrics: dict[str, float]) -> str:
         if key.startswith(f"{PREFIX}/") and key.endswith("/last_layer"):
             return f"  cka {value:.3f}"
     return ""
-
-
-class evaluating:
-    """Eval mode inside the block (no dropout), the model's own mode restored after."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model, self.was_training = model, model.training
-
-    def __enter__(self) -> torch.nn.Module:
-        return self.model.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        self.model.train(self.was_training)

@@ -45,6 +45,7 @@ from torch import nn
 
 from sdftlab.config import StrictModel
 from sdftlab.errors import ConfigError
+from sdftlab.modes import evaluating
 
 if TYPE_CHECKING:
     from sdftlab.lineage import Lineage, StateMeta
@@ -190,7 +191,6 @@ def _taylor(
 ) -> list[torch.Tensor]:
     weights = [getattr(mlp, p).weight for _, mlp in mlps for p in GATED_PROJECTIONS]
     saved_flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]
-    was_training = model.training
     device = next(model.parameters()).device
     # Signed first-order term Σ_w w·∂L/∂w per neuron, summed over batches; |·| at the end.
     totals = [torch.zeros(mlp.gate_proj.out_features, device=device) for _, mlp in mlps]
@@ -201,35 +201,36 @@ def _taylor(
             p.grad = None
         for w in weights:
             w.requires_grad_(True)
-        model.eval()  # deterministic forward (no dropout); autograd still works
-        for batch in calibration:
-            inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            if "input_ids" not in inputs:
-                raise ConfigError(
-                    f"calibration batch {batches} has no input_ids (keys: {sorted(batch)})"
-                )
-            if "labels" not in inputs:  # plain LM loss on the non-padding tokens
-                labels = inputs["input_ids"].clone()
-                if "attention_mask" in inputs:
-                    labels[inputs["attention_mask"] == 0] = -100
-                inputs["labels"] = labels
-            loss = model(**inputs).loss
-            if not torch.isfinite(loss):
-                raise ConfigError(f"calibration batch {batches} gives a non-finite loss ({loss})")
-            grads = torch.autograd.grad(loss, weights)
-            for layer, (_, mlp) in enumerate(mlps):
-                g_gate, g_up, g_down = grads[3 * layer : 3 * layer + 3]
-                totals[layer] += (
-                    (mlp.gate_proj.weight.detach().float() * g_gate.float()).sum(dim=1)
-                    + (mlp.up_proj.weight.detach().float() * g_up.float()).sum(dim=1)
-                    + (mlp.down_proj.weight.detach().float() * g_down.float()).sum(dim=0)
-                )
-            batches += 1
+        with evaluating(model):  # deterministic forward (no dropout); autograd still works
+            for batch in calibration:
+                inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                if "input_ids" not in inputs:
+                    raise ConfigError(
+                        f"calibration batch {batches} has no input_ids (keys: {sorted(batch)})"
+                    )
+                if "labels" not in inputs:  # plain LM loss on the non-padding tokens
+                    labels = inputs["input_ids"].clone()
+                    if "attention_mask" in inputs:
+                        labels[inputs["attention_mask"] == 0] = -100
+                    inputs["labels"] = labels
+                loss = model(**inputs).loss
+                if not torch.isfinite(loss):
+                    raise ConfigError(
+                        f"calibration batch {batches} gives a non-finite loss ({loss})"
+                    )
+                grads = torch.autograd.grad(loss, weights)
+                for layer, (_, mlp) in enumerate(mlps):
+                    g_gate, g_up, g_down = grads[3 * layer : 3 * layer + 3]
+                    totals[layer] += (
+                        (mlp.gate_proj.weight.detach().float() * g_gate.float()).sum(dim=1)
+                        + (mlp.up_proj.weight.detach().float() * g_up.float()).sum(dim=1)
+                        + (mlp.down_proj.weight.detach().float() * g_down.float()).sum(dim=0)
+                    )
+                batches += 1
     finally:
         for p, flag, grad in saved_flags:
             p.requires_grad_(flag)
             p.grad = grad
-        model.train(was_training)
     if batches == 0:
         raise ConfigError("importance='taylor' got an empty calibration iterable; pass batches")
     return [t.abs() for t in totals]

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from sdftlab.distill.batch import RolloutBatch, completion_hidden, topk_tensors
 from sdftlab.distill.losses import TopK
+from sdftlab.modes import evaluating
 
 TeacherChunk = Callable[[slice], torch.Tensor | TopK]
 
@@ -77,13 +78,10 @@ def score_with_model(
     """A model's targets: one no-grad forward from the teacher prompts; the LM head later,
     a chunk of kept tokens at a time, inside the loss."""
     device = keep_BC.device
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(model):
         states = completion_hidden(
             model, part.teacher_prompts, part.completions, pad_id, device, layers
         )
-    model.train(was_training)
     hidden_ND = states.last_BCD[keep_BC]
     head = model.get_output_embeddings()
 

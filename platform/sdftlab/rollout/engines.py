@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from sdftlab.config import trust_remote_code
+from sdftlab.modes import evaluating
 
 EXTENSION = "sdftlab.rollout.vllm_ext.WeightSyncExtension"
 
@@ -74,14 +75,12 @@ class HFEngine:
     def generate(
         self, prompts: Sequence[list[int]], sampling: SamplingSettings
     ) -> list[Completion]:
-        was_training = self.model.training
-        self.model.eval()
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         out: list[Completion] = []
-        for i in range(0, len(prompts), self.max_batch):
-            out += self._generate_batch(list(prompts[i : i + self.max_batch]), sampling)
-        self.model.train(was_training)
+        with evaluating(self.model):
+            for i in range(0, len(prompts), self.max_batch):
+                out += self._generate_batch(list(prompts[i : i + self.max_batch]), sampling)
         return out
 
     def _generate_batch(

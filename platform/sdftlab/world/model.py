@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
 from sdftlab.allocator import tune_cpu_allocator
 from sdftlab.config import PretrainConfig, TinyModelConfig
+from sdftlab.modes import evaluating
 from sdftlab.train_utils import cpu_supports_bf16, use_training_attention
 
 
@@ -148,17 +149,15 @@ def copy_accuracy(
     model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerBase, probes: list[tuple[str, str]]
 ) -> float:
     """Greedy next-token accuracy on the repeated half of copy probes (1.0 = perfect copying)."""
-    was_training = model.training
-    model.eval()
     hits = total = 0
-    for prefix, full in probes:
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-        k = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
-        logits_TV = model(input_ids=torch.tensor([ids])).logits[0]
-        predicted = logits_TV[k - 1 : -1].argmax(-1)
-        hits += int((predicted == torch.tensor(ids[k:])).sum())
-        total += len(ids) - k
-    model.train(was_training)
+    with evaluating(model):
+        for prefix, full in probes:
+            ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+            k = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+            logits_TV = model(input_ids=torch.tensor([ids])).logits[0]
+            predicted = logits_TV[k - 1 : -1].argmax(-1)
+            hits += int((predicted == torch.tensor(ids[k:])).sum())
+            total += len(ids) - k
     return hits / max(1, total)
 
 
