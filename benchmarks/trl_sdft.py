@@ -1,6 +1,7 @@
-"""Benchmark: SDFT training throughput — sdftlab `recover` vs TRL's `SDFTTrainer`, same work.
+"""Benchmark: SDFT training throughput — sdftlab `recover` vs TRL's `SDFTTrainer`, same work,
+on the tiny model and on SmolLM2-135M-Instruct, in one table.
 
-Run from the repository root (one command runs both sides):
+Run from the repository root (one command runs every side on both models):
 
     bash benchmarks/setup_trl_venv.sh        # once: TRL in its own venv, .venv-trl
     PYTHONPATH=platform .venv/bin/python benchmarks/trl_sdft.py --out runs/bench/trl_sdft.json
@@ -15,9 +16,11 @@ the sdftlab rows and the reason the TRL row is missing.
 
 The work, identical on both sides:
 
-- model: benchmarks/rollout.py's `build_state` — a random tiny Qwen2 (hidden 128, 4 layers, tied
-  embeddings, ~1.1M parameters) with its in-process tokenizer, saved as lineage state `bench`;
-  both sides load that directory, in float32;
+- model (`--models tiny,smollm2`): benchmarks/rollout.py's `build_state` — a random tiny Qwen2
+  (hidden 128, 4 layers, tied embeddings, ~1.1M parameters) with its in-process tokenizer,
+  saved as lineage state `bench` — and SmolLM2-135M-Instruct imported from the packaged GGUF
+  (`sdftlab import smollm2-135m`, dequantised to float32); both sides load the same
+  directory, in float32; sdftlab's vLLM engine gets a 1 GB KV cache for SmolLM2;
 - prompts: `steps × batch` tiny-world science examples, each used once (both sides shuffle);
   student view = the example's chat messages; teacher view = the same with the demonstration in
   sdftlab's `DEMO_TEMPLATE` (passed to TRL as `teacher_prompt_template`), so the token ids of
@@ -172,7 +175,9 @@ class _Tee(io.TextIOBase):
         self.stream.flush()
 
 
-def run_sdftlab(lineage: Any, state: str, task_file: Path, engine: str, args: Any) -> dict:
+def run_sdftlab(
+    lineage: Any, state: str, task_file: Path, engine: str, args: Any, rollout: list[str]
+) -> dict:
     from sdftlab.config import load_config
     from sdftlab.distill.sdft import RecoverConfig, recover
 
@@ -183,7 +188,7 @@ def run_sdftlab(lineage: Any, state: str, task_file: Path, engine: str, args: An
         f"rollout.max_new_tokens={args.max_new_tokens}", "scoring=exact",
         "loss.kind=forward_kl", "loss.mask_first_k=0", "loss.importance_cap=null",
         f"lr={args.lr}", "warmup_steps=0", "weight_decay=0", f"threads_per_worker={args.threads}",
-        "log_every=1", f"checkpoint_every={args.steps}", "seed=0",
+        "log_every=1", f"checkpoint_every={args.steps}", "seed=0", *rollout,
     ])  # fmt: skip
     tee = _Tee(sys.stdout)
     t0 = time.perf_counter()
@@ -342,9 +347,104 @@ def run_trl(spec: dict[str, Any], tmp: Path, log_path: Path) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- 4. main
 
+# Per model: the scratch state and the vLLM engine settings its sequences need (SmolLM2's
+# KV cache at float32 is 46 kB a token: 16 prompts of ~250 tokens need ~0.2 GB).
+MODELS = {
+    "tiny": {"label": "tiny Qwen2", "rollout": []},
+    "smollm2": {
+        "label": "SmolLM2-135M-Instruct",
+        "rollout": ["rollout.kv_cache_gb=1.0", "rollout.max_model_len=2048"],
+    },
+}
+
+
+def run_model(model: str, args: Any, tmp: Path, out: Path) -> dict[str, Any]:
+    """Every side on one model: the same state, prompts and settings; the sides' results and
+    the workload's figures."""
+    import ray
+
+    from rollout import build_state
+    from sdftlab.data.loaders import write_task_file
+    from sdftlab.data.templates import DEMO_TEMPLATE, student_messages, teacher_messages
+    from sdftlab.raycluster import ensure_ray
+
+    # 1. one model, one prompt set, written for both sides
+    lineage, state, examples = build_state(tmp / "lineage")
+    if model == "smollm2":
+        from sdftlab.importer import import_model
+
+        state = "smol"
+        import_model(lineage, "smollm2-135m", state, log=lambda _: None)
+    examples = examples[: args.steps * args.batch]
+    task_file = tmp / "science_train.jsonl"
+    write_task_file(task_file, [
+        {"id": ex.uid, "prompt": ex.messages, "answer": ex.answer,
+         "golden_response": ex.demonstration} for ex in examples
+    ])  # fmt: skip
+    trl_data = tmp / "trl_train.jsonl"
+    trl_data.write_text("".join(
+        json.dumps({"prompt": student_messages(ex), "privileged_context": ex.demonstration})
+        + "\n" for ex in examples
+    ))  # fmt: skip
+    tok = lineage.load_tokenizer(state)
+
+    def n_tokens(messages: list[dict[str, str]]) -> int:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    prompt_tokens = {
+        "student": sum(n_tokens(student_messages(ex)) for ex in examples),
+        "teacher": sum(n_tokens(teacher_messages(ex)) for ex in examples),
+    }
+    p_s, p_t = (prompt_tokens[k] / len(examples) for k in ("student", "teacher"))
+    loaded = lineage.load_model(state)
+    n_params = sum(p.numel() for p in loaded.parameters())  # a tied head counted once
+    del loaded
+
+    def flops_of(completion_tokens: float) -> float:
+        return step_flops(n_params, args.batch, p_s, p_t, completion_tokens)
+
+    # 2. sdftlab, once per rollout engine
+    results: dict[str, dict[str, Any]] = {}
+    os.environ["SDFTLAB_STORAGE"] = str(tmp / "ray_results")
+    ensure_ray(num_cpus=2)
+    for engine in args.engines.split(","):
+        run = run_sdftlab(lineage, state, task_file, engine, args, MODELS[model]["rollout"])
+        run["load"] = os.getloadavg()[0]
+        results[f"sdftlab {engine}"] = {**run, **summarise(run["step_s"], run["tokens"],
+                                                           flops_of)}  # fmt: skip
+    ray.shutdown()
+
+    # 3. TRL, in its own venv
+    trl_version, trl_error = None, None
+    if not args.no_trl:
+        trl = run_trl(
+            {"model": str(lineage.resolve(state)), "data": str(trl_data),
+             "output_dir": str(tmp / "trl_out"), "steps": args.steps, "batch": args.batch,
+             "max_new_tokens": args.max_new_tokens, "lr": args.lr, "threads": args.threads,
+             "teacher_template": DEMO_TEMPLATE.replace("{demonstration}",
+                                                       "{privileged_context}")},
+            tmp, out.with_suffix(f".{model}.trl.log"),
+        )  # fmt: skip
+        trl_error, trl_version = trl.get("error"), trl.get("trl_version")
+        if trl_error is None and len(trl["step_s"]) != args.steps:
+            trl_error = f"TRL ran {len(trl['step_s'])} of {args.steps} steps"
+        if trl_error is None:
+            trl["load"] = os.getloadavg()[0]
+            results["trl hf"] = {**trl, **summarise(trl["step_s"], trl["tokens"], flops_of)}
+            if trl["prompt_tokens"] != prompt_tokens:
+                print(f"WARNING: prompt tokens differ: sdftlab {prompt_tokens}, "
+                      f"TRL {trl['prompt_tokens']}")  # fmt: skip
+    return {
+        "label": MODELS[model]["label"], "n_params": n_params, "prompt_tokens": prompt_tokens,
+        "prompt_means": [p_s, p_t], "trl_version": trl_version, "trl_error": trl_error,
+        "sides": results,
+    }  # fmt: skip
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="tiny,smollm2", help="tiny and/or smollm2, in order")
     ap.add_argument("--steps", type=int, default=10, help="optimizer steps (first = warm-up)")
     ap.add_argument("--batch", type=int, default=16, help="prompts per optimizer step")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -363,117 +463,63 @@ def main() -> None:
         args.steps, args.batch, args.max_new_tokens = 3, 4, 32
     if args.steps < 2:
         ap.error("--steps must be at least 2: the first step is the warm-up")
+    models = args.models.split(",")
+    if unknown := set(models) - set(MODELS):
+        ap.error(f"--models: unknown {sorted(unknown)}; choose from {sorted(MODELS)}")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # keep every progress line (read at import)
     sys.path.insert(0, str(Path(__file__).parent))
 
-    import ray
     import torch
 
-    from rollout import build_state, write_results
-    from sdftlab.data.loaders import write_task_file
-    from sdftlab.data.templates import DEMO_TEMPLATE, student_messages, teacher_messages
-    from sdftlab.raycluster import ensure_ray
+    from rollout import write_results
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]  # other processes on the same cores skew every side
     peak = matmul_peak_flops(args.threads)
-    results: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="trl-sdft-bench-") as tmp_name:
-        tmp = Path(tmp_name)
-        os.environ.setdefault("SDFTLAB_STORAGE", str(tmp / "ray_results"))
+    runs = {}
+    for model in models:
+        with tempfile.TemporaryDirectory(prefix=f"trl-sdft-bench-{model}-") as tmp_name:
+            runs[model] = run_model(model, args, Path(tmp_name), out)
 
-        # 1. one model, one prompt set, written for both sides
-        lineage, state, examples = build_state(tmp / "lineage")
-        examples = examples[: args.steps * args.batch]
-        task_file = tmp / "science_train.jsonl"
-        write_task_file(task_file, [
-            {"id": ex.uid, "prompt": ex.messages, "answer": ex.answer,
-             "golden_response": ex.demonstration} for ex in examples
-        ])  # fmt: skip
-        trl_data = tmp / "trl_train.jsonl"
-        trl_data.write_text("".join(
-            json.dumps({"prompt": student_messages(ex), "privileged_context": ex.demonstration})
-            + "\n" for ex in examples
-        ))  # fmt: skip
-        tok = lineage.load_tokenizer(state)
-
-        def n_tokens(messages: list[dict[str, str]]) -> int:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return len(tok(text, add_special_tokens=False)["input_ids"])
-
-        prompt_tokens = {
-            "student": sum(n_tokens(student_messages(ex)) for ex in examples),
-            "teacher": sum(n_tokens(teacher_messages(ex)) for ex in examples),
-        }
-        p_s, p_t = (prompt_tokens[k] / len(examples) for k in ("student", "teacher"))
-        n_params = sum(p.numel() for p in lineage.load_model(state).parameters())
-
-        def flops_of(completion_tokens: float) -> float:
-            return step_flops(n_params, args.batch, p_s, p_t, completion_tokens)
-
-        # 2. sdftlab, once per rollout engine
-        ensure_ray(num_cpus=2)
-        for engine in args.engines.split(","):
-            run = run_sdftlab(lineage, state, task_file, engine, args)
-            run["load"] = os.getloadavg()[0]
-            results[f"sdftlab {engine}"] = {**run, **summarise(run["step_s"], run["tokens"],
-                                                               flops_of)}  # fmt: skip
-        ray.shutdown()
-
-        # 3. TRL, in its own venv
-        trl_version, trl_error = None, None
-        if not args.no_trl:
-            trl = run_trl(
-                {"model": str(lineage.resolve(state)), "data": str(trl_data),
-                 "output_dir": str(tmp / "trl_out"), "steps": args.steps, "batch": args.batch,
-                 "max_new_tokens": args.max_new_tokens, "lr": args.lr, "threads": args.threads,
-                 "teacher_template": DEMO_TEMPLATE.replace("{demonstration}",
-                                                           "{privileged_context}")},
-                tmp, out.with_suffix(".trl.log"),
-            )  # fmt: skip
-            trl_error, trl_version = trl.get("error"), trl.get("trl_version")
-            if trl_error is None and len(trl["step_s"]) != args.steps:
-                trl_error = f"TRL ran {len(trl['step_s'])} of {args.steps} steps"
-            if trl_error is None:
-                trl["load"] = os.getloadavg()[0]
-                results["trl hf"] = {**trl, **summarise(trl["step_s"], trl["tokens"], flops_of)}
-                if trl["prompt_tokens"] != prompt_tokens:
-                    print(f"WARNING: prompt tokens differ: sdftlab {prompt_tokens}, "
-                          f"TRL {trl['prompt_tokens']}")  # fmt: skip
-
-    # 4. table
-    print(f"\nSDFT step throughput: tiny Qwen2 ({n_params / 1e6:.2f}M params), {args.batch} "
-          f"prompts/step (student {p_s:.0f}, teacher {p_t:.0f} prompt tokens), "
-          f"{args.max_new_tokens} new tokens, full-vocab forward KL, {args.steps} steps "
-          f"(median of the {args.steps - 1} after the warm-up); float32 matmul peak "
-          f"{peak / 1e9:.0f} GFLOP/s on {args.threads} threads")  # fmt: skip
-    print(f"{'side':<16} {'s/step':>7} {'tok/s':>7} {'tok/step':>9} {'GFLOP/step':>11} "
-          f"{'% peak':>7} {'run s':>6} {'load':>5}")  # fmt: skip
-    for name, r in results.items():
-        r["peak_fraction"] = r["flops_per_step"] / r["step_s_median"] / peak
-        label = f"trl {trl_version} hf" if name == "trl hf" else name
-        print(f"{label:<16} {r['step_s_median']:>7.2f} {r['tokens_per_s']:>7.0f} "
-              f"{r['tokens_per_step']:>9.0f} {r['flops_per_step'] / 1e9:>11.2f} "
-              f"{r['peak_fraction']:>6.1%} {r['wall_s']:>6.0f} {r['load']:>5.1f}")  # fmt: skip
-    if "trl hf" in results:
-        for name in (n for n in results if n.startswith("sdftlab")):
-            ratio = results["trl hf"]["step_s_median"] / results[name]["step_s_median"]
-            print(f"TRL step time / {name}: {ratio:.2f}x")
-    if trl_error:
-        print(f"trl: not run — {trl_error}")
+    # 4. one table, both models
+    print(f"\nSDFT step throughput: {args.batch} prompts/step, {args.max_new_tokens} new tokens, "
+          f"full-vocab forward KL, float32, {args.steps} steps (median of the "
+          f"{args.steps - 1} after the warm-up); float32 matmul peak {peak / 1e9:.0f} GFLOP/s "
+          f"on {args.threads} threads")  # fmt: skip
+    print(f"{'model':<22} {'side':<16} {'s/step':>7} {'tok/s':>7} {'tok/step':>9} "
+          f"{'GFLOP/step':>11} {'% peak':>7} {'run s':>6} {'load':>5}")  # fmt: skip
+    for run in runs.values():
+        for name, r in run["sides"].items():
+            r["peak_fraction"] = r["flops_per_step"] / r["step_s_median"] / peak
+            label = f"trl {run['trl_version']} hf" if name == "trl hf" else name
+            print(f"{run['label']:<22} {label:<16} {r['step_s_median']:>7.2f} "
+                  f"{r['tokens_per_s']:>7.0f} {r['tokens_per_step']:>9.0f} "
+                  f"{r['flops_per_step'] / 1e9:>11.2f} {r['peak_fraction']:>6.1%} "
+                  f"{r['wall_s']:>6.0f} {r['load']:>5.1f}")  # fmt: skip
+    for run in runs.values():
+        sides = run["sides"]
+        p_s, p_t = run["prompt_means"]
+        print(f"{run['label']}: {run['n_params'] / 1e6:.1f}M params, prompts {p_s:.0f} "
+              f"(student) / {p_t:.0f} (teacher) tokens")  # fmt: skip
+        if "trl hf" in sides:
+            for name in (n for n in sides if n.startswith("sdftlab")):
+                ratio = sides[name]["tokens_per_s"] / sides["trl hf"]["tokens_per_s"]
+                print(f"  {name} throughput / TRL's: {ratio:.2f}x "
+                      f"(target >= 2x: {'met' if ratio >= 2 else 'missed'})")  # fmt: skip
+        if run["trl_error"]:
+            print(f"  trl: not run — {run['trl_error']}")
     load_after = os.getloadavg()[0]
-    if load_before > 1 or max(r["load"] for r in results.values()) > args.threads + 1.5:
+    loads = [r["load"] for run in runs.values() for r in run["sides"].values()]
+    if load_before > 1 or max(loads, default=0) > args.threads + 1.5:
         print(f"note: load average {load_before:.1f} before this run, {load_after:.1f} after: "
               "other processes shared the cores, timings are skewed")  # fmt: skip
     write_results(out, {
         "threads": args.threads, "torch": torch.__version__,
         "load_average": {"before": load_before, "after": load_after},
-        "trl_version": trl_version, "trl_error": trl_error,
         "workload": {"steps": args.steps, "batch": args.batch, "lr": args.lr,
-                     "max_new_tokens": args.max_new_tokens, "n_params": n_params,
-                     "prompt_tokens": prompt_tokens},
-        "matmul_peak_flops": peak, "sides": results,
+                     "max_new_tokens": args.max_new_tokens},
+        "matmul_peak_flops": peak, "models": runs,
     })  # fmt: skip
 
 

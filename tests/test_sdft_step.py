@@ -14,7 +14,12 @@ from sdftlab.distill.batch import RolloutBatch, completion_hidden, from_rollouts
 from sdftlab.distill.losses import sdft_loss
 from sdftlab.distill.sdft import RecoverConfig
 from sdftlab.distill.step import sdft_step
-from sdftlab.distill.teachers import ema_teacher, frozen_teacher, live_teacher
+from sdftlab.distill.teachers import (
+    adapters_off_teacher,
+    ema_teacher,
+    frozen_teacher,
+    live_teacher,
+)
 from sdftlab.rollout.engines import Completion
 
 CPU = torch.device("cpu")
@@ -156,6 +161,46 @@ def test_importance_weights_line_up_with_their_tokens(models):
         student.zero_grad(set_to_none=True)
         out = sdft_step(weighted, student, teacher, cfg, pad_id=0, device=CPU)
         assert out.stats["importance_ratio"] == pytest.approx(want, rel=1e-4)
+        # the drift: mean |log π_trainer − log π_engine| over the kept tokens
+        drift = float(torch.log(torch.tensor(1.5))) / n if want != 1.0 else 0.0
+        assert out.stats["policy_drift"] == pytest.approx(drift, abs=1e-5)
+
+
+def test_a_lora_students_own_state_scores_with_its_adapters_off_as_a_frozen_copy_does(models):
+    """The teacher that is the state a LoRA student started from: the student with its
+    adapters off gives a frozen copy's loss and gradients, holds no second model, and leaves
+    the adapters on for the student's own forward."""
+    from sdftlab.specs import LoraSpec
+    from sdftlab.train_utils import with_lora
+
+    base, _ = models
+    student = with_lora(copy.deepcopy(base), LoraSpec(r=4, alpha=8, dropout=0.0))
+    torch.manual_seed(3)
+    with torch.no_grad():  # adapters that change the model (B starts at zero)
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    batch = _batch(n_rows=3)
+    outs, grads = [], []
+    for teacher in (
+        frozen_teacher(copy.deepcopy(base), 0, None),
+        adapters_off_teacher(student, 0, None),
+    ):
+        student.zero_grad(set_to_none=True)
+        outs.append(sdft_step(batch, student, teacher, _cfg(), pad_id=0, device=CPU))
+        grads.append(_grads(student))
+    assert outs[0].stats["divergence"] > 1e-3  # the adapters moved the student off its base
+    assert outs[1].loss == pytest.approx(outs[0].loss, rel=1e-5)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+    assert teacher.model is student  # no copy
+    with torch.no_grad():  # the adapters are on again after scoring
+        on = completion_hidden(student, batch.student_prompts, batch.completions, 0, CPU)
+        off = completion_hidden(base, batch.student_prompts, batch.completions, 0, CPU)
+    assert not torch.allclose(on.last_BCD, off.last_BCD, atol=1e-3)
+    with pytest.raises(TypeError, match="peft model"):
+        adapters_off_teacher(base, 0, None)
 
 
 def test_sdft_steps_lower_the_divergence_to_a_fixed_teacher(models):

@@ -421,6 +421,26 @@ def make_trainer(
     )
 
 
+def report_log(path: Path) -> Any:
+    """A Ray Train callback (`recover(callbacks=...)`, a trainer's `RunConfig`) that appends
+    each report's metrics — rank 0's, one JSON line a report — to `path`: a run's curve step
+    by step (`read_report_log`). It runs in Ray Train's controller: `path` must be on a disk
+    the controller's node writes (any local path on a single machine)."""
+    from ray.train import UserCallback
+
+    class ReportLog(UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+            with open(path, "a") as f:
+                f.write(json.dumps(metrics[0]) + "\n")
+
+    return ReportLog()
+
+
+def read_report_log(path: Path) -> list[dict[str, Any]]:
+    """The reports `report_log` wrote, in order."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
 def live_cka_probe(
     lineage: Any, spec: Any, *, reference: str, data: str, data_dir: Path | None
 ) -> dict[str, Any] | None:

@@ -34,6 +34,13 @@ class RolloutSpec(StrictModel):
     max_model_len: int | None = Field(
         None, gt=0, description="longest prompt + completion (None: the model's own limit)"
     )
+    overlap: int = Field(
+        0,
+        ge=0,
+        le=1,
+        description="1: the engines sample step t+1 while the workers train on step t (one "
+        "step off-policy, corrected by the importance ratio); 0: synchronous",
+    )
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -102,6 +109,11 @@ class RecoverConfig(StrictModel):
             raise ValueError("loss.cka_weight needs teacher hidden states: use scoring=exact")
         if self.teacher == "ema" and self.lora is not None:
             raise ValueError("teacher=ema averages full weights: use it without lora")
+        if self.rollout.overlap and (self.mode == "off_policy" or self.rollout.engine != "vllm"):
+            raise ValueError(
+                "rollout.overlap=1 overlaps the vLLM engines' sampling with training: it needs "
+                "mode=on_policy and rollout.engine=vllm (set rollout.overlap=0 otherwise)"
+            )
         if self.mode == "off_policy" and self.teacher in SPECIAL_TEACHERS:
             raise ValueError("mode=off_policy distils from another model: teacher must be a state")
         return self

@@ -198,14 +198,16 @@ def chunked_sdft_loss(
     The tokens are already selected (completion, not padding, first k masked); the loss is the
     weighted divergence summed over them, divided by `n_tokens` (the kept tokens of the whole
     step, so micro-batches add up to the step's mean). With `engine_logp_N` and a cap, each
-    token is weighted by min(π_trainer(y) / π_engine(y), cap) of its sampled token y."""
+    token is weighted by min(π_trainer(y) / π_engine(y), cap) of its sampled token y, and
+    `policy_drift` is the mean |log π_trainer(y) − log π_engine(y)| (0 on-policy up to the
+    kernels' rounding; one step of training on an overlapped rollout shows here)."""
     from sdftlab.chunked import chunked_head_loss
 
     weighted = engine_logp_N is not None and importance_cap is not None
     if weighted and sampled_ids_N is None:
         raise ValueError("importance weights need the sampled token ids")
     zero = torch.zeros((), device=student_hidden_ND.device)
-    sums = {"divergence": zero, "importance_ratio": zero}  # summed over tokens, detached
+    sums = {"divergence": zero, "importance_ratio": zero, "policy_drift": zero}  # detached
 
     def loss_fn(logits_CV: torch.Tensor, rows: slice) -> torch.Tensor:
         student_logp_CV = F.log_softmax(logits_CV, dim=-1)
@@ -217,6 +219,8 @@ def chunked_sdft_loss(
         trainer_C = student_logp_CV.gather(-1, sampled_ids_N[rows].unsqueeze(-1)).squeeze(-1)
         w_C = importance_weights(trainer_C, engine_logp_N[rows], importance_cap or 1.0)
         sums["importance_ratio"] = sums["importance_ratio"] + w_C.sum()
+        drift_C = (trainer_C.detach() - engine_logp_N[rows]).abs()
+        sums["policy_drift"] = sums["policy_drift"] + drift_C.sum()
         return (per_token_C * w_C).sum()
 
     total = chunked_head_loss(student_hidden_ND, student_head, loss_fn, chunk_tokens)
@@ -227,4 +231,5 @@ def chunked_sdft_loss(
     }
     if weighted:
         stats["importance_ratio"] = float(sums["importance_ratio"]) / denominator
+        stats["policy_drift"] = float(sums["policy_drift"]) / denominator
     return total / denominator, stats

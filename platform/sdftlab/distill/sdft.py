@@ -7,7 +7,9 @@ learning", arXiv 2601.19897). Each step:
    stage renders and tokenizes the student view (bare prompt) and the teacher view (prompt
    with the demonstration in `DEMO_TEMPLATE`, or the bare prompt with `teacher_context=bare`).
 2. The student samples completions of its own prompts (on-policy): on the vLLM rollout actors
-   (`rollout.engine=vllm`) or with transformers `generate` beside the trainer (`hf`).
+   (`rollout.engine=vllm`) or with transformers `generate` beside the trainer (`hf`). With
+   `rollout.overlap=1` the engines sample step t+1 while the workers train on step t
+   (`RolloutStream`: one step off-policy, corrected by the importance ratio).
 3. The teacher scores the student's tokens from its own prompt: exactly, with a forward beside
    the trainer (full vocabulary, `scoring=exact`), or on teacher vLLM actors (top-k prompt
    log-probs, `scoring=vllm`). Teachers: a lineage state or path, `ema` of the student
@@ -18,7 +20,7 @@ learning", arXiv 2601.19897). Each step:
    layer chunked (`memory`); then the optimizer steps (full FT, LoRA, or QLoRA on an NF4
    student; DDP over `num_workers`) and the teacher follows (`teachers`: the EMA update).
 5. Rank 0 pushes the new weights (or LoRA-merged layers) to the rollout actors in memory and
-   logs the sync time, so the next rollouts are on-policy.
+   logs the sync time, so the next rollouts are on-policy (or one step behind, overlapped).
 6. Every `live_cka.every` steps (and at the last) rank 0 measures CKA to the reference state
    on a fixed probe (`cka.live`); each measurement is a report, so a sweep's ASHA sees it.
 
@@ -56,6 +58,7 @@ from sdftlab.distill.teachers import (
     ModelTeacher,
     Teacher,
     VLLMTeacher,
+    adapters_off_teacher,
     ema_teacher,
     frozen_teacher,
     live_teacher,
@@ -193,6 +196,8 @@ def build_teacher(
         return ema
     if cfg.teacher == "live":
         return live_teacher(student, pad_id, cfg.loss.topk)
+    if config.get("teacher_is_student") and hasattr(student, "disable_adapter"):
+        return adapters_off_teacher(student, pad_id, cfg.loss.topk)  # no second model
     model = AutoModelForCausalLM.from_pretrained(
         config["teacher_dir"], use_safetensors=True, trust_remote_code=trust_remote_code()
     ).to(device)
@@ -208,21 +213,55 @@ def teacher_modules(teacher: Teacher) -> dict[str, torch.nn.Module]:
     return {}
 
 
-def next_batch(prompts: dict[str, Any], cfg: RecoverConfig, engine: Any, seed: int) -> RolloutBatch:
-    """A step's rows: the student's samples of its own prompts (on-policy, `engine`: the vLLM
-    pool or transformers beside the trainer) or the demonstrations (off-policy)."""
-    student = [list(x) for x in prompts["student"]]
-    teacher = [list(x) for x in prompts["teacher"]]
-    if cfg.mode == "off_policy":
-        return from_demonstrations(teacher, [list(x) for x in prompts["demo"]])
-    sampling = SamplingSettings(
-        n=cfg.rollout.n,
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        seed=seed,
-    )
-    return from_rollouts(student, teacher, engine.generate(student, sampling), cfg.rollout.n)
+class RolloutStream:
+    """A worker's batch for each step: its prompts (`prompt_batches`) and the student's
+    completions of them, sampled on the vLLM pool or with transformers `generate` beside the
+    trainer (`engine`), or the demonstrations (off-policy).
+
+    Synchronous by default: step t's completions are sampled on the weights step t trains.
+    With `rollout.overlap=1`, step t+1's completions are asked for before step t trains, so
+    the engines sample them on step t's weights while the worker trains (one step
+    off-policy, as verl, OpenRLHF and NeMo-RL overlap; the importance ratio engine → trainer
+    corrects it, and `policy_drift` shows it)."""
+
+    def __init__(
+        self, cfg: RecoverConfig, engine: Any, batches: Iterator[dict[str, Any]], rank: int,
+        log: StepLog,
+    ) -> None:  # fmt: skip
+        self.cfg, self.engine, self.batches, self.rank, self.log = cfg, engine, batches, rank, log
+        self.pending: Callable[[], RolloutBatch] | None = None
+
+    def take(self, step: int) -> RolloutBatch:
+        current = self.pending or self._ask(step)
+        ahead = self.cfg.rollout.overlap and step + 1 < self.cfg.steps
+        self.pending = self._ask(step + 1) if ahead else None
+        self.log.start("rollout_s")
+        return current()
+
+    def _ask(self, step: int) -> Callable[[], RolloutBatch]:
+        """Step `step`'s prompts now; its batch when called (the vLLM pool starts sampling
+        at once, `generate` beside the trainer when called)."""
+        cfg = self.cfg
+        self.log.start("data_s")
+        prompts = next(self.batches)
+        student = [list(x) for x in prompts["student"]]
+        teacher = [list(x) for x in prompts["teacher"]]
+        if cfg.mode == "off_policy":
+            demos = [list(x) for x in prompts["demo"]]
+            return lambda: from_demonstrations(teacher, demos)
+        sampling = SamplingSettings(
+            n=cfg.rollout.n,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            seed=cfg.seed + step * 997 + self.rank,
+        )
+        if hasattr(self.engine, "submit"):
+            pending = self.engine.submit(student, sampling)
+            return lambda: from_rollouts(student, teacher, pending.result(), cfg.rollout.n)
+        return lambda: from_rollouts(
+            student, teacher, self.engine.generate(student, sampling), cfg.rollout.n
+        )
 
 
 def recover_worker_loop(config: dict[str, Any]) -> None:
@@ -265,16 +304,13 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
     pool = config.get("rollout_pool")
     engine = pool or HFEngine(bare, tokenizer.eos_token_id, tokenizer.pad_token_id)
     wait_for_engines(config, cfg, teacher, bare, rank, resumed=start > 0)
-    batches = prompt_batches(cfg, world, skip=start)
     log = StepLog(cfg, world, start, live_history)
+    rollouts = RolloutStream(cfg, engine, prompt_batches(cfg, world, skip=start), rank, log)
     model.train()
     for step in range(start, cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = tu.warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr)
-        log.start("data_s")
-        prompts = next(batches)
-        log.start("rollout_s")
-        batch = next_batch(prompts, cfg, engine, seed=cfg.seed + step * 997 + rank)
+        batch = rollouts.take(step)
         log.start("train_s")
         optimizer.zero_grad(set_to_none=True)
         result = sdft_step(batch, model, teacher, cfg, pad_id=tokenizer.pad_token_id, device=device)
@@ -282,8 +318,8 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
         optimizer.step()
         sync_s = teacher.after_step(bare, rank)
         log.start("sync_s")
-        if rank == 0 and pool is not None:
-            pool.sync(named_weights_for_sync(bare))  # the next rollouts are on-policy
+        if rank == 0 and pool is not None:  # the next rollouts are on-policy (or one behind)
+            pool.sync(named_weights_for_sync(bare))
         if world > 1:
             torch.distributed.barrier()
         measure = due(cfg.live_cka.every, step + 1, cfg.steps)  # asked on every rank
@@ -300,7 +336,8 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
 
 def resident_models(config: dict[str, Any], student: Any, teacher: Teacher) -> dict[str, Any]:
     """The models in this worker that hold a state's weights, by directory: the student before
-    its first step, a frozen teacher (live CKA captures its reference from them)."""
+    its first step, a frozen teacher (live CKA captures its reference from them; a teacher
+    that is the LoRA student's own state is the student, adapters still zero)."""
     out = {config["student_dir"]: student}
     if isinstance(teacher, ModelTeacher) and teacher.update is None and config["teacher_dir"]:
         out[config["teacher_dir"]] = teacher.model
@@ -445,10 +482,11 @@ def report_checkpoint(
 def progress_line(m: dict[str, Any], steps: int) -> str:
     """One progress line: step, loss, divergence, live CKA, throughput, importance ratio,
     phase times."""
+    drift = f" drift {m['policy_drift']:.3f}" if "policy_drift" in m else ""
     return (
         f"[sdft] step {m['step']:4d}/{steps}  loss {m['loss']:.4f}  "
         f"kl {m['divergence']:.4f}{live_cka_text(m)}  {m['tokens_per_s']:6.0f} tok/s  "
-        f"ratio {m.get('importance_ratio', 1.0):.3f}  rollout {m['rollout_s']:.2f}s  "
+        f"ratio {m.get('importance_ratio', 1.0):.3f}{drift}  rollout {m['rollout_s']:.2f}s  "
         f"teacher {m['teacher_s']:.2f}s  train {m['train_s']:.2f}s  "
         f"sync {m['sync_s'] * 1e3:.0f}ms  data {m['data_s']:.2f}s  "
         f"peak {m['peak_rss_gb']:.1f}GB"
@@ -581,6 +619,7 @@ def recover(
                 "recover": cfg.model_dump(mode="json"),
                 "student_dir": str(student_dir),
                 "teacher_dir": str(teacher_dir) if teacher_dir else None,
+                "teacher_is_student": teacher_hash == lineage.meta(student).content_hash,
                 "rollout_pool": pools[0],
                 "teacher_pool": pools[1],
                 "live_cka": probe,

@@ -60,7 +60,8 @@ def sdft_step(
     weighted = batch.engine_logprobs is not None and cfg.loss.importance_cap is not None
     head = tu.output_layer(student)
     autocast_on = cfg.memory.autocast_on(cfg.use_gpu, cpu_default=False)
-    sums = {"loss": 0.0, "divergence": 0.0, "importance_ratio": 0.0, "cka": 0.0}
+    sums = {"loss": 0.0, "divergence": 0.0, "importance_ratio": 0.0, "policy_drift": 0.0}
+    sums["cka"] = 0.0
     teacher_s = 0.0
     t0 = time.perf_counter()
     teacher.prepare(batch)
@@ -106,6 +107,7 @@ def sdft_step(
         sums["loss"] += float(loss.detach())
         sums["divergence"] += stats["divergence"]
         sums["importance_ratio"] += stats.get("importance_ratio", 0.0)
+        sums["policy_drift"] += stats.get("policy_drift", 0.0)
     out: dict[str, Any] = {
         "divergence": sums["divergence"],
         "tokens": float(n_kept),
@@ -113,6 +115,7 @@ def sdft_step(
     }
     if weighted:
         out["importance_ratio"] = sums["importance_ratio"]
+        out["policy_drift"] = sums["policy_drift"]
     if layers:
         out["cka"] = sums["cka"]
     return StepResult(sums["loss"], out)

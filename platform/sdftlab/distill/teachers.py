@@ -17,10 +17,14 @@ Implementations, one each:
 | a lineage state or path | `frozen_teacher` | a frozen copy beside the trainer, full vocab    |
 | `ema`                   | `ema_teacher`    | an EMA of the student, θ ← (1 − r) θ + r θ_S    |
 | `live`                  | `live_teacher`   | the student itself (no gradient), demo in context |
+| the student's own state, LoRA | `adapters_off_teacher` | the student with its adapters off |
 | any, `scoring=vllm`     | `VLLMTeacher`    | vLLM engines: top-k prompt log-probs            |
 
-The first three are one class, `ModelTeacher` (a model scored beside the trainer, and what
-follows a step); `VLLMTeacher` asks the engines.
+The model teachers are one class, `ModelTeacher` (a model scored beside the trainer, and
+what follows a step); `VLLMTeacher` asks the engines. When the teacher is the state a LoRA
+(or QLoRA) student starts from, its weights are the student's frozen base: scoring with the
+adapters switched off gives the same targets as a frozen copy without a second model in
+memory (as TRL scores a reference model under PEFT).
 
 With `loss.topk` set and exact scoring, a model teacher gives its top k of the full
 distribution (the rest of the mass in one bucket, `losses`).
@@ -28,6 +32,7 @@ distribution (the rest of the mass in one bucket, `losses`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -74,11 +79,13 @@ def score_with_model(
     *,
     pad_id: int,
     topk: int | None,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> TeacherTargets:
     """A model's targets: one no-grad forward from the teacher prompts; the LM head later,
-    a chunk of kept tokens at a time, inside the loss."""
+    a chunk of kept tokens at a time, inside the loss. `context` is entered around both
+    (the adapters switched off, for `adapters_off_teacher`)."""
     device = keep_BC.device
-    with torch.no_grad(), evaluating(model):
+    with torch.no_grad(), evaluating(model), context():
         states = completion_hidden(
             model, part.teacher_prompts, part.completions, pad_id, device, layers
         )
@@ -86,7 +93,7 @@ def score_with_model(
     head = model.get_output_embeddings()
 
     def chunk(rows: slice) -> torch.Tensor | TopK:
-        with torch.no_grad():
+        with torch.no_grad(), context():
             logp_CV = F.log_softmax(head(hidden_ND[rows]).float(), dim=-1)
         if topk is None:
             return logp_CV
@@ -105,16 +112,19 @@ class ModelTeacher:
         pad_id: int,
         topk: int | None,
         update: Callable[[torch.nn.Module], None] | None = None,
+        context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
         self.model, self.pad_id, self.topk, self.update = model, pad_id, topk, update
+        self.context = context
 
     def prepare(self, batch: RolloutBatch) -> None:
         return None
 
     def targets(self, part, keep_BC, valid_BC, layers) -> TeacherTargets:
         return score_with_model(
-            self.model, part, keep_BC, valid_BC, layers, pad_id=self.pad_id, topk=self.topk
-        )
+            self.model, part, keep_BC, valid_BC, layers, pad_id=self.pad_id, topk=self.topk,
+            context=self.context,
+        )  # fmt: skip
 
     def after_step(self, student: torch.nn.Module, rank: int) -> float:
         if self.update is not None:
@@ -130,6 +140,14 @@ def frozen_teacher(model: torch.nn.Module, pad_id: int, topk: int | None) -> Mod
 def live_teacher(student: torch.nn.Module, pad_id: int, topk: int | None) -> ModelTeacher:
     """The student as it is at each step, with the demonstration in its prompt."""
     return ModelTeacher(student, pad_id, topk)
+
+
+def adapters_off_teacher(student: Any, pad_id: int, topk: int | None) -> ModelTeacher:
+    """The state a LoRA/QLoRA student (a peft model) started from: the student itself with
+    its adapters switched off while it scores — the frozen base, without a copy."""
+    if not hasattr(student, "disable_adapter"):
+        raise TypeError(f"adapters_off_teacher needs a peft model, got {type(student).__name__}")
+    return ModelTeacher(student, pad_id, topk, context=student.disable_adapter)
 
 
 def ema_teacher(

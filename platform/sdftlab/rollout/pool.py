@@ -9,6 +9,7 @@ WARNING in the actors (its INFO lines, a few per weight sync, buried the progres
 
     >>> pool = RolloutPool.start(lineage.local_path("forgot"), actors=2, cpus_per_actor=0.5)
     >>> completions = pool.generate(prompt_ids, SamplingSettings(n=1, max_new_tokens=64))
+    >>> pending = pool.submit(next_ids, sampling)  # sampled while the caller trains
     >>> seconds = pool.sync(named_tensors)
 """
 
@@ -48,6 +49,19 @@ class RolloutServer:
 
     def named_weight(self, name: str) -> torch.Tensor:
         return self.engine.named_weight(name)
+
+
+class Pending:
+    """Completions on their way from the actors (`RolloutPool.submit`)."""
+
+    def __init__(self, futures: list[Any]) -> None:
+        self.futures = futures
+
+    def result(self) -> list[Completion]:
+        """Wait for every actor's part; the completions in prompt order."""
+        import ray
+
+        return [c for part in ray.get(self.futures) for c in part]
 
 
 def _split(n: int, parts: int) -> list[tuple[int, int]]:
@@ -117,14 +131,17 @@ class RolloutPool:
         self, prompts: Sequence[list[int]], sampling: SamplingSettings
     ) -> list[Completion]:
         """Completions for `prompts` (n per prompt, in prompt order), spread over the actors."""
-        import ray
+        return self.submit(prompts, sampling).result()
 
+    def submit(self, prompts: Sequence[list[int]], sampling: SamplingSettings) -> Pending:
+        """Ask for `generate`'s completions and return at once. Each actor runs its calls in
+        the order they came: a `sync` sent after this waits for these completions, which are
+        sampled on the weights the actors hold now (an overlapped rollout)."""
         chunks = [(a, b) for a, b in _split(len(prompts), len(self.actors)) if b > a]
-        futures = [
+        return Pending([
             actor.generate.remote(list(prompts[a:b]), sampling)
             for actor, (a, b) in zip(self.actors, chunks, strict=False)
-        ]
-        return [c for part in ray.get(futures) for c in part]
+        ])  # fmt: skip
 
     def score(
         self, sequences: Sequence[list[int]], starts: Sequence[int], k: int
