@@ -20,7 +20,8 @@ CKA_CORE = ("cka.stats", "cka.capture", "cka.live")
 LAYERS = [
     # foundations
     {"errors", "config", "paths", "specs", "modes", "chunked", "allocator", *CKA_CORE},
-    {"models", "lineage", "train_utils", "raycluster", "data", "rollout"},  # store, plumbing
+    # store, plumbing
+    {"models", "lineage", "train_utils", "sharding", "raycluster", "data", "rollout"},
     {"world", "degrade", "distill", "evaluate", "cka", "importer"},  # the algorithms
     {"report", "pipelines", "sweep", "cli"},  # recipes and entry points
 ]

@@ -85,6 +85,15 @@ def test_vllm_scoring_needs_top_k_and_cka_needs_exact_scoring():
         load_config(RecoverConfig, None, ["scoring=vllm", "loss.topk=5", "loss.cka_weight=0.1"])
 
 
+def test_overlap_needs_vllm_rollouts_on_policy():
+    for extra in (["rollout.engine=hf"], ["mode=off_policy", "teacher=base"]):
+        with pytest.raises(ConfigError, match=r"rollout\.overlap=1.*rollout\.engine=vllm"):
+            load_config(RecoverConfig, None, ["rollout.overlap=1", *extra])
+    with pytest.raises(ConfigError, match=r"rollout\.overlap"):
+        load_config(RecoverConfig, None, ["rollout.overlap=2"])
+    assert load_config(RecoverConfig, None, ["rollout.overlap=1"]).rollout.overlap == 1
+
+
 def test_empty_demonstration_names_file_and_line(tmp_path):
     facts = tasks.WorldFacts.generate(0)
     import random

@@ -68,6 +68,11 @@ class MemorySpec(StrictModel):
     bf16_autocast: bool | None = Field(
         None, description="bf16 matmuls where supported; None: on for GPU, stage default on CPU"
     )
+    fsdp: bool = Field(
+        False,
+        description="shard weights, gradients and optimizer state over the workers (FSDP2, a "
+        "group per decoder layer); off: every worker holds the whole model (DDP)",
+    )
     cpu_allocator: Literal["auto", "heap", "system"] = Field(
         "auto",
         description="CPU workers: heap (reuse freed memory), system (the C library's), auto: "

@@ -25,14 +25,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdftlab.sharding import no_sync, unwrap  # noqa: F401 (the training loops' `tu.` names)
+
 OPTIM_FILE = "optimizer.safetensors"
 STATE_FILE = "train_state.json"
 LIVE_CKA_FILE = "live_cka.json"  # in a saved state: its live CKA measurements, step by step
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if hasattr(model, "module") else model
 
 
 class _RayTrainRecords(logging.Filter):
@@ -105,46 +102,44 @@ def micro_batches(n: int, size: int | None) -> list[slice]:
     return [slice(i, min(i + step, n)) for i in range(0, n, max(step, 1))]
 
 
-def no_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-    """DDP's `no_sync` for a micro-batch whose gradients are not yet to be all-reduced."""
-    if sync or not hasattr(model, "no_sync"):
-        return contextlib.nullcontext()
-    return model.no_sync()
-
-
 def peak_rss_gb() -> float:
     """This process's peak resident memory so far, in GB (the kernel's high-water mark)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (2**30 if sys.platform == "darwin" else 2**20)  # bytes on macOS, KiB on Linux
 
 
-def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    """AdamW state as safetensors (tensors) + JSON (scalars), keyed by parameter index."""
+def save_optimizer(state: dict[str, Any], directory: Path) -> None:
+    """An optimizer's whole state (`sharding.optimizer_state`: keyed by parameter name) as
+    safetensors (tensors, `NAME:KEY`) + JSON (scalars and the parameter groups)."""
     tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {"param_groups": optimizer.state_dict()["param_groups"]}
-    for index, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
+    scalars: dict[str, Any] = {"param_groups": state["param_groups"]}
+    for name, values in state["state"].items():
+        for key, value in values.items():
             if torch.is_tensor(value) and value.ndim > 0:
-                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+                tensors[f"{name}:{key}"] = value.detach().contiguous().cpu()
             else:
-                scalars[f"{index}.{key}"] = float(value)
+                scalars[f"{name}:{key}"] = float(value)
     save_file(tensors, str(directory / OPTIM_FILE))
     (directory / "optimizer_scalars.json").write_text(json.dumps(scalars))
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path):
+    """`save_optimizer`'s files back into `optimizer` (sharded: each rank keeps its shards)."""
+    from sdftlab.sharding import load_optimizer_state
+
     tensors = load_file(str(directory / OPTIM_FILE))
     scalars = json.loads((directory / "optimizer_scalars.json").read_text())
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[str, dict[str, Any]] = {}
     for name, value in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
+        param, key = name.rsplit(":", 1)
+        state.setdefault(param, {})[key] = value
     for name, value in scalars.items():
         if name == "param_groups":
             continue
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = torch.tensor(value)
-    optimizer.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
+        param, key = name.rsplit(":", 1)
+        state.setdefault(param, {})[key] = torch.tensor(value)
+    whole = {"state": state, "param_groups": scalars["param_groups"]}
+    load_optimizer_state(model, optimizer, whole)
 
 
 def write_train_state(directory: Path, **values: Any) -> None:
@@ -317,30 +312,43 @@ def save_checkpoint(
     final: bool,
     extra: dict[str, torch.nn.Module] | None = None,
     live_cka: list[dict[str, float]] | None = None,
-) -> None:
+) -> bool:
     """A Ray Train checkpoint directory, safetensors only: the trainable parameters, each
     `extra` module's parameters (`<name>.safetensors`, e.g. an EMA teacher), the optimizer,
     the step and the live CKA measurements so far; with `final`, also the state itself under
-    `model/` (LoRA merged), the measurements beside it (`live_cka.json`)."""
+    `model/` (LoRA merged), the measurements beside it (`live_cka.json`).
 
-    def params(m: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
-        return {
-            n: p.detach().cpu().contiguous()
-            for n, p in m.named_parameters()
-            if p.requires_grad or not trainable_only
-        }
+    Called on every worker: a sharded model's state is gathered first (a collective); rank 0
+    writes. Returns whether this worker wrote the checkpoint."""
+    from sdftlab import sharding
 
-    save_file(params(model, True), str(directory / "trainable.safetensors"))
+    rank, _ = sharding.world()
+    sharded = sharding.is_sharded(model)
+    if rank != 0 and not sharded:
+        return False
+    state = sharding.full_state(model)  # every rank, when sharded
+    optimizer_state = sharding.optimizer_state(model, optimizer)
+    if rank != 0:
+        return False
+    bare = sharding.unwrap(model)
+    trainable = {n for n, p in bare.named_parameters() if p.requires_grad}
+    save_file(
+        {n: t.contiguous() for n, t in state.items() if n in trainable},
+        str(directory / "trainable.safetensors"),
+    )
     for name, module in (extra or {}).items():
-        save_file(params(module, False), str(directory / f"{name}.safetensors"))
-    save_optimizer(optimizer, directory)
+        params = {n: p.detach().cpu().contiguous() for n, p in module.named_parameters()}
+        save_file(params, str(directory / f"{name}.safetensors"))
+    save_optimizer(optimizer_state, directory)
     write_train_state(directory, step=step, live_cka=live_cka or [])
     if final:
         from sdftlab.models import save_final
 
-        save_final(model, tokenizer, directory / "model")
+        whole = sharding.unsharded_copy(bare, state) if sharded else bare
+        save_final(whole, tokenizer, directory / "model")
         if live_cka:
             (directory / "model" / LIVE_CKA_FILE).write_text(json.dumps(live_cka, indent=1))
+    return True
 
 
 def read_live_cka(directory: Path) -> list[dict[str, float]]:
@@ -375,9 +383,9 @@ def make_trainer(
     datasets: dict[str, Any],
     callbacks: Sequence[Any] = (),
 ) -> Any:
-    """The `TorchTrainer` every training stage uses: `num_workers` DDP workers (gloo on CPU,
-    NCCL on GPU), the latest checkpoint kept under the Ray storage path, and `max_failures`
-    restarts from it when a worker dies.
+    """The `TorchTrainer` every training stage uses: `num_workers` workers (DDP or FSDP2,
+    `sharding`; gloo on CPU, NCCL on GPU), the latest checkpoint kept under the Ray storage
+    path, and `max_failures` restarts from it when a worker dies.
 
     The datasets reach the workers in order (`preserve_order`): batches are then the same
     from run to run whatever the load, and a resumed worker that skips the batches it had
@@ -417,7 +425,9 @@ def make_trainer(
             callbacks=list(callbacks),
         ),
         datasets=datasets,
-        dataset_config=DataConfig(execution_options=ingest),
+        # every worker reads every row in the same order and takes its rows of each global
+        # batch (`sharding.rank_rows`): a step's batch is the same for 1 or N workers
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
     )
 
 
@@ -479,13 +489,16 @@ def live_cka(
     tokenizer: Any,
     device: torch.device,
     resident: dict[str | None, torch.nn.Module],
+    everywhere: bool = False,
 ) -> Any:
     """The worker's half: on rank 0, a `cka.live.LiveCKA` with the reference's states captured
     (from a `resident` model that holds the reference's weights — the frozen teacher, the
-    student before its first step — or else loaded and let go); None elsewhere or when off."""
+    student before its first step — or else loaded and let go); None elsewhere or when off.
+    `everywhere`: on every rank (a sharded student's forward is a collective; rank 0's
+    measurement is the one reported)."""
     import ray.train
 
-    if probe is None or ray.train.get_context().get_world_rank() != 0:
+    if probe is None or (ray.train.get_context().get_world_rank() != 0 and not everywhere):
         return None
     from sdftlab.cka.live import LiveCKA
 

@@ -226,14 +226,23 @@ def capture_hidden_states(
     bare = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
     core = getattr(bare, "base_model", bare)  # the decoder, without the LM head
     device = next(model.parameters()).device
-    with torch.inference_mode():
-        out = core(
-            input_ids=batch.input_ids_BT.to(device),
-            attention_mask=batch.attention_mask_BT.long().to(device),
-            position_ids=batch.position_ids_BT.to(device),
-            output_hidden_states=True,
-            use_cache=False,
-        )
+    # An FSDP2 root (`sharding`) gathers its own shards (embeddings, final norm) only when it
+    # is called itself: gather them for the decoder's forward, free them after.
+    sharded = hasattr(model, "unshard") and hasattr(model, "reshard")
+    if sharded:
+        model.unshard()
+    try:
+        with torch.no_grad() if sharded else torch.inference_mode():
+            out = core(
+                input_ids=batch.input_ids_BT.to(device),
+                attention_mask=batch.attention_mask_BT.long().to(device),
+                position_ids=batch.position_ids_BT.to(device),
+                output_hidden_states=True,
+                use_cache=False,
+            )
+    finally:
+        if sharded:
+            model.reshard()
     hidden = out.hidden_states
     depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     if hidden is None or (depth is not None and len(hidden) != depth + 1):

@@ -1,7 +1,8 @@
 """Multi-round supervised fine-tuning on Ray Train: how the expert and the forgetting are made.
 
 Each round is one `TorchTrainer` run (CPU workers with gloo here, GPU workers with NCCL on a
-cluster — the same code; `num_workers > 1` is DDP): full fine-tuning or LoRA (merged into
+cluster — the same code; `num_workers > 1` is DDP, or FSDP2 with `memory.fsdp`, `sharding`;
+the loss is the mean over every worker's tokens): full fine-tuning or LoRA (merged into
 the saved state), loss on the assistant tokens only, optional replay of general chat data in
 every batch (≈ 25% keeps a fine-tuned model able to use a demonstration in its prompt, which
 is what makes it a usable SDFT teacher), Ray Train checkpoints (safetensors) every
@@ -28,19 +29,21 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import Field, model_validator
 
+from sdftlab import sharding
 from sdftlab.cka.live import due, live_cka_text
 from sdftlab.config import StrictModel
 from sdftlab.data.chat import ChatTokenizer, count_assistant_tokens, example_to_row
 from sdftlab.data.loaders import iter_jsonl, load_task_file, task_source, world_task_file
 from sdftlab.errors import ConfigError
 from sdftlab.lineage import Lineage, StateMeta
+from sdftlab.sharding import global_tokens, mean_over_workers
 from sdftlab.specs import LiveCKASpec, LoraSpec, MemorySpec
 
 
@@ -83,7 +86,7 @@ class SFTConfig(StrictModel):
     )
     num_workers: int = Field(1, gt=0)
     use_gpu: bool = False
-    cpus_per_worker: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(1, gt=0)
     threads_per_worker: int = Field(2, gt=0)
     checkpoint_every: int = Field(100, gt=0)
     log_every: int = Field(25, gt=0)
@@ -147,7 +150,8 @@ def sft_step(
     from sdftlab.chunked import chunked_cross_entropy
 
     batch = tu.pack_padded(batch) if cfg.padding_free else tu.trim_padding(batch)
-    n_tokens = int((batch["labels"][:, 1:] != -100).sum())  # the step's, for every micro-batch
+    # the step's tokens on every worker: the loss is the mean over all of them
+    n_tokens = global_tokens(int((batch["labels"][:, 1:] != -100).sum()))
     head = tu.output_layer(model)
     parts = tu.micro_batches(len(batch["labels"]), cfg.memory.micro_batch_size)
     total = 0.0
@@ -170,7 +174,7 @@ def sft_step(
                 )
             loss.backward()
         total += float(loss.detach())
-    return total
+    return mean_over_workers(total)
 
 
 def sft_worker_loop(config: dict[str, Any]) -> None:
@@ -195,25 +199,28 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
     if cfg.memory.gradient_checkpointing:
         tu.enable_checkpointing(model)
     model = tu.with_lora(model, cfg.lora)
-    live = tu.live_cka(config["live_cka"], tokenizer, device, {config["init_dir"]: model})
+    live = tu.live_cka(config["live_cka"], tokenizer, device, {config["init_dir"]: model},
+                       everywhere=cfg.memory.fsdp)  # fmt: skip
     start, live_history = 0, []
     checkpoint = ray.train.get_checkpoint()
-    model = ray.train.torch.prepare_model(model)
+    if checkpoint is not None:  # the trained weights, before the model is sharded
+        with checkpoint.as_directory() as d:
+            tu.load_parameters(model, Path(d) / "trainable.safetensors")
+    bf16 = cfg.memory.autocast_on(cfg.use_gpu, cpu_default=True)
+    model = sharding.prepare(model, cfg.memory.fsdp, bf16)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            tu.load_parameters(tu.unwrap(model), Path(d) / "trainable.safetensors")
-            tu.load_optimizer(optimizer, Path(d))
+            tu.load_optimizer(model, optimizer, Path(d))
             start, live_history = tu.read_train_state(Path(d))["step"], tu.read_live_cka(Path(d))
-    per_worker = cfg.batch_size // cfg.num_workers
-    shard = ray.train.get_dataset_shard("train")
+    rank, size = sharding.world()
+    shard = ray.train.get_dataset_shard("train")  # every worker reads every row, in order
     batches = tu.cycle_epochs(
         lambda: shard.iter_torch_batches(
-            batch_size=per_worker,
+            batch_size=cfg.batch_size,
             drop_last=True,
-            device=device,
-            local_shuffle_buffer_size=4 * per_worker,
+            local_shuffle_buffer_size=4 * cfg.batch_size,
             local_shuffle_seed=cfg.seed,
         )
     )
@@ -222,7 +229,7 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
     for step in range(start, cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = tu.warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr)
-        batch = next(batches)
+        batch = {k: v.to(device) for k, v in sharding.rank_rows(next(batches), rank, size).items()}
         tokens += int(batch["attention_mask"].sum())
         optimizer.zero_grad(set_to_none=True)
         losses.append(sft_step(model, batch, cfg, device))
@@ -241,7 +248,6 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
             cka = live.measure(tu.unwrap(model))
             metrics |= cka
             live_history.append({"step": done, **cka})
-        rank = ray.train.get_context().get_world_rank()
         if rank == 0 and (done % cfg.log_every == 0 or done in (start + 1, cfg.steps)):
             print(
                 f"[sft] step {done:4d}/{cfg.steps}  loss {metrics['loss']:.4f}"
@@ -252,14 +258,12 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
             )
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             with tempfile.TemporaryDirectory() as d:
-                if rank == 0:
-                    tu.save_checkpoint(
-                        tu.unwrap(model), tokenizer, optimizer, Path(d), done,
-                        final=done == cfg.steps, live_cka=live_history,
-                    )  # fmt: skip
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-                else:
-                    ray.train.report(metrics)
+                wrote = tu.save_checkpoint(
+                    model, tokenizer, optimizer, Path(d), done,
+                    final=done == cfg.steps, live_cka=live_history,
+                )  # fmt: skip
+                checkpoint = ray.train.Checkpoint.from_directory(d) if wrote else None
+                ray.train.report(metrics, checkpoint=checkpoint)
         elif done % cfg.log_every == 0 or measure:
             ray.train.report(metrics)
         tu.kill_point(done)
@@ -299,8 +303,10 @@ def run_sft(
     data_dir: Path | None = None,
     log: Callable[[str], None] = print,
     overwrite: bool = False,
+    callbacks: Sequence[Any] = (),
 ) -> StateMeta:
-    """SFT `src` for `cfg.n_rounds` rounds; save each round (the last as `dst`); its meta."""
+    """SFT `src` for `cfg.n_rounds` rounds; save each round (the last as `dst`); its meta.
+    `callbacks`: Ray Train callbacks, given every round's reports."""
     from sdftlab import train_utils as tu
     from sdftlab.raycluster import ensure_ray
 
@@ -338,6 +344,7 @@ def run_sft(
             cpus_per_worker=cfg.cpus_per_worker,
             max_failures=cfg.max_failures,
             datasets={"train": dataset},
+            callbacks=callbacks,
         )
         t0 = time.perf_counter()
         result = trainer.fit()

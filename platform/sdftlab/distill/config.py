@@ -107,6 +107,11 @@ class RecoverConfig(StrictModel):
             raise ValueError("scoring=vllm gives top-k teacher log-probs: set loss.topk (e.g. 20)")
         if self.loss.cka_weight > 0 and self.scoring != "exact":
             raise ValueError("loss.cka_weight needs teacher hidden states: use scoring=exact")
+        if self.teacher == "ema" and self.memory.fsdp:
+            raise ValueError(
+                "teacher=ema averages the student's full weights beside it: use it without "
+                "memory.fsdp (or a frozen state as teacher with memory.fsdp=true)"
+            )
         if self.teacher == "ema" and self.lora is not None:
             raise ValueError("teacher=ema averages full weights: use it without lora")
         if self.rollout.overlap and (self.mode == "off_policy" or self.rollout.engine != "vllm"):

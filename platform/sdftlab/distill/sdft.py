@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdftlab import sharding
 from sdftlab.cka.live import due, live_cka_text
 from sdftlab.config import trust_remote_code
 from sdftlab.data.loaders import iter_jsonl, row_to_example, task_source
@@ -285,8 +286,9 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
     tu.use_cpu_allocator(cfg.memory, model, device)  # the same arithmetic either way
     teacher = build_teacher(cfg, model, config, tokenizer.pad_token_id, device)
     live = tu.live_cka(
-        config["live_cka"], tokenizer, device, resident_models(config, model, teacher)
-    )
+        config["live_cka"], tokenizer, device, resident_models(config, model, teacher),
+        everywhere=cfg.memory.fsdp,
+    )  # fmt: skip
     start, checkpoint, live_history = 0, ray.train.get_checkpoint(), []
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -294,18 +296,19 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
             for file, module in teacher_modules(teacher).items():
                 tu.load_parameters(module, Path(d) / f"{file}.safetensors")
             start, live_history = tu.read_train_state(Path(d))["step"], tu.read_live_cka(Path(d))
-    model = ray.train.torch.prepare_model(model)
+    model = sharding.prepare(model, cfg.memory.fsdp, cfg.memory.autocast_on(cfg.use_gpu, False))
     bare = tu.unwrap(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            tu.load_optimizer(optimizer, Path(d))
+            tu.load_optimizer(model, optimizer, Path(d))
     pool = config.get("rollout_pool")
-    engine = pool or HFEngine(bare, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    engine = pool or HFEngine(bare, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                              synced=cfg.memory.fsdp)  # fmt: skip
     wait_for_engines(config, cfg, teacher, bare, rank, resumed=start > 0)
     log = StepLog(cfg, world, start, live_history)
-    rollouts = RolloutStream(cfg, engine, prompt_batches(cfg, world, skip=start), rank, log)
+    rollouts = RolloutStream(cfg, engine, prompt_batches(cfg, skip=start), rank, log)
     model.train()
     for step in range(start, cfg.steps):
         for group in optimizer.param_groups:
@@ -318,8 +321,7 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
         optimizer.step()
         sync_s = teacher.after_step(bare, rank)
         log.start("sync_s")
-        if rank == 0 and pool is not None:  # the next rollouts are on-policy (or one behind)
-            pool.sync(named_weights_for_sync(bare))
+        push_weights(pool, bare, rank)  # the next rollouts are on-policy (or one behind)
         if world > 1:
             torch.distributed.barrier()
         measure = due(cfg.live_cka.every, step + 1, cfg.steps)  # asked on every rank
@@ -327,7 +329,7 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
         metrics = log.finish(step, result, batch, optimizer, extra_sync_s=sync_s, live=cka)
         save = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
         if save:
-            report_checkpoint(metrics, bare, tokenizer, optimizer, teacher, step + 1, cfg, rank,
+            report_checkpoint(metrics, bare, tokenizer, optimizer, teacher, step + 1, cfg,
                               log.live_history)  # fmt: skip
         elif (step + 1) % cfg.log_every == 0 or measure:  # a report: a controller round trip
             ray.train.report(metrics)
@@ -359,34 +361,46 @@ def wait_for_engines(
         up_s = pool.wait_ready()
         if rank == 0 and up_s:
             print(f"[sdft] vLLM engines up ({up_s:.0f}s to load)", flush=True)
-    if resumed and rank == 0 and config.get("rollout_pool") is not None:
-        config["rollout_pool"].sync(named_weights_for_sync(bare))
+    if resumed:
+        push_weights(config.get("rollout_pool"), bare, rank)
+    if resumed and rank == 0:
         for module in teacher_modules(teacher).values():
             if config.get("teacher_pool") is not None:
                 config["teacher_pool"].sync(named_weights_for_sync(module))
 
 
-def prompt_batches(cfg: RecoverConfig, world: int, skip: int) -> Iterator[dict[str, Any]]:
-    """This worker's prompts, `prompts_per_step / world` a step, epoch after epoch; a resumed
-    run skips the `skip` steps it had done, so it continues with the prompts it had not seen."""
+def prompt_batches(cfg: RecoverConfig, skip: int) -> Iterator[dict[str, Any]]:
+    """This worker's prompts, `prompts_per_step / world` a step — its rows of each global
+    batch, which every worker reads in the same order — epoch after epoch; a resumed run skips
+    the `skip` steps it had done, so it continues with the prompts it had not seen."""
     import ray.train
 
     from sdftlab import train_utils as tu
 
-    per_worker = cfg.prompts_per_step // world
+    rank, size = sharding.world()
     shard = ray.train.get_dataset_shard("train")
     batches = tu.cycle_epochs(
         lambda: shard.iter_batches(
-            batch_size=per_worker,
+            batch_size=cfg.prompts_per_step,
             batch_format="numpy",
             drop_last=True,
-            local_shuffle_buffer_size=8 * per_worker,
+            local_shuffle_buffer_size=8 * cfg.prompts_per_step // size,
             local_shuffle_seed=cfg.seed,
         )
     )
     for _ in range(skip):
         next(batches)
-    return batches
+    return (sharding.rank_rows(batch, rank, size) for batch in batches)
+
+
+def push_weights(pool: Any, model: Any, rank: int) -> None:
+    """The student's weights to the rollout engines (none: nothing). A sharded student is
+    gathered first, on every rank; rank 0 sends."""
+    if pool is None:
+        return
+    state = sharding.full_state(model) if sharding.is_sharded(model) else None
+    if rank == 0:
+        pool.sync(named_weights_for_sync(model, state))
 
 
 class StepLog:
@@ -459,24 +473,21 @@ def report_checkpoint(
     teacher: Teacher,
     done: int,
     cfg: RecoverConfig,
-    rank: int,
     live_history: list[dict[str, float]],
 ) -> None:
-    """Report with a checkpoint (rank 0 writes it: safetensors, the EMA average beside, the
-    live CKA measurements so far)."""
+    """Report with a checkpoint (every rank gathers a sharded state, rank 0 writes it:
+    safetensors, the EMA average beside, the live CKA measurements so far)."""
     import ray.train
 
     from sdftlab import train_utils as tu
 
     with tempfile.TemporaryDirectory() as d:
-        if rank != 0:
-            ray.train.report(metrics)
-            return
-        tu.save_checkpoint(
+        wrote = tu.save_checkpoint(
             bare, tokenizer, optimizer, Path(d), done,
             final=done == cfg.steps, extra=teacher_modules(teacher), live_cka=live_history,
         )  # fmt: skip
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if wrote
+                         else None)  # fmt: skip
 
 
 def progress_line(m: dict[str, Any], steps: int) -> str:
@@ -542,6 +553,11 @@ def check_recovery(
                 f"rollout.engine=vllm: student {student!r} is NF4 (bitsandbytes), which the "
                 "vLLM rollout engine does not serve here; set rollout.engine=hf"
             )
+        if cfg.memory.fsdp:
+            raise ConfigError(
+                f"memory.fsdp: student {student!r} is NF4 (bitsandbytes), whose 4-bit weights "
+                "are not sharded here; set memory.fsdp=false (QLoRA keeps one replica a worker)"
+            )
         if cfg.teacher == "live" or cfg.scoring == "vllm":
             raise ConfigError(
                 "an NF4 student is distilled from an unquantized teacher state with "
@@ -577,6 +593,16 @@ def start_engines(cfg: RecoverConfig, student_dir: Path, teacher_dir: Path | Non
     return rollout_pool, teacher_pool
 
 
+def describe(cfg: RecoverConfig, n_rows: int, tasks: list[str]) -> str:
+    """The run in a line: teacher, mode, prompts, steps, loss, overlap."""
+    return (
+        f"teacher {cfg.teacher} ({cfg.teacher_context}), {cfg.mode}, {n_rows} prompts from "
+        f"{', '.join(tasks)}; {cfg.steps} steps × {cfg.prompts_per_step} prompts, loss "
+        f"{cfg.loss.kind}{'' if cfg.loss.topk is None else f' top-{cfg.loss.topk}'}"
+        f"{', rollouts overlapped' if cfg.rollout.overlap else ''}"
+    )
+
+
 def recover(
     lineage: Lineage,
     student: str,
@@ -601,12 +627,7 @@ def recover(
         lineage, cfg.live_cka, reference=student if teacher_dir is None else cfg.teacher,
         data=cfg.data[0], data_dir=data_dir,
     )  # fmt: skip
-    log(
-        f"SDFT {student} → {dst}: teacher {cfg.teacher} ({cfg.teacher_context}), {cfg.mode}, "
-        f"{n_rows} prompts from {', '.join(t for t, _ in files)}; {cfg.steps} steps × "
-        f"{cfg.prompts_per_step} prompts, loss {cfg.loss.kind}"
-        f"{'' if cfg.loss.topk is None else f' top-{cfg.loss.topk}'}"
-    )
+    log(f"SDFT {student} → {dst}: {describe(cfg, n_rows, [t for t, _ in files])}")
     ensure_ray()
     pools = start_engines(cfg, student_dir, teacher_dir)
     teacher_hash = (

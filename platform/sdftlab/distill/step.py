@@ -12,10 +12,11 @@ rows (the whole batch by default):
 4. the per-token divergence (forward KL by default; full vocabulary or top-k), each token
    weighted by the capped importance ratio min(π_trainer / π_engine, cap) of its sampled
    token, the output layer and the loss run `memory.chunk_tokens` at a time, divided by the
-   kept tokens of the whole step — so micro-batches add up to the step's mean;
+   kept tokens of the whole step on every worker — so micro-batches and workers add up to
+   the step's mean;
 5. optionally + w · (1 − CKA) between student and teacher hidden states on the
    micro-batch's valid tokens (weighted by its share of the step's tokens);
-6. backward (DDP all-reduces on the last micro-batch only).
+6. backward (DDP all-reduces, FSDP reduce-scatters, on the last micro-batch only).
 
 The caller clips and steps the optimizer, then calls `teacher.after_step`.
 """
@@ -32,6 +33,7 @@ from sdftlab.distill.batch import RolloutBatch, completion_hidden, padded_floats
 from sdftlab.distill.config import RecoverConfig
 from sdftlab.distill.losses import chunked_sdft_loss, mask_first_tokens
 from sdftlab.distill.teachers import Teacher
+from sdftlab.sharding import global_tokens, is_sharded, mean_over_workers, same_on_every_worker
 
 
 @dataclass
@@ -54,19 +56,20 @@ def sdft_step(
     from sdftlab.cka.stats import linear_cka_torch
 
     mask_first_k = cfg.loss.mask_first_k if cfg.mode == "on_policy" else 0
-    n_kept = batch.kept_tokens(mask_first_k)
-    n_valid = sum(len(c) for c in batch.completions)
+    n_local = batch.kept_tokens(mask_first_k)
+    n_kept = global_tokens(n_local)  # the mean over every worker's tokens (`sharding`)
+    n_valid = global_tokens(sum(len(c) for c in batch.completions))
     layers = cfg.loss.cka_layers if cfg.loss.cka_weight > 0 else []
     weighted = batch.engine_logprobs is not None and cfg.loss.importance_cap is not None
     head = tu.output_layer(student)
     autocast_on = cfg.memory.autocast_on(cfg.use_gpu, cpu_default=False)
-    sums = {"loss": 0.0, "divergence": 0.0, "importance_ratio": 0.0, "policy_drift": 0.0}
-    sums["cka"] = 0.0
-    teacher_s = 0.0
+    sums = dict.fromkeys(["loss", "divergence", "importance_ratio", "policy_drift", "cka"], 0.0)
     t0 = time.perf_counter()
     teacher.prepare(batch)
-    teacher_s += time.perf_counter() - t0
+    teacher_s = time.perf_counter() - t0
     parts = tu.micro_batches(len(batch), cfg.memory.micro_batch_size)
+    if is_sharded(student):  # each micro-batch's forward is a collective
+        same_on_every_worker(len(parts), "micro-batches")
     for i, rows in enumerate(parts):
         part = batch.rows(rows)
         with tu.no_sync(student, sync=i == len(parts) - 1):
@@ -109,8 +112,8 @@ def sdft_step(
         sums["importance_ratio"] += stats.get("importance_ratio", 0.0)
         sums["policy_drift"] += stats.get("policy_drift", 0.0)
     out: dict[str, Any] = {
-        "divergence": sums["divergence"],
-        "tokens": float(n_kept),
+        "divergence": mean_over_workers(sums["divergence"]),
+        "tokens": float(n_local),
         "teacher_s": teacher_s,
     }
     if weighted:
@@ -118,4 +121,4 @@ def sdft_step(
         out["policy_drift"] = sums["policy_drift"]
     if layers:
         out["cka"] = sums["cka"]
-    return StepResult(sums["loss"], out)
+    return StepResult(mean_over_workers(sums["loss"]), out)

@@ -60,13 +60,20 @@ class HFEngine:
 
     Prompts are generated `max_batch` at a time, left-padded; each sampled token's log-prob
     comes from the raw logits `generate` returns (as vLLM's default raw log-probs), so no
-    second forward pass is needed.
+    second forward pass is needed. `synced`: the model is sharded (FSDP), its forward a
+    collective, so every rank keeps stepping until all ranks' sequences are done.
     """
 
     def __init__(
-        self, model: Any, eos_token_id: int, pad_token_id: int, max_batch: int = 32
+        self,
+        model: Any,
+        eos_token_id: int,
+        pad_token_id: int,
+        max_batch: int = 32,
+        synced: bool = False,
     ) -> None:
         self.model = model
+        self.synced = synced  # a sharded model: every rank steps until all are done
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.max_batch = max_batch
@@ -107,6 +114,7 @@ class HFEngine:
             pad_token_id=self.pad_token_id,
             output_logits=True,
             return_dict_in_generate=True,
+            synced_gpus=self.synced,
         )
         new_BN = gen.sequences[:, width:]
         logp_BN = torch.stack(

@@ -172,11 +172,15 @@ class RolloutPool:
         self.actors = []
 
 
-def named_weights_for_sync(model: Any) -> dict[str, torch.Tensor]:
+def named_weights_for_sync(
+    model: Any, state: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """What the rollout engines need after a step, under Hugging Face parameter names.
 
     Full fine-tuning: every tensor of the state dict. LoRA: only the adapted layers, merged
-    (W + (α/r)·B A) — the adapter's effect, without a round trip through disk.
+    (W + (α/r)·B A) — the adapter's effect, without a round trip through disk. `state`: the
+    model's whole state dict gathered from shards (`sharding.full_state`), read instead of
+    the model's own (sharded) tensors.
     """
     try:
         from peft import PeftModel
@@ -188,11 +192,20 @@ def named_weights_for_sync(model: Any) -> dict[str, torch.Tensor]:
         out = {}
         for name, module in model.named_modules():
             if isinstance(module, LoraLayer) and module.active_adapters:
-                base = module.get_base_layer()
-                delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
                 clean = name.removeprefix("base_model.model.")
-                out[f"{clean}.weight"] = (base.weight.detach() + delta.detach()).float()
+                if state is None:
+                    base = module.get_base_layer().weight.detach()
+                    delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
+                else:  # plain linear adapters: (α/r)·B A from the gathered tensors
+                    base = state[f"{name}.base_layer.weight"]
+                    delta = sum(
+                        state[f"{name}.lora_B.{a}.weight"].float()
+                        @ state[f"{name}.lora_A.{a}.weight"].float()
+                        * module.scaling[a]
+                        for a in module.active_adapters
+                    )
+                out[f"{clean}.weight"] = (base + delta.detach()).float()
         return out
     # The tied head is sent too: vLLM's in-place reload re-creates the embedding tensor, and a
     # head left out would keep the old weights (measured: |Δ log p| 0.03 after a sync).
-    return {n: p.detach() for n, p in model.state_dict().items()}
+    return {n: p.detach() for n, p in (state or model.state_dict()).items()}
