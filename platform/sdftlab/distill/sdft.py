@@ -18,7 +18,7 @@ learning", arXiv 2601.19897). Each step:
    default, full vocabulary or top-k, first `mask_first_k` tokens masked, capped importance
    ratio engine → trainer), plus an optional CKA term, over micro-batches with the output
    layer chunked (`memory`); then the optimizer steps (full FT, LoRA, or QLoRA on an NF4
-   student; DDP over `num_workers`) and the teacher follows (`teachers`: the EMA update).
+   student; DDP or FSDP2 over `num_workers`, `sharding`) and the teacher follows (`teachers`).
 5. Rank 0 pushes the new weights (or LoRA-merged layers) to the rollout actors in memory and
    logs the sync time, so the next rollouts are on-policy (or one step behind, overlapped).
 6. Every `live_cka.every` steps (and at the last) rank 0 measures CKA to the reference state
