@@ -23,7 +23,7 @@ LAYERS = [
     # store, plumbing
     {"models", "lineage", "train_utils", "sharding", "raycluster", "data", "rollout"},
     {"world", "degrade", "distill", "evaluate", "cka", "importer"},  # the algorithms
-    {"report", "pipelines", "sweep", "cli"},  # recipes and entry points
+    {"report", "pipelines", "sweep", "plan", "cli"},  # recipes and entry points
 ]
 ALGORITHMS = LAYERS[2]
 

@@ -10,6 +10,7 @@
     sdftlab degrade prune --from expert --to pruned10 --ratio 0.1 [--importance taylor]
     sdftlab cka --a forgot --b expert [--data science] [--actors 2] [--plot cka.png] [key=value]
     sdftlab lineage [tree | list | show NAME | rm NAME]
+    sdftlab plan CONFIG [key=value ...]   each stage's memory per device, before any work
 
 Global: `--home DIR` (worlds and the default lineage; `$SDFTLAB_HOME`, else `./.sdftlab`) and
 `--lineage ROOT` (a path or a pyarrow.fs URI; `$SDFTLAB_LINEAGE`, else `<home>/lineage`).
@@ -218,6 +219,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Each training stage's memory per device and the devices it holds; status 2 when a
+    stage cannot fit (the same check a pipeline makes before it starts)."""
+    from sdftlab.config import load_config
+    from sdftlab.pipelines.graph import PipelineConfig, order
+    from sdftlab.plan import check, plan_pipeline, table
+
+    cfg = load_config(PipelineConfig, args.config, args.overrides)
+    plans = plan_pipeline(cfg, order(cfg.stages))
+    print(table(plans))
+    check(plans, cfg.resources)
+    print(f"{cfg.name}: every stage fits")
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from sdftlab.config import load_config
     from sdftlab.sweep import SweepConfig, run_sweep
@@ -325,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", help="a pipeline YAML (default: jobs/configs/forgetting.yaml)")
     demo.add_argument("overrides", nargs="*", metavar="key=value")
     demo.set_defaults(func=cmd_demo)
+
+    plan = sub.add_parser("plan", help="each stage's memory per device, before any work")
+    plan.add_argument("config", help="a pipeline YAML (jobs/configs/*.yaml)")
+    plan.add_argument("overrides", nargs="*", metavar="key=value")
+    plan.set_defaults(func=cmd_plan)
 
     sweep = sub.add_parser("sweep", help="Ray Tune sweep: teacher × pruning ratio × lr (× loss)")
     sweep.add_argument("config", help="a SweepConfig YAML (jobs/configs/sweep_*.yaml)")

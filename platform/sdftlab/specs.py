@@ -1,6 +1,6 @@
 """Config sections that more than one stage or command shares: LoRA adapters, the memory of a
-training step, evaluation (tasks, rows, the engine answers are generated with), CKA, and the
-CKA measured during training.
+training step, evaluation (tasks, rows, the engine answers are generated with), CKA, the
+CKA measured during training, and the resources a pipeline runs on.
 
 `MemorySpec` sets how a training step (SFT, SDFT, off-policy distillation) holds its
 activations — never the model or the arithmetic of the step:
@@ -26,10 +26,16 @@ activations — never the model or the arithmetic of the step:
 - `bf16_autocast`: bf16 matmuls where the hardware has them (CUDA; CPUs with AVX512-BF16 /
   AMX), fp32 weights and optimizer state. `None` means on for GPU workers, and off on CPU for
   SDFT (its documented tiny-world figures are fp32); SFT's default is on.
+- `fsdp`: shard weights, gradients and optimizer state over the stage's workers (FSDP2,
+  `sdftlab.sharding`) instead of a whole replica on each (DDP).
+
+`ResourcesSpec` says what a pipeline runs on (GPUs, their memory, the CPU machine's memory):
+`sdftlab plan` and the check before a pipeline runs hold each stage against it.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import Field
@@ -158,3 +164,18 @@ class LiveCKASpec(StrictModel):
     )
     rows: int = Field(16, ge=4, description="the probe: the first `rows` rows of `data`")
     batch_size: int = Field(8, gt=0, description="probe rows per forward (as `sdftlab cka`)")
+
+
+class ResourcesSpec(StrictModel):
+    """What the pipeline runs on, for `sdftlab plan` and the check before a run."""
+
+    gpus: int | None = Field(None, ge=0, description="GPUs of the cluster (None: not checked)")
+    gpu_memory_gb: float | None = Field(None, gt=0, description="memory of one GPU")
+    cpu_memory_gb: float | None = Field(
+        None, gt=0, description="memory of the machine the CPU stages run on (None: this one's)"
+    )
+
+    def cpu_budget(self) -> float:
+        if self.cpu_memory_gb is not None:
+            return self.cpu_memory_gb
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30

@@ -48,7 +48,7 @@ from sdftlab.config import TRUST_REMOTE_CODE_ENV, StrictModel, WorldConfig
 from sdftlab.errors import ConfigError
 from sdftlab.lineage import Lineage
 from sdftlab.pipelines.stages import KINDS, Job, WorldStage, kind_of, options
-from sdftlab.specs import CKASpec, EvalSpec
+from sdftlab.specs import CKASpec, EvalSpec, ResourcesSpec
 
 Log = Callable[[str], None]
 
@@ -98,6 +98,9 @@ class PipelineConfig(StrictModel):
     eval: EvalSpec = EvalSpec()
     cka: CKASpec
     report: ReportSpec = ReportSpec()
+    resources: ResourcesSpec = Field(
+        ResourcesSpec(), description="what it runs on: each stage is planned against it first"
+    )
 
     @field_validator("stages")
     @classmethod
@@ -232,10 +235,12 @@ def run_pipeline(
     from sdftlab.cka.run import compare_states, load_examples
     from sdftlab.data.loaders import count_rows
     from sdftlab.evaluate.run import default_task_files, evaluate_state
+    from sdftlab.plan import check, plan_pipeline
     from sdftlab.report import write_report
     from sdftlab.world.build import build_world_data
 
     names = order(cfg.stages)
+    check(plan_pipeline(cfg, names), cfg.resources)  # a stage that cannot fit: refused now
     if cfg.trust_remote_code:  # before Ray starts: its workers inherit the environment
         os.environ[TRUST_REMOTE_CODE_ENV] = "1"
     # One progress line per stage: no Ray Data or transformers progress bars (the workers

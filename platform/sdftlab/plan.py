@@ -1,0 +1,358 @@
+"""`sdftlab plan CONFIG`: each stage's memory per device and the devices it needs, before any
+work; a stage that cannot fit is refused with one message naming it, the figure and a fix.
+
+The plan reads the model's architecture, never its weights: the tiny world's config, an
+imported model's `config.json` (or its GGUF header), or — for a model not on this machine, as
+a cluster's paths are not — the published configs of the models the project's configs name
+(`KNOWN`). Each training worker is planned as the sum of what it holds at its peak:
+
+| part | bytes |
+|---|---|
+| weights (fp32 masters; NF4 layers of a quantized state: ½ byte + scales) | 4 P / S |
+| bf16 weights | autocast: 2 T (its cast cache); FSDP: two layers gathered |
+| gradients, AdamW moments, the step's temporaries | (4 + 8 + 4) T / S |
+| activations, a micro-batch of n tokens | n · L · a (checkpointing: n · (L · 4h + a)) |
+| attention scores (CPU, padded rows, math kernel) | rows · heads · t² · 4 · 2 per layer held |
+| logits, one chunk | 3 · 4 · chunk · V (chunk = all tokens when `chunk_tokens` is None) |
+| teacher | a frozen copy: 4 P (not sharded); live / adapters off / vLLM scoring: 0 |
+| runtime | 1.0 GiB on CPU (Python, torch, transformers, a Ray worker), 1.5 GiB on a GPU |
+
+P parameters, T trainable ones, S = workers when `memory.fsdp` (else 1), L layers, h hidden,
+a = 16 h + e (4 h + 2 kv + 4 I) bytes of activations per token and layer (the fp32 residual
+stream and norms, then q/k/v/o inputs and outputs and the gated MLP's at e bytes: 2 in bf16,
+4 in fp32). The sum is the right figure for a CPU, where freed pages are kept by the
+allocator rather than reused by the next phase; `benchmarks/plan_memory.py` compares it with
+measured peaks. vLLM actors are planned as weights + KV cache; evaluation and CKA as the
+model(s) in fp32 where they run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from sdftlab.errors import ConfigError
+from sdftlab.specs import ResourcesSpec
+
+GiB = 2**30
+RUNTIME_GIB = {"cpu": 1.0, "gpu": 1.5}
+# The prompt of an SDFT row as planned (the teacher's view: the question and the
+# demonstration), capped by rollout.max_model_len; the student's own prompt is shorter.
+SDFT_PROMPT_TOKENS = 512
+
+
+class PlanError(ConfigError):
+    """A stage that does not fit its devices."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool = True
+    nf4: bool = False  # the decoder layers' linear weights in 4 bits (a quantized state)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * (self.hidden // self.heads)
+
+    @property
+    def layer_params(self) -> int:
+        h, kv = self.hidden, self.kv_dim
+        bias = h + 2 * kv if self.qkv_bias else 0
+        return 2 * h * h + 2 * h * kv + bias + 3 * h * self.intermediate + 2 * h
+
+    @property
+    def params(self) -> int:
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        return self.layers * self.layer_params + embeddings + self.hidden  # + the final norm
+
+    def activation_bytes(self, element: int) -> int:
+        """Activations one token leaves per decoder layer for the backward pass."""
+        h = self.hidden
+        return 16 * h + element * (4 * h + 2 * self.kv_dim + 4 * self.intermediate)
+
+    @classmethod
+    def from_hf(cls, config: Any) -> Architecture:
+        return cls(
+            hidden=config.hidden_size, layers=config.num_hidden_layers,
+            heads=config.num_attention_heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            intermediate=config.intermediate_size, vocab=config.vocab_size,
+            tied=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=bool(getattr(config, "attention_bias", config.model_type == "qwen2")),
+        )  # fmt: skip
+
+
+# Published configs (config.json on the hub) of the models the project's configs name.
+KNOWN = {
+    "qwen2.5-7b-instruct": Architecture(3584, 28, 28, 4, 18944, 152064, tied=False),
+    "qwen2.5-3b-instruct": Architecture(2048, 36, 16, 2, 11008, 151936, tied=True),
+    "qwen2.5-0.5b-instruct": Architecture(896, 24, 14, 2, 4864, 151936, tied=True),
+    "smollm2-135m": Architecture(576, 30, 9, 3, 1536, 49152, tied=True, qkv_bias=False),
+}
+
+
+def import_architecture(path: str) -> Architecture:
+    """The architecture an import stage brings in, from its config (never its weights)."""
+    from transformers import AutoConfig
+
+    from sdftlab.importer import PACKAGED, packaged_path
+
+    local = packaged_path(path) if path in PACKAGED else Path(path).expanduser()
+    if local.is_dir() and (local / "config.json").is_file():
+        return Architecture.from_hf(AutoConfig.from_pretrained(local))
+    if local.is_file() and local.suffix.lower() == ".gguf":
+        return Architecture.from_hf(AutoConfig.from_pretrained(local.parent, gguf_file=local.name))
+    key = Path(path.rstrip("/")).name.lower()
+    if key in KNOWN:
+        return KNOWN[key]
+    raise PlanError(
+        f"plan: the architecture of import {path!r} is unknown here (no config.json on this "
+        f"machine, and not one of {', '.join(KNOWN)}); plan where the model's folder is readable"
+    )
+
+
+@dataclass
+class StagePlan:
+    name: str
+    kind: str
+    device: str  # "cpu" or "gpu"
+    parts: dict[str, float]  # GiB per device of the stage's largest process
+    budget: float  # GiB of that device
+    devices: int = 0  # GPUs the stage holds at once (0 on CPU)
+    fix: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.budget
+
+
+def weight_bytes(arch: Architecture) -> float:
+    """The model's weights as a worker holds them: fp32, or NF4 decoder layers (4 bits and a
+    scale per 64) beside fp32 embeddings and norms."""
+    if not arch.nf4:
+        return 4 * arch.params
+    linear = arch.layers * (arch.layer_params - 2 * arch.hidden)
+    return 4 * (arch.params - linear) + linear * (0.5 + 4 / 64)
+
+
+def trainer_parts(
+    arch: Architecture,
+    *,
+    trainable: int,
+    shards: int,
+    rows: int,
+    seq: int,
+    checkpointing: bool,
+    bf16: bool,
+    chunk: int | None,
+    padded_attention: bool,
+    device: str,
+) -> dict[str, float]:
+    """A training worker's memory at its peak, by part, in GiB (the module's table)."""
+    t = trainable
+    element = 2 if bf16 else 4
+    parts = {"weights": weight_bytes(arch) / shards}
+    if bf16:
+        parts["bf16 weights"] = 2 * 2 * arch.layer_params if shards > 1 else 2 * t
+    parts["gradients + AdamW"] = 16 * t / shards
+    tokens = rows * seq
+    per_token = arch.activation_bytes(element)
+    held_layers = 1 if checkpointing else arch.layers
+    parts["activations"] = tokens * (
+        arch.layers * 4 * arch.hidden + per_token if checkpointing else arch.layers * per_token
+    )
+    if padded_attention and device == "cpu":
+        parts["attention scores"] = held_layers * rows * arch.heads * seq * seq * 4 * 2
+    parts["logits"] = 3 * 4 * (chunk or tokens) * arch.vocab
+    parts = {k: v / GiB for k, v in parts.items()}
+    parts["runtime"] = RUNTIME_GIB[device]
+    return parts
+
+
+def lora_params(arch: Architecture, r: int, targets: list[str]) -> int:
+    """Trainable parameters of rank-r adapters on the named projections of every layer."""
+    h, kv, i = arch.hidden, arch.kv_dim, arch.intermediate
+    shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # fmt: skip
+    return arch.layers * sum(r * (a + b) for name, (a, b) in shapes.items() if name in targets)
+
+
+def _memory(stage: Any, arch: Architecture, rows: int, seq: int, device: str) -> dict[str, float]:
+    mem = stage.memory
+    trainable = arch.params if stage.lora is None else lora_params(
+        arch, stage.lora.r, stage.lora.target_modules
+    )  # fmt: skip
+    return trainer_parts(
+        arch, trainable=trainable, shards=stage.num_workers if mem.fsdp else 1,
+        rows=min(mem.micro_batch_size or rows, rows), seq=seq,
+        checkpointing=mem.gradient_checkpointing,
+        bf16=mem.autocast_on(stage.use_gpu, cpu_default=stage.kind == "sft"),
+        chunk=mem.chunk_for(arch.vocab), padded_attention=True, device=device,
+    )  # fmt: skip
+
+
+def plan_sft(name: str, stage: Any, arch: Architecture, res: ResourcesSpec) -> StagePlan:
+    device = "gpu" if stage.use_gpu else "cpu"
+    rows = stage.batch_size // stage.num_workers
+    parts = _memory(stage, arch, rows, stage.max_len, device)
+    return _finish(StagePlan(name, "sft", device, parts, _budget(res, device),
+                             stage.num_workers if stage.use_gpu else 0), stage)  # fmt: skip
+
+
+def plan_sdft(name: str, stage: Any, arch: Architecture, res: ResourcesSpec) -> StagePlan:
+    device = "gpu" if stage.use_gpu else "cpu"
+    rows = stage.prompts_per_step * stage.rollout.n // stage.num_workers
+    seq = SDFT_PROMPT_TOKENS + stage.rollout.max_new_tokens
+    seq = min(seq, stage.rollout.max_model_len or seq)
+    parts = _memory(stage, arch, rows, seq, device)
+    frozen_copy = stage.scoring == "exact" and stage.teacher != "live"
+    if frozen_copy:  # a frozen teacher state or the EMA average, beside every worker
+        parts["teacher copy"] = 4 * arch.params / GiB
+    if stage.rollout.engine == "hf" and stage.mode == "on_policy":  # generate's KV cache
+        parts["rollout KV cache"] = rows * seq * arch.layers * 2 * arch.kv_dim * 4 / GiB
+    engines = stage.rollout.actors * (stage.scoring == "vllm" and stage.teacher != "live")
+    actors = stage.rollout.actors if stage.rollout.engine == "vllm" else 0
+    gpus = (stage.num_workers if stage.use_gpu else 0) + int(
+        (actors + engines) * stage.rollout.gpus_per_actor
+    )
+    plan = StagePlan(name, "sdft", device, parts, _budget(res, device), gpus)
+    if actors and stage.rollout.gpus_per_actor >= 1:
+        engine_gib = engine_weights(arch, stage.rollout.dtype)
+        plan.notes.append(f"each vLLM actor: weights {engine_gib:.1f} GiB + its KV cache")
+        if res.gpu_memory_gb is not None and engine_gib > 0.9 * res.gpu_memory_gb:
+            plan.parts = {"vLLM engine weights": engine_gib}
+            plan.budget = 0.9 * res.gpu_memory_gb
+            plan.fix = "give the engines more GPUs (tensor parallelism) or a smaller model"
+            return plan
+    return _finish(plan, stage)
+
+
+def engine_weights(arch: Architecture, dtype: str) -> float:
+    return arch.params * (4 if dtype == "float32" else 2) / GiB
+
+
+def _budget(res: ResourcesSpec, device: str) -> float:
+    if device == "cpu":
+        return res.cpu_budget()
+    if res.gpu_memory_gb is None:
+        raise PlanError(
+            "plan: a stage trains on GPUs (use_gpu: true) but the config gives no "
+            "resources.gpu_memory_gb; set it to one GPU's memory (e.g. 48 for an L40S)"
+        )
+    return res.gpu_memory_gb
+
+
+def _finish(plan: StagePlan, stage: Any) -> StagePlan:
+    """The fix to print when the stage does not fit: the largest part's remedy."""
+    if plan.fits:
+        return plan
+    parts = plan.parts
+    largest = max(parts, key=parts.get)
+    if largest in ("weights", "gradients + AdamW") and not stage.memory.fsdp:
+        need = _workers_needed(plan, stage)
+        plan.fix = f"shard it (memory.fsdp=true, num_workers ≥ {need}) or train LoRA (lora.r=16)"
+    elif largest in ("weights", "gradients + AdamW"):
+        plan.fix = f"more workers (num_workers ≥ {_workers_needed(plan, stage)}) or lora.r=16"
+    elif largest == "teacher copy":
+        plan.fix = "score the teacher on vLLM actors (scoring=vllm, loss.topk=20)"
+    elif largest in ("activations", "attention scores", "logits"):
+        plan.fix = "smaller micro-batches (memory.micro_batch_size) with checkpointing"
+    else:
+        plan.fix = "a device with more memory"
+    return plan
+
+
+def _workers_needed(plan: StagePlan, stage: Any) -> int:
+    # what sharding divides (the bf16 cast cache becomes two gathered layers: left out)
+    sharded = sum(plan.parts.get(k, 0.0) for k in ("weights", "gradients + AdamW", "bf16 weights"))
+    whole = sharded * (stage.num_workers if stage.memory.fsdp else 1)
+    rest = plan.total - sharded
+    room = plan.budget - rest
+    return max(2, int(whole // room) + 1) if room > 0 else 0
+
+
+PLANNERS: dict[str, Callable[..., StagePlan]] = {"sft": plan_sft, "sdft": plan_sdft}
+
+
+def architectures(stages: dict[str, Any], in_order: list[str]) -> dict[str, Architecture]:
+    """Every state's architecture, the stages taken `in_order` (inputs first; a pruned state
+    has its narrower FFN)."""
+    from sdftlab.degrade.prune import kept_width
+
+    out: dict[str, Architecture] = {}
+    for name in in_order:
+        stage = stages[name]
+        if stage.kind == "world":
+            m = stage.model
+            out[name] = Architecture(m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads,
+                                     m.intermediate_size, stage.vocab_size, tied=True)  # fmt: skip
+        elif stage.kind == "import":
+            out[name] = import_architecture(stage.path)
+        elif stage.kind == "quantize":
+            out[name] = replace(out[stage.source], nf4=True)
+        elif stage.kind == "prune":
+            src = out[stage.source]
+            width = kept_width(src.intermediate, stage.ratio, stage.multiple_of)
+            out[name] = replace(src, intermediate=width)
+        else:
+            out[name] = out[stage.source]
+    return out
+
+
+def plan_pipeline(cfg: Any, in_order: list[str]) -> list[StagePlan]:
+    """The plan of every training stage of a pipeline config (`pipelines.graph.order` gives
+    `in_order`)."""
+    arch = architectures(cfg.stages, in_order)
+    res = cfg.resources
+    return [
+        PLANNERS[cfg.stages[name].kind](name, cfg.stages[name], arch[cfg.stages[name].source], res)
+        for name in in_order
+        if cfg.stages[name].kind in PLANNERS
+    ]
+
+
+def check(plans: list[StagePlan], res: ResourcesSpec) -> None:
+    """One error for the first stage that does not fit (its figure and the fix)."""
+    for plan in plans:
+        if not plan.fits:
+            raise PlanError(
+                f"stage {plan.name!r} ({plan.kind}) needs {plan.total:.1f} GiB per "
+                f"{plan.device.upper()} ({_largest(plan)}) but one has {plan.budget:.1f} GiB: "
+                f"{plan.fix}"
+            )
+        if res.gpus is not None and plan.devices > res.gpus:
+            raise PlanError(
+                f"stage {plan.name!r} ({plan.kind}) holds {plan.devices} GPUs at once but the "
+                f"cluster has {res.gpus}: fewer workers or actors, or a larger cluster"
+            )
+
+
+def _largest(plan: StagePlan) -> str:
+    parts = sorted(plan.parts.items(), key=lambda kv: -kv[1])[:2]
+    return ", ".join(f"{k} {v:.1f}" for k, v in parts)
+
+
+def table(plans: list[StagePlan]) -> str:
+    """The plan as a text table: per stage, device, GPUs, each part, total and budget."""
+    lines = [f"{'stage':<16} {'kind':<5} {'dev':<4} {'GPUs':>4} {'GiB':>7} {'of':>7}  parts"]
+    for p in plans:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in p.parts.items())
+        mark = "" if p.fits else "  ← does not fit: " + p.fix
+        lines.append(f"{p.name:<16} {p.kind:<5} {p.device:<4} {p.devices:>4} {p.total:>7.2f} "
+                     f"{p.budget:>7.1f}  {parts}{mark}")  # fmt: skip
+        lines += [f"{'':<16} {note}" for note in p.notes]
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""`sdftlab plan`: the architecture read without weights, each stage's memory per device, the
+refusal of a stage that cannot fit, and the shipped configs planned as fitting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sdftlab.cli import main
+from sdftlab.config import load_config
+from sdftlab.pipelines.graph import PipelineConfig, order, run_pipeline
+from sdftlab.plan import KNOWN, Architecture, PlanError, check, import_architecture, plan_pipeline
+
+CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+PIPELINES = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith(("sweep", "world")))
+
+
+def test_the_parameter_count_is_the_models_own(small_world, smollm2):
+    _, lineage, _ = small_world
+    model = lineage.load_model("base")
+    arch = Architecture.from_hf(model.config)
+    assert arch.params == sum(p.numel() for p in model.parameters())
+    real_lineage, name = smollm2
+    real = real_lineage.load_model(name)
+    assert sum(p.numel() for p in real.parameters()) == KNOWN["smollm2-135m"].params
+    # the packaged GGUF's header gives the same architecture, without loading its weights
+    assert import_architecture("smollm2-135m") == KNOWN["smollm2-135m"]
+
+
+def test_a_7b_full_fine_tune_on_one_48gb_gpu_is_refused_with_the_fix():
+    cfg = load_config(PipelineConfig, CONFIGS / "forgetting_qwen7b.yaml", [
+        "stages.expert.memory.fsdp=false", "stages.expert.num_workers=1",
+    ])  # fmt: skip
+    plans = plan_pipeline(cfg, order(cfg.stages))
+    expert = next(p for p in plans if p.name == "expert")
+    assert expert.total > 100 and not expert.fits  # 7.6B × 16 bytes of state alone
+    with pytest.raises(PlanError, match=r"'expert'.*per GPU.*48\.0 GiB.*memory\.fsdp=true"):
+        check(plans, cfg.resources)
+    # sharded over 4 workers it fits: 1/4 of the weights, gradients and AdamW state
+    sharded = load_config(PipelineConfig, CONFIGS / "forgetting_qwen7b.yaml", [])
+    plan = next(p for p in plan_pipeline(sharded, order(sharded.stages)) if p.name == "expert")
+    assert plan.fits and plan.parts["weights"] == pytest.approx(expert.parts["weights"] / 4)
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.stem)
+def test_every_shipped_pipeline_plans_as_fitting(path):
+    cfg = load_config(PipelineConfig, path, [])
+    plans = plan_pipeline(cfg, order(cfg.stages))
+    assert plans  # every pipeline trains something
+    check(plans, cfg.resources)
+
+
+def test_too_many_gpus_for_the_cluster_is_refused():
+    cfg = load_config(PipelineConfig, CONFIGS / "forgetting_qwen7b.yaml", ["resources.gpus=4"])
+    with pytest.raises(PlanError, match=r"holds 8 GPUs at once but the cluster has 4"):
+        check(plan_pipeline(cfg, order(cfg.stages)), cfg.resources)
+
+
+def test_plan_command_prints_the_table_and_fails_on_a_stage_that_cannot_fit(capsys):
+    assert main(["plan", str(CONFIGS / "forgetting_smollm2.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "rec_expert" in out and "every stage fits" in out
+    small = "resources.cpu_memory_gb=2"
+    assert main(["plan", str(CONFIGS / "forgetting_smollm2.yaml"), small]) == 2
+    assert "needs" in capsys.readouterr().err
+
+
+def test_a_pipeline_that_cannot_fit_is_refused_before_any_work(tmp_path):
+    from sdftlab.lineage import Lineage
+
+    cfg = load_config(PipelineConfig, CONFIGS / "forgetting.yaml", ["resources.cpu_memory_gb=1"])
+    lineage = Lineage(tmp_path / "lineage")
+    with pytest.raises(PlanError, match=r"stage 'expert' \(sft\) needs .* GiB per CPU"):
+        run_pipeline(cfg, lineage, tmp_path, log=lambda _: None)
+    assert lineage.names() == []  # nothing was made
