@@ -33,7 +33,8 @@ The work, identical on both sides:
   `distillation_mode="full_logits" distillation_alpha=0 num_loss_tokens_to_skip=0
   distillation_is_clip=None`); AdamW (β 0.9/0.999, ε 1e-8, no weight decay), `--lr`, cosine
   decay to 0.1 × lr without warm-up, gradient clipping at norm 1; float32, no gradient
-  checkpointing, `--threads` torch threads (2), `steps` steps.
+  checkpointing, `--threads` torch threads (2), `steps` steps; sdftlab's live CKA off
+  (`live_cka.every=0`: TRL measures none).
 
 Sides: ``sdftlab vllm`` (`recover`, rollouts on one vLLM-CPU actor, new weights pushed to it in
 memory each step), ``sdftlab hf`` (`recover`, rollouts with transformers `generate` beside the
@@ -188,7 +189,7 @@ def run_sdftlab(
         f"rollout.max_new_tokens={args.max_new_tokens}", "scoring=exact",
         "loss.kind=forward_kl", "loss.mask_first_k=0", "loss.importance_cap=null",
         f"lr={args.lr}", "warmup_steps=0", "weight_decay=0", f"threads_per_worker={args.threads}",
-        "log_every=1", f"checkpoint_every={args.steps}", "seed=0", *rollout,
+        "log_every=1", f"checkpoint_every={args.steps}", "seed=0", "live_cka.every=0", *rollout,
     ])  # fmt: skip
     tee = _Tee(sys.stdout)
     t0 = time.perf_counter()

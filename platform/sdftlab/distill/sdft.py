@@ -324,6 +324,7 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
         push_weights(pool, bare, rank)  # the next rollouts are on-policy (or one behind)
         if world > 1:
             torch.distributed.barrier()
+        log.start("cka_s")  # the live CKA probe: its own phase, not the weight sync's
         measure = due(cfg.live_cka.every, step + 1, cfg.steps)  # asked on every rank
         cka = live.measure(bare) if measure and live is not None else {}
         metrics = log.finish(step, result, batch, optimizer, extra_sync_s=sync_s, live=cka)
