@@ -57,8 +57,9 @@ step (measured, mean over the timed steps); attention-score FLOPs and padding ar
 peak = best of several 2048 × 2048 float32 `torch.matmul`s on the same threads (2·n³ FLOPs each).
 
 Step boundaries: sdftlab's step time is its own per-step timing (Ray Data batch fetch, rollout,
-teacher scoring, train step, weight push to vLLM), read from its per-step progress lines
-(`log_every=1`); its mean (warm-up included) is recorded as `sdft/step_s` and kept in the JSON.
+train step with the teacher scoring inside it, weight push to vLLM), read from its per-step
+progress lines (`log_every=1`: data + rollout + train + sync; the line's `teacher` is part of
+its `train`); its mean (warm-up included) is recorded as `sdft/step_s` and kept in the JSON.
 TRL's is a `TrainerCallback` from `on_step_begin` to `on_step_end` (generation, teacher forward,
 student forward/backward, clip, optimizer and scheduler step). Neither includes logging or
 checkpoints. "run s" is the whole side's wall time (sdftlab: `recover` incl. Ray Train start-up,
@@ -205,8 +206,8 @@ def run_sdftlab(
     tokens = [m["tokens_per_s"] * m["step_s"]] * args.steps
     rows = _progress(tee.lines)
     if len(rows) == args.steps:
-        step_s = [r["rollout"] + r["teacher"] + r["train"] + r["sync_ms"] / 1e3 + r["data"]
-                  for r in rows]  # fmt: skip
+        # the progress line's `train` includes its `teacher` (scoring runs inside the step)
+        step_s = [r["rollout"] + r["train"] + r["sync_ms"] / 1e3 + r["data"] for r in rows]
         timing = "per-step progress lines"
     else:  # lines lost: fall back to the run's mean, warm-up included
         step_s = [m["step_s"]] * args.steps
