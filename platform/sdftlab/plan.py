@@ -12,7 +12,6 @@ a cluster's paths are not — the published configs of the models the project's 
 | bf16 weights | autocast: 2 T (its cast cache); FSDP: two layers gathered |
 | gradients, AdamW moments, the step's temporaries | (4 + 8 + 4) T / S |
 | activations, a micro-batch of n tokens | n · L · a (checkpointing: n · (L · 4h + a)) |
-| attention scores (CPU, padded rows, math kernel) | rows · heads · t² · 4 · 2 per layer held |
 | logits, one chunk | 3 · 4 · chunk · V (chunk = all tokens when `chunk_tokens` is None) |
 | teacher | a frozen copy: 4 P (not sharded); live / adapters off / vLLM scoring: 0 |
 | runtime | 1.0 GiB on CPU (Python, torch, transformers, a Ray worker), 1.5 GiB on a GPU |
@@ -21,9 +20,10 @@ P parameters, T trainable ones, S = workers when `memory.fsdp` (else 1), L layer
 a = 16 h + e (4 h + 2 kv + 4 I) bytes of activations per token and layer (the fp32 residual
 stream and norms, then q/k/v/o inputs and outputs and the gated MLP's at e bytes: 2 in bf16,
 4 in fp32). The sum is the right figure for a CPU, where freed pages are kept by the
-allocator rather than reused by the next phase; `benchmarks/plan_memory.py` compares it with
-measured peaks. vLLM actors are planned as weights + KV cache; evaluation and CKA as the
-model(s) in fp32 where they run.
+allocator rather than reused by the next phase. Attention runs through SDPA kernels that
+keep no [t, t] scores (measured: a term for them overestimated SmolLM2's SFT peak by 36%).
+`benchmarks/plan_memory.py` compares the plan with measured peaks. vLLM actors are planned
+as weights + KV cache; evaluation and CKA as the model(s) in fp32 where they run.
 """
 
 from __future__ import annotations
@@ -159,7 +159,6 @@ def trainer_parts(
     checkpointing: bool,
     bf16: bool,
     chunk: int | None,
-    padded_attention: bool,
     device: str,
 ) -> dict[str, float]:
     """A training worker's memory at its peak, by part, in GiB (the module's table)."""
@@ -171,12 +170,9 @@ def trainer_parts(
     parts["gradients + AdamW"] = 16 * t / shards
     tokens = rows * seq
     per_token = arch.activation_bytes(element)
-    held_layers = 1 if checkpointing else arch.layers
     parts["activations"] = tokens * (
         arch.layers * 4 * arch.hidden + per_token if checkpointing else arch.layers * per_token
     )
-    if padded_attention and device == "cpu":
-        parts["attention scores"] = held_layers * rows * arch.heads * seq * seq * 4 * 2
     parts["logits"] = 3 * 4 * (chunk or tokens) * arch.vocab
     parts = {k: v / GiB for k, v in parts.items()}
     parts["runtime"] = RUNTIME_GIB[device]
@@ -201,7 +197,7 @@ def _memory(stage: Any, arch: Architecture, rows: int, seq: int, device: str) ->
         rows=min(mem.micro_batch_size or rows, rows), seq=seq,
         checkpointing=mem.gradient_checkpointing,
         bf16=mem.autocast_on(stage.use_gpu, cpu_default=stage.kind == "sft"),
-        chunk=mem.chunk_for(arch.vocab), padded_attention=True, device=device,
+        chunk=mem.chunk_for(arch.vocab), device=device,
     )  # fmt: skip
 
 
@@ -269,7 +265,7 @@ def _finish(plan: StagePlan, stage: Any) -> StagePlan:
         plan.fix = f"more workers (num_workers ≥ {_workers_needed(plan, stage)}) or lora.r=16"
     elif largest == "teacher copy":
         plan.fix = "score the teacher on vLLM actors (scoring=vllm, loss.topk=20)"
-    elif largest in ("activations", "attention scores", "logits"):
+    elif largest in ("activations", "logits"):
         plan.fix = "smaller micro-batches (memory.micro_batch_size) with checkpointing"
     else:
         plan.fix = "a device with more memory"
