@@ -362,12 +362,12 @@ def wait_for_engines(
         up_s = pool.wait_ready()
         if rank == 0 and up_s:
             print(f"[sdft] vLLM engines up ({up_s:.0f}s to load)", flush=True)
-    if resumed:
-        push_weights(config.get("rollout_pool"), bare, rank)
-    if resumed and rank == 0:
+    if not resumed:
+        return
+    push_weights(config.get("rollout_pool"), bare, rank)
+    if rank == 0 and config.get("teacher_pool") is not None:
         for module in teacher_modules(teacher).values():
-            if config.get("teacher_pool") is not None:
-                config["teacher_pool"].sync(named_weights_for_sync(module))
+            config["teacher_pool"].sync(named_weights_for_sync(module))
 
 
 def prompt_batches(cfg: RecoverConfig, skip: int) -> Iterator[dict[str, Any]]:
