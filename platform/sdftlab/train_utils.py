@@ -275,12 +275,17 @@ def pack_padded(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.to(batch["input_ids"].device) for k, v in packed.items()}
 
 
-def cycle_epochs(make_iter: Any) -> Iterator[Any]:
-    """Iterate `make_iter()` again and again (one pass per epoch)."""
+def cycle_epochs(make_iter: Any, skip: int = 0) -> Iterator[Any]:
+    """Iterate `make_iter()` again and again (one pass per epoch), leaving out the first
+    `skip` items: a resumed worker passes the steps it had done, so it goes on with the
+    batches the killed run would have trained on next."""
     while True:
         empty = True
         for item in make_iter():
             empty = False
+            if skip:
+                skip -= 1
+                continue
             yield item
         if empty:
             raise RuntimeError("the training data shard is empty: give more rows or fewer workers")

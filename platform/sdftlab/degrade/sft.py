@@ -222,7 +222,8 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
             drop_last=True,
             local_shuffle_buffer_size=4 * cfg.batch_size,
             local_shuffle_seed=cfg.seed,
-        )
+        ),
+        skip=start,  # a resumed run goes on with the batches it had not trained on
     )
     model.train()
     t0, tokens, losses = time.perf_counter(), 0, []

@@ -385,12 +385,11 @@ def prompt_batches(cfg: RecoverConfig, skip: int) -> Iterator[dict[str, Any]]:
             batch_size=cfg.prompts_per_step,
             batch_format="numpy",
             drop_last=True,
-            local_shuffle_buffer_size=8 * cfg.prompts_per_step // size,
+            local_shuffle_buffer_size=8 * cfg.prompts_per_step,  # the same order on every worker
             local_shuffle_seed=cfg.seed,
-        )
+        ),
+        skip=skip,
     )
-    for _ in range(skip):
-        next(batches)
     return (sharding.rank_rows(batch, rank, size) for batch in batches)
 
 
