@@ -3,7 +3,9 @@
 Each row runs a pipeline's training stage for a few steps through the stage itself (`run_sft`,
 `recover`: one Ray Train worker on this CPU) and reads the worker's own peak resident memory
 (`sft/peak_rss_gb`, `sdft/peak_rss_gb`: the kernel's high-water mark), beside what the plan
-says for that stage's config and the state's architecture (`plan.plan_sft`, `plan.plan_sdft`):
+says for that stage's config, the state's architecture and — for SDFT — the data's longest
+teacher prompt (`plan.plan_sft`, `plan.plan_sdft`, `plan.prompt_tokens`), as `sdftlab plan`
+gives them once the task files are built:
 
 - tiny world: the `expert` SFT and `rec_expert` SDFT stages of `jobs/configs/forgetting.yaml`
   on a built default world (`--world-home`, a home where `sdftlab demo` or `sdftlab world
@@ -40,7 +42,7 @@ def stage(config: str, name: str, overrides: dict[str, Any]) -> Any:
 def run(kind: str, lineage: Any, src: str, spec: Any, data_dir: Path, arch: Any) -> dict:
     """Run the stage a few steps; its measured peak and its plan."""
     from sdftlab.pipelines.stages import options
-    from sdftlab.plan import plan_sdft, plan_sft
+    from sdftlab.plan import plan_sdft, plan_sft, prompt_tokens
     from sdftlab.specs import ResourcesSpec
 
     opts = options(spec)
@@ -54,7 +56,8 @@ def run(kind: str, lineage: Any, src: str, spec: Any, data_dir: Path, arch: Any)
         from sdftlab.distill.sdft import recover
 
         meta = recover(lineage, src, f"plan-{kind}", opts, **quiet)
-        planned = plan_sdft("x", spec, arch, ResourcesSpec())
+        prompt = prompt_tokens(spec, data_dir, lineage.resolve(src))  # the data's longest
+        planned = plan_sdft("x", spec, arch, ResourcesSpec(), prompt)
     measured = meta.metrics[f"{kind}/peak_rss_gb"]
     return {"planned": planned.total, "measured": measured, "parts": planned.parts,
             "error": planned.total / measured - 1}  # fmt: skip

@@ -74,3 +74,31 @@ def test_a_pipeline_that_cannot_fit_is_refused_before_any_work(tmp_path):
     with pytest.raises(PlanError, match=r"stage 'expert' \(sft\) needs .* GiB per CPU"):
         run_pipeline(cfg, lineage, tmp_path, log=lambda _: None)
     assert lineage.names() == []  # nothing was made
+
+
+def test_sdft_stages_are_planned_at_their_datas_longest_prompt(small_world):
+    """With the task files and a tokenizer here, an SDFT stage's step is sized by its rows'
+    longest teacher prompt (question and demonstration), not the assumed 512 tokens."""
+    import numpy as np
+
+    from sdftlab.distill.sdft import PromptEncoder, task_files
+    from sdftlab.pipelines.stages import options
+    from sdftlab.plan import SDFT_PROMPT_TOKENS
+
+    world, lineage, _ = small_world
+    cfg = load_config(PipelineConfig, CONFIGS / "forgetting.yaml", [])
+    assumed = {p.name: p for p in plan_pipeline(cfg, order(cfg.stages))}
+    measured = {p.name: p for p in plan_pipeline(cfg, order(cfg.stages), lineage, world.data_dir)}
+    stage = cfg.stages["rec_expert"]
+    (task, path), = task_files(options(stage), world.data_dir)  # fmt: skip
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    encode = PromptEncoder(str(lineage.resolve("base")), {path.name: task},
+                           options(stage).model_dump())  # fmt: skip
+    teacher = encode({"text": np.asarray(lines), "path": np.asarray([str(path)] * len(lines))})
+    longest = max(len(ids) for ids in teacher["teacher"])
+    assert 0 < longest < SDFT_PROMPT_TOKENS
+    assert f"prompts up to {longest} tokens" in measured["rec_expert"].notes[0]
+    new = stage.rollout.max_new_tokens
+    ratio = measured["rec_expert"].parts["activations"] / assumed["rec_expert"].parts["activations"]
+    assert ratio == pytest.approx((longest + new) / (SDFT_PROMPT_TOKENS + new))
+    assert measured["expert"].parts == assumed["expert"].parts  # SFT: sized by max_len

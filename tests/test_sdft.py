@@ -94,6 +94,48 @@ def test_overlap_needs_vllm_rollouts_on_policy():
     assert load_config(RecoverConfig, None, ["rollout.overlap=1"]).rollout.overlap == 1
 
 
+def test_weight_transfer_is_chosen_by_where_the_engines_run_and_refused_where_it_cannot():
+    def chosen(*overrides):
+        return load_config(RecoverConfig, None, list(overrides)).weight_transfer()
+
+    gpu = "use_gpu=true"
+    assert chosen() == "ray"  # CPU: the object store
+    assert chosen(gpu) == "ray"  # engines without GPUs
+    assert chosen(gpu, "rollout.gpus_per_actor=1") == "nccl"  # GPUs of their own
+    assert chosen(gpu, "rollout.gpus_per_actor=0.5") == "ipc"  # the one trainer's GPU
+    # engines sharing a GPU with one of several sharded workers: the object store
+    two = ("num_workers=2", "prompts_per_step=16", "rollout.gpus_per_actor=0.5")
+    assert chosen(gpu, *two) == "ray"
+    assert chosen(gpu, "rollout.gpus_per_actor=1", "rollout.weight_transfer=ray") == "ray"
+    with pytest.raises(ConfigError, match=r"weight_transfer=nccl.*use_gpu=true"):
+        chosen("rollout.weight_transfer=nccl")
+    with pytest.raises(ConfigError, match=r"weight_transfer=nccl.*gpus_per_actor ≥ 1"):
+        chosen(gpu, "rollout.gpus_per_actor=0.5", "rollout.weight_transfer=nccl")
+    with pytest.raises(ConfigError, match=r"weight_transfer=ipc.*one training worker"):
+        chosen(gpu, *two, "rollout.weight_transfer=ipc")
+
+
+def test_the_native_transfer_source_declares_what_it_sends_in_order(small_world):
+    """vLLM's transfer engines size their receive buffers from `metadata()` and then read the
+    tensors: both must list the same names, dtypes and shapes in the same order."""
+    from vllm.distributed.weight_transfer import WeightSource
+
+    from sdftlab.rollout.transfer import named_tensors
+
+    _, lineage, _ = small_world
+    named = named_weights_for_sync(lineage.load_model("base"))
+    source = named_tensors()(torch.device("cpu"))
+    assert isinstance(source, WeightSource)
+    source.set(named)
+    meta = source.metadata()
+    sent = list(source)
+    assert [m.name for m in meta] == [n for n, _ in sent] == list(named)
+    for m, (name, tensor) in zip(meta, sent, strict=True):
+        assert (m.dtype, m.shape) == (tensor.dtype, tuple(tensor.shape))
+        assert torch.equal(tensor, named[name])
+    assert [n for n, _ in source] == list(named)  # a fresh pass each round
+
+
 def test_empty_demonstration_names_file_and_line(tmp_path):
     facts = tasks.WorldFacts.generate(0)
     import random

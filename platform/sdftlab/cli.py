@@ -223,11 +223,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Each training stage's memory per device and the devices it holds; status 2 when a
     stage cannot fit (the same check a pipeline makes before it starts)."""
     from sdftlab.config import load_config
-    from sdftlab.pipelines.graph import PipelineConfig, order
+    from sdftlab.pipelines.graph import PipelineConfig, built_data_dir, order
     from sdftlab.plan import check, plan_pipeline, table
 
     cfg = load_config(PipelineConfig, args.config, args.overrides)
-    plans = plan_pipeline(cfg, order(cfg.stages))
+    home = _home(args)
+    lineage = _lineage(args, cfg.lineage)
+    plans = plan_pipeline(cfg, order(cfg.stages), lineage, built_data_dir(cfg, home))
     print(table(plans))
     check(plans, cfg.resources)
     print(f"{cfg.name}: every stage fits")

@@ -28,18 +28,18 @@ as weights + KV cache; evaluation and CKA as the model(s) in fp32 where they run
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sdftlab.errors import ConfigError
+from sdftlab.errors import ConfigError, SdftlabError
 from sdftlab.specs import ResourcesSpec
 
 GiB = 2**30
 RUNTIME_GIB = {"cpu": 1.0, "gpu": 1.5}
-# The prompt of an SDFT row as planned (the teacher's view: the question and the
-# demonstration), capped by rollout.max_model_len; the student's own prompt is shorter.
+# The prompt of an SDFT row as planned when its task files or tokenizer are not on this
+# machine yet (the teacher's view: the question and the demonstration), capped by
+# rollout.max_model_len; otherwise the data's longest (`prompt_tokens`).
 SDFT_PROMPT_TOKENS = 512
 
 
@@ -209,10 +209,14 @@ def plan_sft(name: str, stage: Any, arch: Architecture, res: ResourcesSpec) -> S
                              stage.num_workers if stage.use_gpu else 0), stage)  # fmt: skip
 
 
-def plan_sdft(name: str, stage: Any, arch: Architecture, res: ResourcesSpec) -> StagePlan:
+def plan_sdft(
+    name: str, stage: Any, arch: Architecture, res: ResourcesSpec, prompt: int | None = None
+) -> StagePlan:
+    """`prompt`: the longest teacher prompt of the stage's rows in tokens (`prompt_tokens`);
+    None assumes `SDFT_PROMPT_TOKENS`, and the plan says so."""
     device = "gpu" if stage.use_gpu else "cpu"
     rows = stage.prompts_per_step * stage.rollout.n // stage.num_workers
-    seq = SDFT_PROMPT_TOKENS + stage.rollout.max_new_tokens
+    seq = (prompt or SDFT_PROMPT_TOKENS) + stage.rollout.max_new_tokens
     seq = min(seq, stage.rollout.max_model_len or seq)
     parts = _memory(stage, arch, rows, seq, device)
     frozen_copy = stage.scoring == "exact" and stage.teacher != "live"
@@ -226,6 +230,10 @@ def plan_sdft(name: str, stage: Any, arch: Architecture, res: ResourcesSpec) -> 
         (actors + engines) * stage.rollout.gpus_per_actor
     )
     plan = StagePlan(name, "sdft", device, parts, _budget(res, device), gpus)
+    plan.notes.append(
+        f"prompts up to {prompt} tokens (the data's longest)" if prompt
+        else f"prompts of {SDFT_PROMPT_TOKENS} tokens assumed (no task files or tokenizer yet)"
+    )  # fmt: skip
     if actors and stage.rollout.gpus_per_actor >= 1:
         engine_gib = engine_weights(arch, stage.rollout.dtype)
         plan.notes.append(f"each vLLM actor: weights {engine_gib:.1f} GiB + its KV cache")
@@ -281,9 +289,6 @@ def _workers_needed(plan: StagePlan, stage: Any) -> int:
     return max(2, int(whole // room) + 1) if room > 0 else 0
 
 
-PLANNERS: dict[str, Callable[..., StagePlan]] = {"sft": plan_sft, "sdft": plan_sdft}
-
-
 def architectures(stages: dict[str, Any], in_order: list[str]) -> dict[str, Architecture]:
     """Every state's architecture, the stages taken `in_order` (inputs first; a pruned state
     has its narrower FFN)."""
@@ -309,16 +314,51 @@ def architectures(stages: dict[str, Any], in_order: list[str]) -> dict[str, Arch
     return out
 
 
-def plan_pipeline(cfg: Any, in_order: list[str]) -> list[StagePlan]:
+def prompt_tokens(stage: Any, data_dir: Path | None, tokenizer_dir: Path | None) -> int | None:
+    """The longest teacher prompt of an SDFT stage's rows, in tokens, when its task files and
+    its states' tokenizer are on this machine; else None."""
+    from sdftlab.distill.sdft import RecoverConfig, longest_teacher_prompt, task_files
+    from sdftlab.pipelines.stages import options
+
+    if tokenizer_dir is None:
+        return None
+    cfg: RecoverConfig = options(stage)
+    try:
+        files = task_files(cfg, data_dir)
+    except SdftlabError:  # not built yet
+        return None
+    if not all(path.is_file() for _, path in files):
+        return None
+    return longest_teacher_prompt(files, str(tokenizer_dir), cfg)
+
+
+def plan_pipeline(
+    cfg: Any, in_order: list[str], lineage: Any = None, data_dir: Path | None = None
+) -> list[StagePlan]:
     """The plan of every training stage of a pipeline config (`pipelines.graph.order` gives
-    `in_order`)."""
+    `in_order`). With the `lineage` and the task files' `data_dir`, SDFT stages are planned at
+    their data's longest prompt (the tokenizer of the first built state up their sources)."""
     arch = architectures(cfg.stages, in_order)
     res = cfg.resources
-    return [
-        PLANNERS[cfg.stages[name].kind](name, cfg.stages[name], arch[cfg.stages[name].source], res)
-        for name in in_order
-        if cfg.stages[name].kind in PLANNERS
-    ]
+    plans = []
+    for name in in_order:
+        stage = cfg.stages[name]
+        if stage.kind == "sft":
+            plans.append(plan_sft(name, stage, arch[stage.source], res))
+        elif stage.kind == "sdft":
+            prompt = prompt_tokens(stage, data_dir, _built_ancestor(cfg.stages, name, lineage))
+            plans.append(plan_sdft(name, stage, arch[stage.source], res, prompt))
+    return plans
+
+
+def _built_ancestor(stages: dict[str, Any], name: str, lineage: Any) -> Path | None:
+    """The folder of the first state up `name`'s sources that a local lineage holds (its
+    tokenizer is the stage's), or None (a remote lineage is not downloaded for a plan)."""
+    while lineage is not None and lineage.is_local and name in stages:
+        name = stages[name].source if hasattr(stages[name], "source") else None
+        if name is not None and lineage.exists(name):
+            return lineage.resolve(name)
+    return None
 
 
 def check(plans: list[StagePlan], res: ResourcesSpec) -> None:

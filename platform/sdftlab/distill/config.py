@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 
 from sdftlab.config import StrictModel
 from sdftlab.data.templates import DEMO_TEMPLATE
+from sdftlab.rollout.transfer import choose
 from sdftlab.specs import LiveCKASpec, LoraSpec, MemorySpec
 
 SPECIAL_TEACHERS = ("ema", "live")
@@ -40,6 +41,11 @@ class RolloutSpec(StrictModel):
         le=1,
         description="1: the engines sample step t+1 while the workers train on step t (one "
         "step off-policy, corrected by the importance ratio); 0: synchronous",
+    )
+    weight_transfer: Literal["auto", "ray", "nccl", "ipc"] = Field(
+        "auto",
+        description="how new weights reach the engines: ray (object store; CPU or GPU), nccl "
+        "(engines on GPUs of their own), ipc (engines on the trainer's GPU); auto picks",
     )
 
     @field_validator("max_new_tokens")
@@ -121,4 +127,13 @@ class RecoverConfig(StrictModel):
             )
         if self.mode == "off_policy" and self.teacher in SPECIAL_TEACHERS:
             raise ValueError("mode=off_policy distils from another model: teacher must be a state")
+        self.weight_transfer()  # a native transfer that cannot run: refused here
         return self
+
+    def weight_transfer(self) -> str:
+        """How the trainer's weights reach the vLLM engines (`rollout.weight_transfer`, `auto`
+        resolved by `sdftlab.rollout.transfer.choose`)."""
+        return choose(
+            self.rollout.weight_transfer, use_gpu=self.use_gpu,
+            gpus_per_actor=self.rollout.gpus_per_actor, num_workers=self.num_workers,
+        )  # fmt: skip

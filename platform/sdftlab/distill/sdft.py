@@ -132,6 +132,23 @@ class PromptEncoder:
         return {k: np.asarray(v, dtype=object) for k, v in out.items()}
 
 
+def longest_teacher_prompt(
+    files: Sequence[tuple[str, Path]], tokenizer_dir: str, cfg: RecoverConfig, limit: int = 20000
+) -> int:
+    """The longest prompt the teacher scores, in tokens (with the demonstration in context,
+    as `PromptEncoder` writes it), over the first `limit` rows of each task file: the
+    length that sizes a step's activations (`sdftlab plan`)."""
+    encode = PromptEncoder(tokenizer_dir, {p.name: t for t, p in files}, cfg.model_dump())
+    longest = 0
+    for _, path in files:
+        lines = [line for _, line in zip(range(limit), path.open(), strict=False) if line.strip()]
+        for start in range(0, len(lines), 256):
+            chunk = lines[start : start + 256]
+            out = encode({"text": np.asarray(chunk), "path": np.asarray([str(path)] * len(chunk))})
+            longest = max([longest, *(len(ids) for ids in out["teacher"])])
+    return longest
+
+
 def prompt_dataset(files: Sequence[tuple[str, Path]], tokenizer_dir: str, cfg: RecoverConfig):
     """A streaming Ray Dataset of encoded prompts over the task files (never all in the driver)."""
     import ray.data
@@ -582,7 +599,7 @@ def start_engines(cfg: RecoverConfig, student_dir: Path, teacher_dir: Path | Non
         return RolloutPool.start(
             path, actors=cfg.rollout.actors, cpus_per_actor=cfg.rollout.cpus_per_actor,
             gpus_per_actor=cfg.rollout.gpus_per_actor, seed=seed, engine_kwargs=engine_kwargs,
-            wait=False,
+            weight_transfer=cfg.weight_transfer(), wait=False,
         )  # fmt: skip
 
     rollout_pool = teacher_pool = None

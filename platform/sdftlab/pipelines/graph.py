@@ -45,7 +45,7 @@ from typing import Annotated, Any, Union
 from pydantic import Field, field_validator, model_validator
 
 from sdftlab.config import TRUST_REMOTE_CODE_ENV, StrictModel, WorldConfig
-from sdftlab.errors import ConfigError
+from sdftlab.errors import ConfigError, SdftlabError
 from sdftlab.lineage import Lineage
 from sdftlab.pipelines.stages import KINDS, Job, WorldStage, kind_of, options
 from sdftlab.specs import CKASpec, EvalSpec, ResourcesSpec
@@ -228,6 +228,23 @@ def needs_evaluation(
     return not wanted <= set(metrics) or any(metrics.get(k) != n for k, n in counts.items())
 
 
+def built_data_dir(cfg: PipelineConfig, home: Path) -> Path | None:
+    """The pipeline's task files if they are on this machine already (`data_dir`, the
+    cached `task_data`, or the world built under `home`), else None: what `sdftlab plan`
+    measures prompt lengths on, before any stage runs."""
+    from sdftlab.world.build import current_world, world_digest
+
+    if cfg.data_dir:
+        return Path(cfg.data_dir)
+    if cfg.task_data is not None:
+        cached = home / "world_data" / world_digest(cfg.task_data)
+        return cached if cached.is_dir() else None
+    try:
+        return current_world(home).data_dir
+    except SdftlabError:
+        return None
+
+
 def run_pipeline(
     cfg: PipelineConfig, lineage: Lineage, home: Path, log: Log = print
 ) -> dict[str, Any]:
@@ -240,7 +257,8 @@ def run_pipeline(
     from sdftlab.world.build import build_world_data
 
     names = order(cfg.stages)
-    check(plan_pipeline(cfg, names), cfg.resources)  # a stage that cannot fit: refused now
+    plans = plan_pipeline(cfg, names, lineage, built_data_dir(cfg, home))
+    check(plans, cfg.resources)  # a stage that cannot fit: refused now
     if cfg.trust_remote_code:  # before Ray starts: its workers inherit the environment
         os.environ[TRUST_REMOTE_CODE_ENV] = "1"
     # One progress line per stage: no Ray Data or transformers progress bars (the workers

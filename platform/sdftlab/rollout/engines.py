@@ -177,7 +177,10 @@ class VLLMEngine:
         dtype: str = "float32",
         gpu_memory_utilization: float = 0.3,
         max_logprobs: int = 20,
+        weight_transfer: str = "ray",
     ) -> None:
+        """`weight_transfer`: `ray` (weights arrive as tensors, `load_weights`), or `nccl` /
+        `ipc`, vLLM's own transfer engines (`sdftlab.rollout.transfer`)."""
         # In-process engine core: `collective_rpc` then hands tensors to the worker without
         # serialising them, and the actor owns exactly one engine process.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -188,6 +191,10 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:
             kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
+        if weight_transfer != "ray":
+            from vllm.config import WeightTransferConfig
+
+            kwargs["weight_transfer_config"] = WeightTransferConfig(backend=weight_transfer)
         t0 = time.perf_counter()
         self.llm = LLM(
             model=str(model_path),

@@ -1,8 +1,7 @@
 """A pool of vLLM engines as Ray actors: on-policy rollouts, teacher scoring, weight sync.
 
 Each actor loads one state once (`VLLMEngine`); the pool splits a batch of prompts across
-actors, and pushes new weights to all of them from one object-store copy (`ray.put` once,
-one `collective_rpc` per actor with every tensor in it). On a cluster, give actors GPUs with
+actors, and pushes new weights to all of them (`sync`). On a cluster, give actors GPUs with
 `gpus_per_actor`; on a laptop they share the CPUs with the train workers. vLLM logs at
 WARNING in the actors (its INFO lines, a few per weight sync, buried the progress lines); set
 `VLLM_LOGGING_LEVEL` in the driver's environment to choose another level.
@@ -11,6 +10,9 @@ WARNING in the actors (its INFO lines, a few per weight sync, buried the progres
     >>> completions = pool.generate(prompt_ids, SamplingSettings(n=1, max_new_tokens=64))
     >>> pending = pool.submit(next_ids, sampling)  # sampled while the caller trains
     >>> seconds = pool.sync(named_tensors)
+
+Weights travel through the object store on CPU, and over vLLM's own NCCL (or CUDA IPC)
+transfer between GPUs: `sdftlab.rollout.transfer`.
 """
 
 from __future__ import annotations
@@ -50,6 +52,26 @@ class RolloutServer:
     def named_weight(self, name: str) -> torch.Tensor:
         return self.engine.named_weight(name)
 
+    # vLLM's weight transfer protocol (`RayVLLMWeightSyncClient` calls these by name)
+    def world_size(self) -> int:
+        return self.engine.llm.get_world_size()
+
+    def init_weight_transfer_engine(self, request: Any) -> None:
+        self.engine.llm.init_weight_transfer_engine(request)
+
+    def start_weight_update(self) -> None:
+        self.engine.llm.start_weight_update()
+
+    def update_weights(self, request: Any) -> None:
+        self.engine.llm.update_weights(request)
+
+    def finish_weight_update(self) -> None:
+        self.engine.llm.finish_weight_update()
+        self.engine.llm.reset_prefix_cache()  # its KV entries hold the old weights' keys
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self.engine.llm.shutdown_weight_transfer_engine()
+
 
 class Pending:
     """Completions on their way from the actors (`RolloutPool.submit`)."""
@@ -78,9 +100,16 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
 class RolloutPool:
     """Handles to rollout actors (picklable: Ray Train workers receive the pool itself)."""
 
-    def __init__(self, actors: list[Any], startup: list[Any] | None = None) -> None:
+    def __init__(
+        self, actors: list[Any], startup: list[Any] | None = None, transfer: str = "ray"
+    ) -> None:
         self.actors = actors
         self._startup = startup or []  # refs to each engine's start-up seconds, until awaited
+        self.transfer = transfer  # `sdftlab.rollout.transfer`: ray, nccl or ipc
+        self._native: Any = None  # vLLM's trainer-side transfer, built where `sync` runs
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_native": None}  # a process's own NCCL group stays there
 
     @classmethod
     def start(
@@ -92,11 +121,13 @@ class RolloutPool:
         gpus_per_actor: float = 0.0,
         seed: int = 0,
         engine_kwargs: dict[str, Any] | None = None,
+        weight_transfer: str = "ray",
         wait: bool = True,
     ) -> RolloutPool:
         """Start `actors` engines on `model_path`. With `wait=False` the engines load in the
         background (a Ray Train worker group can start meanwhile); `wait_ready` then blocks
-        until they are up and raises an engine's start-up error."""
+        until they are up and raises an engine's start-up error. `weight_transfer`: how
+        `sync` reaches them (`transfer.choose` resolves a config's `auto`)."""
         import ray
 
         env = {
@@ -111,10 +142,9 @@ class RolloutPool:
             # trial driver's own CPUs): the engines ask the cluster for their resources.
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
         )  # fmt: skip
-        handles = [
-            remote.remote(str(model_path), seed + i, engine_kwargs or {}) for i in range(actors)
-        ]
-        pool = cls(handles, [h.startup_seconds.remote() for h in handles])
+        kwargs = {**(engine_kwargs or {}), "weight_transfer": weight_transfer}
+        handles = [remote.remote(str(model_path), seed + i, kwargs) for i in range(actors)]
+        pool = cls(handles, [h.startup_seconds.remote() for h in handles], weight_transfer)
         if wait:
             pool.wait_ready()
         return pool
@@ -156,12 +186,21 @@ class RolloutPool:
         return [rows for part in ray.get(futures) for rows in part]
 
     def sync(self, named: Mapping[str, torch.Tensor]) -> float:
-        """Push weights to every actor in memory; wall seconds until all have them."""
+        """Push weights to every actor; wall seconds until all have them. `ray`: one
+        object-store copy, loaded in memory by each actor; `nccl`/`ipc`: vLLM's transfer
+        engines, set up in this process on its first sync."""
         import ray
 
         t0 = time.perf_counter()
-        ref = ray.put({k: v.detach().cpu().contiguous() for k, v in named.items()})
-        ray.get([actor.load_weights.remote(ref) for actor in self.actors])
+        if self.transfer == "ray":
+            ref = ray.put({k: v.detach().cpu().contiguous() for k, v in named.items()})
+            ray.get([actor.load_weights.remote(ref) for actor in self.actors])
+        else:
+            from sdftlab.rollout.transfer import NativeTransfer
+
+            if self._native is None:
+                self._native = NativeTransfer(self.transfer, self.actors)
+            self._native.send(named)
         return time.perf_counter() - t0
 
     def shutdown(self) -> None:
