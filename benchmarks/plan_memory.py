@@ -4,7 +4,7 @@ Each row runs a pipeline's training stage for a few steps through the stage itse
 `recover`: one Ray Train worker on this CPU) and reads the worker's own peak resident memory
 (`sft/peak_rss_gb`, `sdft/peak_rss_gb`: the kernel's high-water mark), beside what the plan
 says for that stage's config, the state's architecture and — for SDFT — the data's longest
-teacher prompt (`plan.plan_sft`, `plan.plan_sdft`, `plan.prompt_tokens`), as `sdftlab plan`
+prompts (`plan.plan_sft`, `plan.plan_sdft`, `plan.prompt_tokens`), as `sdftlab plan`
 gives them once the task files are built:
 
 - tiny world: the `expert` SFT and `rec_expert` SDFT stages of `jobs/configs/forgetting.yaml`
@@ -56,8 +56,8 @@ def run(kind: str, lineage: Any, src: str, spec: Any, data_dir: Path, arch: Any)
         from sdftlab.distill.sdft import recover
 
         meta = recover(lineage, src, f"plan-{kind}", opts, **quiet)
-        prompt = prompt_tokens(spec, data_dir, lineage.resolve(src))  # the data's longest
-        planned = plan_sdft("x", spec, arch, ResourcesSpec(), prompt)
+        prompts = prompt_tokens(spec, data_dir, lineage.resolve(src))  # the data's longest
+        planned = plan_sdft("x", spec, arch, ResourcesSpec(), prompts)
     measured = meta.metrics[f"{kind}/peak_rss_gb"]
     return {"planned": planned.total, "measured": measured, "parts": planned.parts,
             "error": planned.total / measured - 1}  # fmt: skip

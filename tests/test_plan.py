@@ -78,7 +78,8 @@ def test_a_pipeline_that_cannot_fit_is_refused_before_any_work(tmp_path):
 
 def test_sdft_stages_are_planned_at_their_datas_longest_prompt(small_world):
     """With the task files and a tokenizer here, an SDFT stage's step is sized by its rows'
-    longest teacher prompt (question and demonstration), not the assumed 512 tokens."""
+    longest prompts (the student's; the teacher's has the demonstration), not the assumed 512
+    tokens."""
     import numpy as np
 
     from sdftlab.distill.sdft import PromptEncoder, task_files
@@ -94,11 +95,12 @@ def test_sdft_stages_are_planned_at_their_datas_longest_prompt(small_world):
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     encode = PromptEncoder(str(lineage.resolve("base")), {path.name: task},
                            options(stage).model_dump())  # fmt: skip
-    teacher = encode({"text": np.asarray(lines), "path": np.asarray([str(path)] * len(lines))})
-    longest = max(len(ids) for ids in teacher["teacher"])
-    assert 0 < longest < SDFT_PROMPT_TOKENS
-    assert f"prompts up to {longest} tokens" in measured["rec_expert"].notes[0]
+    out = encode({"text": np.asarray(lines), "path": np.asarray([str(path)] * len(lines))})
+    student, teacher = (max(len(ids) for ids in out[side]) for side in ("student", "teacher"))
+    assert 0 < student < teacher < SDFT_PROMPT_TOKENS
+    note = f"prompts up to {student} tokens, {teacher} with the demonstration"
+    assert note in measured["rec_expert"].notes[0]
     new = stage.rollout.max_new_tokens
     ratio = measured["rec_expert"].parts["activations"] / assumed["rec_expert"].parts["activations"]
-    assert ratio == pytest.approx((longest + new) / (SDFT_PROMPT_TOKENS + new))
+    assert ratio == pytest.approx((student + new) / (SDFT_PROMPT_TOKENS + new))
     assert measured["expert"].parts == assumed["expert"].parts  # SFT: sized by max_len

@@ -12,10 +12,14 @@ a cluster's paths are not — the published configs of the models the project's 
 | bf16 weights | autocast: 2 T (its cast cache); FSDP: two layers gathered |
 | gradients, AdamW moments, the step's temporaries | (4 + 8 + 4) T / S |
 | activations, a micro-batch of n tokens | n · L · a (checkpointing: n · (L · 4h + a)) |
-| logits, one chunk | 3 · 4 · chunk · V (chunk = all tokens when `chunk_tokens` is None) |
+| logits, one chunk | 3 · 4 · chunk · V (chunk ≤ the head's tokens: SDFT's completions alone) |
+| live CKA probe (`live_cka.every` > 0) | (L+1) h t (4 rows + 12 batch) + 24 (L+1) h² |
 | teacher | a frozen copy: 4 P (not sharded); live / adapters off / vLLM scoring: 0 |
 | runtime | 1.0 GiB on CPU (Python, torch, transformers, a Ray worker), 1.5 GiB on a GPU |
 
+An SDFT micro-batch's tokens are its rows × (the student's prompt + `max_new_tokens`): the
+longest prompts of the stage's task files, tokenized (`prompt_tokens`), where the files and a
+tokenizer are on this machine, else 512. The probe's rows are t ≤ 512 tokens each.
 P parameters, T trainable ones, S = workers when `memory.fsdp` (else 1), L layers, h hidden,
 a = 16 h + e (4 h + 2 kv + 4 I) bytes of activations per token and layer (the fp32 residual
 stream and norms, then q/k/v/o inputs and outputs and the gated MLP's at e bytes: 2 in bf16,
@@ -41,6 +45,8 @@ RUNTIME_GIB = {"cpu": 1.0, "gpu": 1.5}
 # machine yet (the teacher's view: the question and the demonstration), capped by
 # rollout.max_model_len; otherwise the data's longest (`prompt_tokens`).
 SDFT_PROMPT_TOKENS = 512
+# The live CKA probe's rows are encoded up to this many tokens (`LiveCKA`'s max_len).
+LIVE_CKA_TOKENS = 512
 
 
 class PlanError(ConfigError):
@@ -160,8 +166,10 @@ def trainer_parts(
     bf16: bool,
     chunk: int | None,
     device: str,
+    head_tokens: int | None = None,
 ) -> dict[str, float]:
-    """A training worker's memory at its peak, by part, in GiB (the module's table)."""
+    """A training worker's memory at its peak, by part, in GiB (the module's table).
+    `head_tokens`: the tokens the output layer sees (SDFT: the completions'; default all)."""
     t = trainable
     element = 2 if bf16 else 4
     parts = {"weights": weight_bytes(arch) / shards}
@@ -173,7 +181,8 @@ def trainer_parts(
     parts["activations"] = tokens * (
         arch.layers * 4 * arch.hidden + per_token if checkpointing else arch.layers * per_token
     )
-    parts["logits"] = 3 * 4 * (chunk or tokens) * arch.vocab
+    head = tokens if head_tokens is None else head_tokens
+    parts["logits"] = 3 * 4 * min(chunk or head, head) * arch.vocab
     parts = {k: v / GiB for k, v in parts.items()}
     parts["runtime"] = RUNTIME_GIB[device]
     return parts
@@ -187,18 +196,33 @@ def lora_params(arch: Architecture, r: int, targets: list[str]) -> int:
     return arch.layers * sum(r * (a + b) for name, (a, b) in shapes.items() if name in targets)
 
 
-def _memory(stage: Any, arch: Architecture, rows: int, seq: int, device: str) -> dict[str, float]:
+def live_cka_bytes(arch: Architecture, spec: Any, tokens: int) -> float:
+    """The live CKA probe (`cka.live.LiveCKA`): the reference's states on `spec.rows` rows
+    of `tokens` (fp32, every layer), one batch of the student's in fp32 and fp64 while they
+    are added, and the three d×d fp64 sums of every layer pair. 0 when it is off."""
+    if spec.every == 0:
+        return 0.0
+    states = (arch.layers + 1) * arch.hidden * tokens
+    batch = min(spec.batch_size, spec.rows)
+    return states * (4 * spec.rows + 12 * batch) + (arch.layers + 1) * 3 * arch.hidden**2 * 8
+
+
+def _memory(
+    stage: Any, arch: Architecture, rows: int, seq: int, device: str, **kwargs: Any
+) -> dict[str, float]:
     mem = stage.memory
     trainable = arch.params if stage.lora is None else lora_params(
         arch, stage.lora.r, stage.lora.target_modules
     )  # fmt: skip
-    return trainer_parts(
+    parts = trainer_parts(
         arch, trainable=trainable, shards=stage.num_workers if mem.fsdp else 1,
         rows=min(mem.micro_batch_size or rows, rows), seq=seq,
         checkpointing=mem.gradient_checkpointing,
         bf16=mem.autocast_on(stage.use_gpu, cpu_default=stage.kind == "sft"),
-        chunk=mem.chunk_for(arch.vocab), device=device,
+        chunk=mem.chunk_for(arch.vocab), device=device, **kwargs,
     )  # fmt: skip
+    live = live_cka_bytes(arch, stage.live_cka, min(seq, LIVE_CKA_TOKENS)) / GiB
+    return parts | ({"live CKA": live} if live else {})
 
 
 def plan_sft(name: str, stage: Any, arch: Architecture, res: ResourcesSpec) -> StagePlan:
@@ -210,15 +234,23 @@ def plan_sft(name: str, stage: Any, arch: Architecture, res: ResourcesSpec) -> S
 
 
 def plan_sdft(
-    name: str, stage: Any, arch: Architecture, res: ResourcesSpec, prompt: int | None = None
+    name: str,
+    stage: Any,
+    arch: Architecture,
+    res: ResourcesSpec,
+    prompts: dict[str, int] | None = None,
 ) -> StagePlan:
-    """`prompt`: the longest teacher prompt of the stage's rows in tokens (`prompt_tokens`);
-    None assumes `SDFT_PROMPT_TOKENS`, and the plan says so."""
+    """`prompts`: the longest student and teacher prompts of the stage's rows in tokens
+    (`prompt_tokens`); None assumes `SDFT_PROMPT_TOKENS` for both, and the plan says so. The
+    student's activations are sized by its own prompt and the completion; the output layer
+    sees the completions alone."""
     device = "gpu" if stage.use_gpu else "cpu"
     rows = stage.prompts_per_step * stage.rollout.n // stage.num_workers
-    seq = (prompt or SDFT_PROMPT_TOKENS) + stage.rollout.max_new_tokens
-    seq = min(seq, stage.rollout.max_model_len or seq)
-    parts = _memory(stage, arch, rows, seq, device)
+    new = stage.rollout.max_new_tokens
+    student = (prompts["student"] if prompts else SDFT_PROMPT_TOKENS) + new
+    seq = min(student, stage.rollout.max_model_len or student)
+    micro = min(stage.memory.micro_batch_size or rows, rows)
+    parts = _memory(stage, arch, rows, seq, device, head_tokens=micro * new)
     frozen_copy = stage.scoring == "exact" and stage.teacher != "live"
     if frozen_copy:  # a frozen teacher state or the EMA average, beside every worker
         parts["teacher copy"] = 4 * arch.params / GiB
@@ -231,7 +263,8 @@ def plan_sdft(
     )
     plan = StagePlan(name, "sdft", device, parts, _budget(res, device), gpus)
     plan.notes.append(
-        f"prompts up to {prompt} tokens (the data's longest)" if prompt
+        f"prompts up to {prompts['student']} tokens, {prompts['teacher']} with the "
+        "demonstration (the data's longest)" if prompts
         else f"prompts of {SDFT_PROMPT_TOKENS} tokens assumed (no task files or tokenizer yet)"
     )  # fmt: skip
     if actors and stage.rollout.gpus_per_actor >= 1:
@@ -314,10 +347,12 @@ def architectures(stages: dict[str, Any], in_order: list[str]) -> dict[str, Arch
     return out
 
 
-def prompt_tokens(stage: Any, data_dir: Path | None, tokenizer_dir: Path | None) -> int | None:
-    """The longest teacher prompt of an SDFT stage's rows, in tokens, when its task files and
-    its states' tokenizer are on this machine; else None."""
-    from sdftlab.distill.sdft import RecoverConfig, longest_teacher_prompt, task_files
+def prompt_tokens(
+    stage: Any, data_dir: Path | None, tokenizer_dir: Path | None
+) -> dict[str, int] | None:
+    """The longest student and teacher prompts of an SDFT stage's rows, in tokens, when its
+    task files and its states' tokenizer are on this machine; else None."""
+    from sdftlab.distill.sdft import RecoverConfig, longest_prompts, task_files
     from sdftlab.pipelines.stages import options
 
     if tokenizer_dir is None:
@@ -329,7 +364,7 @@ def prompt_tokens(stage: Any, data_dir: Path | None, tokenizer_dir: Path | None)
         return None
     if not all(path.is_file() for _, path in files):
         return None
-    return longest_teacher_prompt(files, str(tokenizer_dir), cfg)
+    return longest_prompts(files, str(tokenizer_dir), cfg)
 
 
 def plan_pipeline(

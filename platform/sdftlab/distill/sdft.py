@@ -132,20 +132,21 @@ class PromptEncoder:
         return {k: np.asarray(v, dtype=object) for k, v in out.items()}
 
 
-def longest_teacher_prompt(
+def longest_prompts(
     files: Sequence[tuple[str, Path]], tokenizer_dir: str, cfg: RecoverConfig, limit: int = 20000
-) -> int:
-    """The longest prompt the teacher scores, in tokens (with the demonstration in context,
-    as `PromptEncoder` writes it), over the first `limit` rows of each task file: the
-    length that sizes a step's activations (`sdftlab plan`)."""
+) -> dict[str, int]:
+    """The longest student and teacher prompts in tokens (the teacher's with the
+    demonstration in context), as `PromptEncoder` writes them, over the first `limit` rows of
+    each task file: the lengths that size a step's activations (`sdftlab plan`)."""
     encode = PromptEncoder(tokenizer_dir, {p.name: t for t, p in files}, cfg.model_dump())
-    longest = 0
+    longest = {"student": 0, "teacher": 0}
     for _, path in files:
         lines = [line for _, line in zip(range(limit), path.open(), strict=False) if line.strip()]
         for start in range(0, len(lines), 256):
             chunk = lines[start : start + 256]
             out = encode({"text": np.asarray(chunk), "path": np.asarray([str(path)] * len(chunk))})
-            longest = max([longest, *(len(ids) for ids in out["teacher"])])
+            for side in longest:
+                longest[side] = max([longest[side], *(len(ids) for ids in out[side])])
     return longest
 
 
