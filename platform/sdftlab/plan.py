@@ -13,7 +13,7 @@ a cluster's paths are not — the published configs of the models the project's 
 | gradients, AdamW moments, the step's temporaries | (4 + 8 + 4) T / S |
 | activations, a micro-batch of n tokens | n · L · a (checkpointing: n · (L · 4h + a)) |
 | logits, one chunk | 3 · 4 · chunk · V (chunk ≤ the head's tokens: SDFT's completions alone) |
-| live CKA probe (`live_cka.every` > 0) | (L+1) h t (4 rows + 12 batch) + 24 (L+1) h² |
+| live CKA probe (`live_cka.every` > 0; host memory) | (L+1) h t (4 rows + 12 batch) + 24 (L+1) h² |
 | teacher | a frozen copy: 4 P (not sharded); live / adapters off / vLLM scoring: 0 |
 | runtime | 1.0 GiB on CPU (Python, torch, transformers, a Ray worker), 1.5 GiB on a GPU |
 
@@ -221,6 +221,8 @@ def _memory(
         bf16=mem.autocast_on(stage.use_gpu, cpu_default=stage.kind == "sft"),
         chunk=mem.chunk_for(arch.vocab), device=device, **kwargs,
     )  # fmt: skip
+    if device == "gpu":  # the probe's states and sums live in host memory, not the GPU's
+        return parts
     live = live_cka_bytes(arch, stage.live_cka, min(seq, LIVE_CKA_TOKENS)) / GiB
     return parts | ({"live CKA": live} if live else {})
 
