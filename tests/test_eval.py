@@ -143,6 +143,34 @@ def test_vllm_greedy_answers_equal_the_transformers_answers(small_world):
     assert metrics["vllm"] == metrics["hf"] and metrics["hf"]["science/n_demo"] == 12
 
 
+def test_a_state_evaluated_on_a_ray_worker_gets_the_figures_of_this_process(small_world):
+    """A pipeline evaluates each state in Ray tasks (the vLLM engine in the generation task,
+    the lm-eval model in another), not in its driver: the figures equal those computed here,
+    the task's log lines come back, and the state records them."""
+    import os
+
+    from sdftlab.evaluate.run import default_task_files, evaluate_on_worker, evaluate_state
+    from sdftlab.lineage import Lineage
+    from sdftlab.specs import EvalEngineSpec
+
+    world, lineage, _ = small_world
+    files = default_task_files(world.data_dir, ["science", "mmlu"])
+    spec = EvalEngineSpec(engine="vllm", max_new_tokens=48, kv_cache_gb=0.0625)
+    here = evaluate_state(lineage, "base", files, limit=8, engine=spec, record=False,
+                          log=lambda _: None)  # fmt: skip
+    lines: list[str] = []
+    copy = Lineage(lineage.root)
+    there = evaluate_on_worker(copy, "base", files, limit=8, engine=spec, log=lines.append)
+    assert there == here and {"science/acc", "mmlu/acc"} <= there.keys()
+    assert any("science" in line for line in lines) and any("lm-eval" in line for line in lines)
+    assert {k: copy.meta("base").metrics[k] for k in there} == there
+    # the tasks ran in Ray worker processes, not this one
+    from ray.util.state import list_tasks
+
+    ran = list_tasks(filters=[("func_or_class_name", "=", "_evaluate_task")], detail=True)
+    assert len(ran) >= 2 and all(t.worker_pid not in (None, os.getpid()) for t in ran)
+
+
 def test_cli_errors_are_one_line_with_the_fix(small_world, capsys):
     _, lineage, home = small_world
     base = ["--home", str(home), "--lineage", lineage.root]

@@ -99,20 +99,37 @@ class MemorySpec(StrictModel):
         return use_gpu or cpu_default
 
 
+def gpu_share(asked: float | None, gpus: float) -> float:
+    """The GPU memory share a vLLM engine takes: `asked`, else 0.85 of what its actor holds
+    (vLLM's own default on a GPU of its own, less beside a trainer sharing it)."""
+    if asked is not None:
+        return asked
+    return round(0.85 * min(gpus, 1.0), 3) if gpus > 0 else 0.85
+
+
 class EvalEngineSpec(StrictModel):
     """Where generation-based evaluation (science, tool use) runs.
 
-    `hf`: transformers `generate` in the evaluating process. `vllm`: one vLLM engine as a Ray
-    actor (`cpus`, `gpus`; on a cluster give it a GPU), all prompts in one call. An NF4 state,
-    which vLLM does not serve here, is evaluated with `hf` whatever this says."""
+    `hf`: transformers `generate` in the evaluating process. `vllm`: one vLLM engine, all
+    prompts in one call. A pipeline evaluates each state in a Ray task of `cpus` CPUs and
+    `gpus` GPUs (on a cluster give it a GPU), the engine and the lm-eval model inside it;
+    `sdftlab eval` runs in its own process, a vLLM engine as an actor with these resources.
+    An NF4 state, which vLLM does not serve here, is evaluated with `hf` whatever this says."""
 
     engine: Literal["hf", "vllm"] = "hf"
     max_new_tokens: int = Field(96, gt=0, description="answer budget per prompt")
     batch_size: int = Field(32, gt=0, description="hf: prompts per generate call")
-    cpus: float = Field(1.0, gt=0, description="vllm: CPUs of the engine actor")
-    gpus: float = Field(0.0, ge=0, description="vllm: GPUs of the engine actor")
+    cpus: float = Field(1.0, gt=0, description="CPUs of the evaluation worker (or engine actor)")
+    gpus: float = Field(0.0, ge=0, description="GPUs of the evaluation worker (or engine actor)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     kv_cache_gb: float = Field(1.0, gt=0, description="vllm on CPU: KV cache size")
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="vllm on a GPU: its share for weights and KV cache "
+        "(None: 0.85 × gpus, the part of the GPU the worker holds)",
+    )
     max_model_len: int | None = Field(
         None, gt=0, description="vllm: longest prompt + answer (None: the model's own limit)"
     )
@@ -123,6 +140,7 @@ class EvalEngineSpec(StrictModel):
             "dtype": self.dtype,
             "kv_cache_bytes": int(self.kv_cache_gb * 2**30),
             "max_model_len": self.max_model_len,
+            "gpu_memory_utilization": gpu_share(self.gpu_memory_utilization, self.gpus),
         }
 
 
@@ -145,7 +163,13 @@ class CKASpec(StrictModel):
     reference: str = Field(description="the state every other state is compared with")
     data: str = "science"
     limit: int = Field(64, ge=4)
-    actors: int | None = Field(None, description="None: in the driver; N: the Ray actor pool")
+    actors: int | None = Field(
+        1, description="the Ray actor pool's size (None: in the calling process)"
+    )
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs of each CKA actor")
+    gpus_per_actor: float = Field(
+        0.0, ge=0, description="GPUs of each CKA actor (its two models on it); 0: the CPU"
+    )
 
 
 class LiveCKASpec(StrictModel):

@@ -142,8 +142,11 @@ class PairRunner:
 
     @classmethod
     def from_dirs(cls, dir_a: str, dir_b: str, opts: CKAOptions) -> PairRunner:
-        """Load both models (safetensors, no remote code) and model a's tokenizer."""
+        """Load both models (safetensors, no remote code) and model a's tokenizer, on this
+        process's GPU when it has one (a pool actor given `gpus_per_actor`), else the CPU."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
         def load(d: str) -> torch.nn.Module:
             return AutoModelForCausalLM.from_pretrained(
@@ -151,7 +154,7 @@ class PairRunner:
                 dtype=DTYPES[opts.dtype],
                 use_safetensors=True,
                 trust_remote_code=trust_remote_code(),
-            )
+            ).to(device)
 
         tok_a = AutoTokenizer.from_pretrained(dir_a, trust_remote_code=trust_remote_code())
         model_a = load(dir_a)
@@ -316,6 +319,7 @@ def _pool_pass(
     *,
     actors: int,
     cpus_per_actor: float,
+    gpus_per_actor: float,
     calls_per_actor: int,
     standardizers: bytes | None,
     log: Callable[[str], None] | None,
@@ -341,6 +345,7 @@ def _pool_pass(
         compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=rows_per_call,  # rows = chunks, each forwarded as one model batch
         num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor,  # a cluster's GPU workers; 0: the CPU
     )
     acc: CKAAccumulator | None = None
     done = 0
@@ -364,11 +369,13 @@ def accumulate_over_dataset(
     *,
     actors: int = 1,
     cpus_per_actor: float = 1.0,
+    gpus_per_actor: float = 0.0,
     calls_per_actor: int = 4,
     two_pass: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> CKAAccumulator:
-    """The statistics of `examples`, computed by a pool of `actors` Ray actors."""
+    """The statistics of `examples`, computed by a pool of `actors` Ray actors, each with
+    `cpus_per_actor` CPUs and `gpus_per_actor` GPUs (its models on the GPU)."""
     import ray
 
     from sdftlab.raycluster import ensure_ray
@@ -377,12 +384,14 @@ def accumulate_over_dataset(
         raise ConfigError(f"actors must be a positive integer, got {actors!r}")
     _precheck(lineage, a, b, examples, opts)
     ensure_ray()
-    have = float(ray.cluster_resources().get("CPU", 0.0))
-    if actors * cpus_per_actor > have:
-        raise ConfigError(
-            f"actors={actors} × {cpus_per_actor} CPU each needs {actors * cpus_per_actor:g} "
-            f"CPUs but the Ray cluster has {have:g}; use fewer actors"
-        )
+    for kind, each in (("CPU", cpus_per_actor), ("GPU", gpus_per_actor)):
+        have = float(ray.cluster_resources().get(kind, 0.0))
+        if actors * each > have:
+            raise ConfigError(
+                f"actors={actors} × {each:g} {kind} each needs {actors * each:g} {kind}s but "
+                f"the Ray cluster has {have:g}; use fewer actors"
+                + (" or gpus_per_actor=0 (the CPU)" if kind == "GPU" else "")
+            )
     dir_a, dir_b = str(lineage.resolve(a)), str(lineage.resolve(b))
     chunks = chunk_examples(examples, opts.batch_size)
     if (
@@ -394,6 +403,7 @@ def accumulate_over_dataset(
     kw: dict[str, Any] = {
         "actors": actors,
         "cpus_per_actor": cpus_per_actor,
+        "gpus_per_actor": gpus_per_actor,
         "calls_per_actor": calls_per_actor,
         "log": log,
     }
@@ -422,6 +432,7 @@ def cka_over_dataset(
     padding_side: str = "right",
     dtype: str = "float32",
     cpus_per_actor: float = 1.0,
+    gpus_per_actor: float = 0.0,
     calls_per_actor: int = 4,
     log: Callable[[str], None] | None = None,
 ) -> pd.DataFrame:
@@ -452,6 +463,7 @@ def cka_over_dataset(
         opts,
         actors=actors,
         cpus_per_actor=cpus_per_actor,
+        gpus_per_actor=gpus_per_actor,
         calls_per_actor=calls_per_actor,
         two_pass=debiased and standardize,
         log=log,

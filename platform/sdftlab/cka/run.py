@@ -52,6 +52,8 @@ def compare_states(
     examples: Sequence[Any],
     *,
     actors: int | None = None,
+    cpus_per_actor: float = 1.0,
+    gpus_per_actor: float = 0.0,
     batch_size: int = 8,
     layers: Any = "diagonal",
     pooling: str = "answer_mean",
@@ -66,8 +68,9 @@ def compare_states(
     """CKA of state `a` against reference `b` on `examples`, one row per layer pair.
 
     ``actors=None`` runs in this process (`cka_local`); an int runs the Ray actor pool
-    (`cka_over_dataset`). With ``record=True`` the summary metrics (module docstring) are
-    merged into state `a`'s metrics; `a` must then be a lineage state.
+    (`cka_over_dataset`), each actor with `cpus_per_actor` CPUs and `gpus_per_actor` GPUs.
+    With ``record=True`` the summary metrics (module docstring) are merged into state `a`'s
+    metrics; `a` must then be a lineage state.
     """
     if record:
         lineage.require(a)  # fail before the forward passes, not after
@@ -84,7 +87,9 @@ def compare_states(
     if actors is None:
         df = cka_local(lineage, a, b, examples, **kwargs)
     else:
-        df = cka_over_dataset(lineage, a, b, examples, actors=actors, log=log, **kwargs)
+        df = cka_over_dataset(lineage, a, b, examples, actors=actors, log=log,
+                              cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
+                              **kwargs)  # fmt: skip
     if record:
         metrics = summary_metrics(df, lineage.label(b))
         lineage.record_metrics(a, metrics)
@@ -137,6 +142,7 @@ class CKACommand(CKASpec):
     """
 
     a: str = Field(description="the state to measure; its metrics receive the summary")
+    actors: int | None = Field(None, description="Ray actors (None: in this process)")
     limit: int | None = Field(None, ge=4, description="the first N rows (default all)")
     batch_size: int = Field(8, gt=0)
     layers: Any = Field("diagonal", description="diagonal | last | all | 0,2,4")
@@ -189,6 +195,8 @@ def run_cli(args: argparse.Namespace, lineage: Lineage, data_dir: Path | None) -
         cmd.reference,
         examples,
         actors=cmd.actors,
+        cpus_per_actor=cmd.cpus_per_actor,
+        gpus_per_actor=cmd.gpus_per_actor,
         batch_size=cmd.batch_size,
         layers=cmd.layers,
         pooling=cmd.pooling,

@@ -32,6 +32,13 @@ class RolloutSpec(StrictModel):
         "float32", description="the engines' weights and activations (the trainer's: float32)"
     )
     kv_cache_gb: float = Field(0.0625, gt=0, description="KV cache per engine, on CPU")
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="on a GPU: each engine's share for weights and KV cache "
+        "(None: 0.85 × gpus_per_actor, the part of the GPU the actor holds)",
+    )
     max_model_len: int | None = Field(
         None, gt=0, description="longest prompt + completion (None: the model's own limit)"
     )

@@ -68,7 +68,7 @@ from sdftlab.errors import ConfigError, DataError
 from sdftlab.lineage import Lineage, StateMeta
 from sdftlab.rollout.engines import SamplingSettings
 from sdftlab.rollout.pool import named_weights_for_sync
-from sdftlab.specs import LoraSpec
+from sdftlab.specs import LoraSpec, gpu_share
 
 # ----------------------------------------------------------------------------- data
 
@@ -594,6 +594,9 @@ def start_engines(cfg: RecoverConfig, student_dir: Path, teacher_dir: Path | Non
         "dtype": cfg.rollout.dtype,
         "kv_cache_bytes": int(cfg.rollout.kv_cache_gb * 2**30),
         "max_model_len": cfg.rollout.max_model_len,
+        "gpu_memory_utilization": gpu_share(
+            cfg.rollout.gpu_memory_utilization, cfg.rollout.gpus_per_actor
+        ),
     }
 
     def pool(path: Path, seed: int) -> RolloutPool:

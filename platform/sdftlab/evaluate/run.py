@@ -95,17 +95,32 @@ def evaluate_generation(
     return metrics
 
 
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @contextlib.contextmanager
 def generator_for(
-    lineage: Lineage, ref: str, tokenizer: Any, spec: EvalEngineSpec
+    lineage: Lineage, ref: str, tokenizer: Any, spec: EvalEngineSpec, *, in_process: bool = False
 ) -> Iterator[Generator]:
-    """A greedy generator for state `ref` on `spec.engine`; a vLLM engine stops on exit."""
+    """A greedy generator for state `ref` on `spec.engine`, on this process's GPU if it has
+    one; a vLLM engine runs in this process (`in_process`: an evaluation worker's own
+    resources) or as a Ray actor with `spec.cpus`/`spec.gpus`, and stops on exit."""
     from sdftlab.models import is_quantized
 
     path = lineage.resolve(ref)
     if spec.engine == "hf" or is_quantized(path):  # vLLM does not serve NF4 states here
-        model = lineage.load_model(ref, dtype=torch.float32)
+        model = lineage.load_model(ref, dtype=torch.float32).to(_device())
         yield HFGenerator(model, tokenizer, batch_size=spec.batch_size)
+        return
+    if in_process:
+        from sdftlab.rollout.engines import VLLMEngine
+
+        engine = VLLMEngine(path, seed=0, **spec.engine_kwargs())
+        try:
+            yield VLLMGenerator(engine, tokenizer)
+        finally:
+            del engine
         return
     from sdftlab.raycluster import ensure_ray
     from sdftlab.rollout.pool import RolloutPool
@@ -133,16 +148,18 @@ def evaluate_state(
     record: bool = True,
     engine: EvalEngineSpec | None = None,
     log: Callable[[str], None] = print,
+    in_process: bool = False,
 ) -> dict[str, float]:
     """Evaluate a state by name (or HF directory) and, for named states, record the metrics.
 
-    Generation tasks run on `engine` (transformers here by default, or a vLLM actor); the
-    general tasks score log-likelihoods with lm-eval on the model loaded in this process."""
+    Generation tasks run on `engine` (transformers here by default, or vLLM: an actor, or in
+    this process with `in_process`); the general tasks score log-likelihoods with lm-eval on
+    the model loaded in this process (on its GPU when it has one)."""
     spec = engine or EvalEngineSpec()
     tokenizer = lineage.load_tokenizer(ref)
     metrics: dict[str, float] = {}
     if any(t in GENERATION_TASKS for t in files):
-        with generator_for(lineage, ref, tokenizer, spec) as generate:
+        with generator_for(lineage, ref, tokenizer, spec, in_process=in_process) as generate:
             metrics |= evaluate_generation(
                 generate, files, with_demonstration=with_demonstration, limit=limit,
                 max_new_tokens=spec.max_new_tokens, log=log,
@@ -150,7 +167,7 @@ def evaluate_state(
     general = {t: p for t, p in files.items() if t in GENERAL_TASKS}
     if general:
         t0 = time.perf_counter()
-        model = lineage.load_model(ref, dtype=torch.float32)
+        model = lineage.load_model(ref, dtype=torch.float32).to(_device())
         metrics |= general_capability(
             model, tokenizer, general, batch_size=spec.batch_size, limit=limit
         )
@@ -158,6 +175,58 @@ def evaluate_state(
     if record and lineage.exists(ref):
         lineage.record_metrics(ref, metrics)
     return metrics
+
+
+def evaluate_on_worker(
+    lineage: Lineage,
+    ref: str,
+    files: Mapping[str, Path],
+    *,
+    with_demonstration: bool = False,
+    limit: int | None = None,
+    engine: EvalEngineSpec | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, float]:
+    """`evaluate_state` in Ray tasks that hold `engine.cpus` CPUs and `engine.gpus` GPUs —
+    GPU workers on a cluster, CPU workers here — never in the calling process (a job's
+    driver on the head node). The generation tasks (a vLLM engine or transformers) and the
+    lm-eval tasks each run in a task of their own, one after the other, so the two models
+    never share the device, and a GPU task's process exits after it (vLLM does not hand its
+    GPU memory back). Each task's log lines are printed here, in order, when it returns."""
+    import ray
+
+    from sdftlab.raycluster import ensure_ray
+
+    spec = engine or EvalEngineSpec()
+    ensure_ray()
+    task = ray.remote(num_cpus=spec.cpus, num_gpus=spec.gpus, max_calls=1 if spec.gpus else 0)(
+        _evaluate_task
+    )
+    metrics: dict[str, float] = {}
+    for kinds in (GENERATION_TASKS, GENERAL_TASKS):
+        part = {t: p for t, p in files.items() if t in kinds}
+        if part:
+            got, lines = ray.get(task.remote(lineage, ref, part, with_demonstration, limit, spec))
+            metrics |= got
+            for line in lines:
+                log(line)
+    return metrics
+
+
+def _evaluate_task(
+    lineage: Lineage,
+    ref: str,
+    files: dict[str, Path],
+    with_demonstration: bool,
+    limit: int | None,
+    spec: EvalEngineSpec,
+) -> tuple[dict[str, float], list[str]]:
+    lines: list[str] = []
+    metrics = evaluate_state(
+        lineage, ref, files, with_demonstration=with_demonstration, limit=limit, engine=spec,
+        log=lines.append, in_process=True,
+    )  # fmt: skip
+    return metrics, lines
 
 
 def metrics_table(rows: Mapping[str, Mapping[str, float]]) -> str:

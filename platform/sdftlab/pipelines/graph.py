@@ -251,7 +251,7 @@ def run_pipeline(
     """Run (or resume) the pipeline; returns {'timings': ..., 'report': path}."""
     from sdftlab.cka.run import compare_states, load_examples
     from sdftlab.data.loaders import count_rows
-    from sdftlab.evaluate.run import default_task_files, evaluate_state
+    from sdftlab.evaluate.run import default_task_files, evaluate_on_worker
     from sdftlab.plan import check, plan_pipeline
     from sdftlab.report import write_report
     from sdftlab.world.build import build_world_data
@@ -296,15 +296,24 @@ def run_pipeline(
         if not needs_evaluation(lineage.meta(state).metrics, rows, with_demonstration=demo):
             continue
         log(f"   {state}")
-        evaluate_state(lineage, state, files, with_demonstration=demo, limit=cfg.eval.limit,
-                       engine=cfg.eval.generation, log=lambda m: log("   " + m))  # fmt: skip
+        evaluate_on_worker(lineage, state, files, with_demonstration=demo,
+                           limit=cfg.eval.limit, engine=cfg.eval.generation,
+                           log=lambda m: log("   " + m))  # fmt: skip
     timings["evaluation"] = time.perf_counter() - t0
 
     log(f"── CKA against {cfg.cka.reference} on {cfg.cka.data}")
     t0 = time.perf_counter()
     examples = load_examples(cfg.cka.data, data_dir, limit=cfg.cka.limit)
     frames = {
-        s: compare_states(lineage, s, cfg.cka.reference, examples, actors=cfg.cka.actors)
+        s: compare_states(
+            lineage,
+            s,
+            cfg.cka.reference,
+            examples,
+            actors=cfg.cka.actors,
+            cpus_per_actor=cfg.cka.cpus_per_actor,
+            gpus_per_actor=cfg.cka.gpus_per_actor,
+        )
         for s in names
         if s != cfg.cka.reference
     }
