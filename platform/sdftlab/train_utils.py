@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdftlab import sharding
 from sdftlab.sharding import no_sync, unwrap  # noqa: F401 (the training loops' `tu.` names)
 
 OPTIM_FILE = "optimizer.safetensors"
@@ -325,7 +326,6 @@ def save_checkpoint(
 
     Called on every worker: a sharded model's state is gathered first (a collective); rank 0
     writes. Returns whether this worker wrote the checkpoint."""
-    from sdftlab import sharding
 
     rank, _ = sharding.world()
     sharded = sharding.is_sharded(model)
@@ -501,9 +501,7 @@ def live_cka(
     student before its first step — or else loaded and let go); None elsewhere or when off.
     `everywhere`: on every rank (a sharded student's forward is a collective; rank 0's
     measurement is the one reported)."""
-    import ray.train
-
-    if probe is None or (ray.train.get_context().get_world_rank() != 0 and not everywhere):
+    if probe is None or (sharding.world()[0] != 0 and not everywhere):
         return None
     from sdftlab.cka.live import LiveCKA
 

@@ -297,7 +297,7 @@ def recover_worker_loop(config: dict[str, Any]) -> None:
     tu.ray_train_logs_to_files()
     torch.set_num_threads(cfg.threads_per_worker)
     torch.manual_seed(cfg.seed)
-    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    rank, world = sharding.world()
     device = ray.train.torch.get_device()
     tokenizer = AutoTokenizer.from_pretrained(config["student_dir"])
     model = build_student(cfg, config["student_dir"], device)
