@@ -116,6 +116,11 @@ def prepare_4bit_for_cpu(model: nn.Module) -> int:
     return count
 
 
+def local_device() -> torch.device:
+    """This process's GPU if it has one (a Ray task or actor given GPUs), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_model(path: str | os.PathLike[str], **kwargs: Any) -> Any:
     """`AutoModelForCausalLM.from_pretrained` on a state directory: safetensors only, no
     remote code unless opted in; 4-bit states made safe to evaluate then train on CPU."""

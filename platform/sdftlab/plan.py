@@ -378,13 +378,17 @@ def plan_pipeline(
     arch = architectures(cfg.stages, in_order)
     res = cfg.resources
     plans = []
+    measured: dict[tuple, dict[str, int] | None] = {}  # stages on the same rows: read once
     for name in in_order:
         stage = cfg.stages[name]
         if stage.kind == "sft":
             plans.append(plan_sft(name, stage, arch[stage.source], res))
         elif stage.kind == "sdft":
-            prompt = prompt_tokens(stage, data_dir, _built_ancestor(cfg.stages, name, lineage))
-            plans.append(plan_sdft(name, stage, arch[stage.source], res, prompt))
+            tokenizer = _built_ancestor(cfg.stages, name, lineage)
+            key = (tokenizer, tuple(stage.data), stage.teacher_context, stage.template)
+            if key not in measured:
+                measured[key] = prompt_tokens(stage, data_dir, tokenizer)
+            plans.append(plan_sdft(name, stage, arch[stage.source], res, measured[key]))
     return plans
 
 

@@ -60,6 +60,7 @@ from sdftlab.cka.stats import Standardizer
 from sdftlab.config import StrictModel, trust_remote_code
 from sdftlab.errors import ConfigError, DataError
 from sdftlab.lineage import Lineage
+from sdftlab.models import local_device
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -146,7 +147,7 @@ class PairRunner:
         process's GPU when it has one (a pool actor given `gpus_per_actor`), else the CPU."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = local_device()
 
         def load(d: str) -> torch.nn.Module:
             return AutoModelForCausalLM.from_pretrained(

@@ -95,10 +95,6 @@ def evaluate_generation(
     return metrics
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 @contextlib.contextmanager
 def generator_for(
     lineage: Lineage, ref: str, tokenizer: Any, spec: EvalEngineSpec, *, in_process: bool = False
@@ -106,21 +102,17 @@ def generator_for(
     """A greedy generator for state `ref` on `spec.engine`, on this process's GPU if it has
     one; a vLLM engine runs in this process (`in_process`: an evaluation worker's own
     resources) or as a Ray actor with `spec.cpus`/`spec.gpus`, and stops on exit."""
-    from sdftlab.models import is_quantized
+    from sdftlab.models import is_quantized, local_device
 
     path = lineage.resolve(ref)
     if spec.engine == "hf" or is_quantized(path):  # vLLM does not serve NF4 states here
-        model = lineage.load_model(ref, dtype=torch.float32).to(_device())
+        model = lineage.load_model(ref, dtype=torch.float32).to(local_device())
         yield HFGenerator(model, tokenizer, batch_size=spec.batch_size)
         return
     if in_process:
         from sdftlab.rollout.engines import VLLMEngine
 
-        engine = VLLMEngine(path, seed=0, **spec.engine_kwargs())
-        try:
-            yield VLLMGenerator(engine, tokenizer)
-        finally:
-            del engine
+        yield VLLMGenerator(VLLMEngine(path, seed=0, **spec.engine_kwargs()), tokenizer)
         return
     from sdftlab.raycluster import ensure_ray
     from sdftlab.rollout.pool import RolloutPool
@@ -167,7 +159,9 @@ def evaluate_state(
     general = {t: p for t, p in files.items() if t in GENERAL_TASKS}
     if general:
         t0 = time.perf_counter()
-        model = lineage.load_model(ref, dtype=torch.float32).to(_device())
+        from sdftlab.models import local_device
+
+        model = lineage.load_model(ref, dtype=torch.float32).to(local_device())
         metrics |= general_capability(
             model, tokenizer, general, batch_size=spec.batch_size, limit=limit
         )
