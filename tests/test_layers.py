@@ -19,11 +19,21 @@ PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "sdftlab"
 CKA_CORE = ("cka.stats", "cka.capture", "cka.live")
 LAYERS = [
     # foundations
-    {"errors", "config", "paths", "specs", "modes", "chunked", "allocator", *CKA_CORE},
+    {
+        "errors",
+        "config",
+        "paths",
+        "specs",
+        "modes",
+        "chunked",
+        "allocator",
+        "provenance",
+        *CKA_CORE,
+    },
     # store, plumbing
-    {"models", "lineage", "train_utils", "sharding", "raycluster", "data", "rollout"},
+    {"models", "lineage", "train_utils", "sharding", "raycluster", "data", "rollout", "tracking"},
     {"world", "degrade", "distill", "evaluate", "cka", "importer"},  # the algorithms
-    {"report", "pipelines", "sweep", "plan", "cli"},  # recipes and entry points
+    {"report", "runs", "pipelines", "sweep", "plan", "cli"},  # recipes and entry points
 ]
 ALGORITHMS = LAYERS[2]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from sdftlab import provenance, runs
 from sdftlab.config import WorldConfig, load_config
 from sdftlab.errors import ConfigError, LineageError
 from sdftlab.pipelines.graph import PipelineConfig, main, needs_evaluation, order, run_pipeline
@@ -127,13 +128,17 @@ def test_forgetting_pipeline_reports_and_skips_finished_stages(small_world, tmp_
             "stages.sft_baseline={steps: 2, batch_size: 8}", "stages.rec_base=null",
             f"stages.rec_expert={{{TINY_SDFT}}}}}",
             "eval.limit=8", "cka.limit=8", f"report.dir={tmp_path / 'report'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         ],
     )  # fmt: skip
     lines: list[str] = []
     out = run_pipeline(cfg, lineage, home, log=lines.append)
     report = Path(out["report"])
+    assert report.parent == out["run_dir"] and report.parent.parent == tmp_path / "report"
     text = report.read_text()
     assert "## Task accuracy" in text and "rec_expert" in text and "ΔCKA" in text
+    assert f"- lock: {provenance.lock_hash()[:12]}" in text and "- commit: " in text
+    assert lineage.meta("expert").provenance["lock"] == provenance.lock_hash()
     for figure in ("accuracy.png", "cka_by_layer.png", "misalignment_vs_accuracy.png"):
         assert (report.parent / figure).stat().st_size > 0
     results = pd.read_parquet(report.parent / "results.parquet")
@@ -148,6 +153,32 @@ def test_forgetting_pipeline_reports_and_skips_finished_stages(small_world, tmp_
     # Resubmitted with the same config: every training stage is skipped.
     lines.clear()
     again = run_pipeline(cfg, lineage, home, log=lines.append)
+    assert again["run_dir"] != out["run_dir"] and report.is_file()  # the first run is kept
+    assert (tmp_path / "report" / "latest").resolve() == again["run_dir"].resolve()
+    frame = runs.compare(out["run_dir"], again["run_dir"], ["science/acc"])
+    assert set(frame["state"]) >= {"expert", "rec_expert"} and (frame["diff"] == 0).all()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (experiment,) = client.search_experiments(filter_string="name = 'forgetting'")
+    tracked = client.search_runs([experiment.experiment_id])
+    pipelines = [r for r in tracked if "mlflow.parentRunId" not in r.data.tags]
+    names = {r.info.run_name for r in pipelines}
+    assert names == {out["run_dir"].name, again["run_dir"].name}
+    first = next(r for r in pipelines if r.info.run_name == out["run_dir"].name)
+    first_expert = next(
+        r
+        for r in tracked
+        if r.data.tags.get("state") == "expert"
+        and r.data.tags["mlflow.parentRunId"] == first.info.run_id
+    )
+    curve = client.get_metric_history(first_expert.info.run_id, "loss")  # Ray Train's reports
+    assert curve and curve[-1].step == 4
+    assert first_expert.data.metrics["science/acc"] == lineage.meta("expert").metrics["science/acc"]
+    assert (
+        "cka/expert/by_layer"
+        in next(r for r in tracked if r.data.tags.get("state") == "forgot").data.metrics
+    )
     skipped = [line for line in lines if "up to date" in line]
     assert len(skipped) == 4, lines  # expert, forgot, rec_expert, sft_baseline
     assert all(again["timings"][s] == 0.0 for s in ("expert", "forgot", "rec_expert"))

@@ -9,7 +9,9 @@
     sdftlab degrade quantize --from expert --to nf4
     sdftlab degrade prune --from expert --to pruned10 --ratio 0.1 [--importance taylor]
     sdftlab cka --a forgot --b expert [--data science] [--actors 2] [--plot cka.png] [key=value]
-    sdftlab lineage [tree | list | show NAME | rm NAME]
+    sdftlab lineage [tree | list | show NAME | rm NAME]   (show: provenance, then metadata)
+    sdftlab runs [--dir runs]                    every pipeline run with its headline metrics
+    sdftlab runs compare A B [--metrics m,...]   per-state differences between two runs
     sdftlab plan CONFIG [key=value ...]   each stage's memory per device, before any work
 
 Global: `--home DIR` (worlds and the default lineage; `$SDFTLAB_HOME`, else `./.sdftlab`) and
@@ -268,12 +270,34 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     elif args.action == "show":
         if not args.name:
             raise SdftlabError("sdftlab lineage show NAME: give the state's name")
-        print(lineage.meta(args.name).model_dump_json(indent=2))
+        from sdftlab.provenance import summary
+
+        meta = lineage.meta(args.name)
+        print(f"{meta.name}  <{meta.kind}>  made {meta.created_at}")
+        print("\n".join(summary(meta.provenance)))
+        print(meta.model_dump_json(indent=2))
     elif args.action == "rm":
         if not args.name:
             raise SdftlabError("sdftlab lineage rm NAME: give the state's name")
         lineage.delete(args.name)
         print(f"deleted {args.name}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from sdftlab import runs
+
+    root = Path(args.dir)
+    if args.action == "list":
+        print(runs.list_table(root))
+        return 0
+    if len(args.runs) != 2:
+        raise SdftlabError("sdftlab runs compare A B: give two runs (ids, <pipeline>/<id>, "
+                           "<pipeline>/latest or paths; `sdftlab runs` lists them)")  # fmt: skip
+    a, b = (runs.resolve_run(root, ref) for ref in args.runs)
+    metrics = [m for m in (args.metrics or "").split(",") if m]
+    frame = runs.compare(a, b, metrics)
+    print(runs.compare_table(frame, f"{a.parent.name}/{a.name}", f"{b.parent.name}/{b.name}"))
     return 0
 
 
@@ -375,6 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("action", nargs="?", default="tree", choices=["tree", "list", "show", "rm"])
     lin.add_argument("name", nargs="?")
     lin.set_defaults(func=cmd_lineage)
+
+    rn = sub.add_parser("runs", help="list pipeline runs, or compare two of them")
+    rn.add_argument("action", nargs="?", default="list", choices=["list", "compare"])
+    rn.add_argument("runs", nargs="*", metavar="RUN", help="compare: two run ids or paths")
+    rn.add_argument("--dir", default="runs", help="where the pipelines' runs are (default runs)")
+    rn.add_argument("--metrics", help="compare: only these metrics (comma separated)")
+    rn.set_defaults(func=cmd_runs)
     return parser
 
 

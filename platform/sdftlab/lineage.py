@@ -2,8 +2,9 @@
 
 A state is a Hugging Face model directory (safetensors weights, config, tokenizer) plus
 `sdftlab_state.json` (name, parents, stage kind, config, metrics, creation time, content
-hash). States are addressed by name — `base`, `expert`, `forgot`, … — so a later stage picks
-its teacher by name. The root is a local path or any URI `pyarrow.fs` understands
+hash, and its provenance: commit, lock hash, library versions, machine and seeds —
+`sdftlab.provenance`). States are addressed by name — `base`, `expert`, `forgot`, … — so a
+later stage picks its teacher by name. The root is a local path or any URI `pyarrow.fs` understands
 (`s3://bucket/lineage`, `gs://…`, `file:///…`), so a cluster can share one store.
 
 Writes are atomic: a state is written under `.staging/` and moved into `states/<name>` only
@@ -23,6 +24,7 @@ import hashlib
 import os
 import re
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Mapping
@@ -33,6 +35,7 @@ from typing import Any
 import pyarrow.fs as pafs
 from pydantic import BaseModel, Field
 
+from sdftlab import provenance
 from sdftlab.errors import LineageError
 
 META_FILE = "sdftlab_state.json"
@@ -60,6 +63,8 @@ class StateMeta(BaseModel):
     created_at: str
     content_hash: str
     files: list[str] = Field(default_factory=list)
+    # commit, lock hash, library versions, machine and seeds (`sdftlab.provenance.collect`)
+    provenance: dict[str, Any] = Field(default_factory=dict)
 
 
 def check_name(name: str) -> str:
@@ -177,7 +182,7 @@ class Lineage:
         overwrite: bool = False,
     ) -> StateMeta:
         """Register an already-written HF directory as state `name` (copied, atomically)."""
-        self.check_new(name, parents=parents or [], overwrite=overwrite)
+        self.check_new(name, parents=parents or [], overwrite=overwrite, warn=False)
         src = Path(directory)
         if any(p.suffix in {".bin", ".pt", ".pth", ".pkl"} for p in src.iterdir()):
             raise LineageError(
@@ -193,6 +198,7 @@ class Lineage:
             created_at=datetime.now(UTC).isoformat(timespec="microseconds"),
             content_hash=content_hash(src),
             files=sorted(p.name for p in src.iterdir() if p.is_file()),
+            provenance=provenance.collect(config),
         )
         staging = f"{self._base}/.staging/{name}.{uuid.uuid4().hex[:8]}"
         self.fs.create_dir(staging, recursive=True)
@@ -217,12 +223,22 @@ class Lineage:
             self.fs.move(staging, final)
         return meta
 
-    def check_new(self, name: str, *, parents: list[str], overwrite: bool = False) -> None:
+    def check_new(
+        self, name: str, *, parents: list[str], overwrite: bool = False, warn: bool = True
+    ) -> None:
         """Before any work: `name` is a valid, free name (or `overwrite`), and not one of its
-        `parents`, which all exist."""
+        `parents`, which all exist. `warn`: one line on stderr for each parent made under
+        other library versions than this process has."""
         check_name(name)
         for parent in parents:
             self.require(parent)
+            changed = provenance.drift(self.meta(parent).provenance) if warn else []
+            if changed:
+                print(
+                    f"sdftlab: warning: {parent!r} was made under other library versions "
+                    f"({', '.join(changed)}); {name!r} continues from it",
+                    file=sys.stderr,
+                )
         if name in parents:
             raise LineageError(f"dst {name!r} is the source state; a stage writes a new state")
         if self.exists(name) and not overwrite:

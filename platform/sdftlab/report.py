@@ -1,8 +1,10 @@
 """Run reports: paper-style tables (report.md), results.parquet and PNG figures.
 
 `write_report` reads the metrics every stage recorded in the lineage, so a report can be
-(re)written from the lineage alone. Files are written to a temporary directory and moved
-into place, so an interrupted report never leaves a half-written one behind.
+(re)written from the lineage alone. Its header says what made it: commit, lock hash,
+library versions, machine (`sdftlab.provenance`). Each file is written to a temporary
+directory and moved into place whole, so an interrupted report never leaves a half-written
+file behind, and other files in the directory (a run's `run.json`) are left alone.
 
     results.parquet   one row per state × metric (state, kind, parents, metric, value)
     report.md         accuracy per stage and task, general capability, CKA and ΔCKA
@@ -17,11 +19,13 @@ import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from sdftlab.evaluate.general import GENERAL_METRICS, LOWER_IS_BETTER
 from sdftlab.lineage import Lineage
+from sdftlab.provenance import summary
 
 TASK_COLUMNS = ("science/acc", "science/acc_demo", "tooluse/acc", "tooluse/acc_demo")
 # mmlu/acc, mmlu/acc_cloze, winogrande/acc (accuracies); english/bpb (bits per byte)
@@ -102,6 +106,7 @@ def write_report(
     timings: Mapping[str, float],
     title: str,
     accuracy_metric: str = "science/acc",
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write report.md, results.parquet and the figures into `out_dir`; returns report.md."""
     import matplotlib
@@ -116,8 +121,8 @@ def write_report(
     label = lineage.label(reference)
     cka_col = f"cka/{label}/last_layer"
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
     try:
         df.to_parquet(tmp / "results.parquet", index=False)
 
@@ -131,6 +136,8 @@ def write_report(
         plt.close(fig)
 
         lines = [f"# {title}", ""]
+        if provenance is not None:
+            lines += [f"- {line}" for line in summary(dict(provenance))] + [""]
         lines += ["## Task accuracy (%)", "", _table(wide, TASK_COLUMNS), ""]
         lines += recovery_rows(
             wide, states, reference=reference, degraded=degraded, metric=accuracy_metric
@@ -195,15 +202,8 @@ def write_report(
         lines += ["", "Figures: accuracy.png, cka_by_layer.png, misalignment_vs_accuracy.png;"]
         lines += ["every metric: results.parquet (one row per state × metric)."]
         (tmp / "report.md").write_text("\n".join(lines) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
+        for path in sorted(tmp.iterdir(), key=lambda p: p.name == "report.md"):  # report last
+            os.replace(path, out_dir / path.name)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir / "report.md"

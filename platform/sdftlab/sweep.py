@@ -42,6 +42,7 @@ from sdftlab.distill.sdft import RecoverConfig
 from sdftlab.errors import ConfigError
 from sdftlab.lineage import Lineage
 from sdftlab.specs import CKASpec, EvalSpec
+from sdftlab.tracking import TrackingSpec
 
 SPACE_TYPES = ("grid", "choice", "loguniform", "uniform")
 # what a trial's parameters may set (RecoverConfig fields, dotted) besides the prune ratio
@@ -98,6 +99,7 @@ class SweepConfig(StrictModel):
     )
     lineage: str | None = None
     out_dir: str = "runs/sweep"
+    tracking: TrackingSpec = TrackingSpec()  # one MLflow run per trial (Ray Tune's logger)
 
     @model_validator(mode="after")
     def _keys(self) -> SweepConfig:
@@ -222,8 +224,9 @@ def run_sweep(cfg: SweepConfig, lineage: Lineage, data_dir: Path | None, log=pri
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from sdftlab.paths import storage_path
+    from sdftlab.paths import sdftlab_home, storage_path
     from sdftlab.raycluster import ensure_ray
+    from sdftlab.tracking import tune_callback
 
     validate(cfg, lineage)
     data_dir = sweep_data_dir(cfg, data_dir)
@@ -267,7 +270,11 @@ def run_sweep(cfg: SweepConfig, lineage: Lineage, data_dir: Path | None, log=pri
                 num_samples=cfg.num_samples,
                 max_concurrent_trials=cfg.max_concurrent_trials,
             ),
-            run_config=tune.RunConfig(name=Path(exp_dir).name, storage_path=storage_path()),
+            run_config=tune.RunConfig(
+                name=Path(exp_dir).name,
+                storage_path=storage_path(),
+                callbacks=tune_callback(cfg.tracking, sdftlab_home(), cfg.name),
+            ),
         )
     grid = tuner.fit()
     df = grid.get_dataframe()

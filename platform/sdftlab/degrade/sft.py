@@ -313,8 +313,8 @@ def run_sft(
 
     # Validate everything before any work: names, parents, data, assistant tokens.
     names = [dst if r == cfg.n_rounds - 1 else f"{dst}-r{r + 1}" for r in range(cfg.n_rounds)]
-    for name in names:
-        lineage.check_new(name, parents=[src], overwrite=overwrite)
+    for name in names:  # one version warning, not one a round
+        lineage.check_new(name, parents=[src], overwrite=overwrite, warn=name == names[0])
     tokenizer = lineage.load_tokenizer(src)
     probe = tu.live_cka_probe(
         lineage, cfg.live_cka, reference=src, data=cfg.data[0], data_dir=data_dir

@@ -26,7 +26,11 @@ exists with the same options and is newer than its inputs is skipped, so a kille
 resubmitted continues after its last finished stage. Then every state is evaluated (task
 accuracy, the teacher's view with the demonstration for `eval.demonstration_for`, general
 capability through lm-eval), compared with `cka.reference` layer by layer, and reported
-(`report.md`, `results.parquet`, figures).
+(`report.md`, `results.parquet`, figures) in a directory of the run's own,
+`<report.dir>/<run-id>/` (`<report.dir>/latest` is the last finished one; `sdftlab.runs`).
+Every state and the report record their provenance (`sdftlab.provenance`), and the run, its
+stages' configs, training curves, evaluation and CKA go to MLflow (`tracking`,
+`sdftlab.tracking`).
 
     python jobs/forgetting.py --config jobs/configs/forgetting.yaml [key=value ...]
     ray job submit --working-dir . -- python jobs/forgetting.py \
@@ -49,6 +53,7 @@ from sdftlab.errors import ConfigError, SdftlabError
 from sdftlab.lineage import Lineage
 from sdftlab.pipelines.stages import KINDS, Job, WorldStage, kind_of, options
 from sdftlab.specs import CKASpec, EvalSpec, ResourcesSpec
+from sdftlab.tracking import TrackingSpec
 
 Log = Callable[[str], None]
 
@@ -70,7 +75,10 @@ def inputs(stage: Any) -> list[str]:
 
 
 class ReportSpec(StrictModel):
-    dir: str = "runs/pipeline"
+    dir: str = Field(
+        "runs/pipeline",
+        description="the pipeline's runs: <dir>/<run-id>/, <dir>/latest (`sdftlab runs`)",
+    )
     title: str | None = None
     degraded: str | None = Field(
         None, description="the damaged state recoveries are measured against (ΔCKA, recovery)"
@@ -101,6 +109,7 @@ class PipelineConfig(StrictModel):
     resources: ResourcesSpec = Field(
         ResourcesSpec(), description="what it runs on: each stage is planned against it first"
     )
+    tracking: TrackingSpec = TrackingSpec()
 
     @field_validator("stages")
     @classmethod
@@ -248,17 +257,51 @@ def built_data_dir(cfg: PipelineConfig, home: Path) -> Path | None:
 def run_pipeline(
     cfg: PipelineConfig, lineage: Lineage, home: Path, log: Log = print
 ) -> dict[str, Any]:
-    """Run (or resume) the pipeline; returns {'timings': ..., 'report': path}."""
-    from sdftlab.cka.run import compare_states, load_examples
-    from sdftlab.data.loaders import count_rows
-    from sdftlab.evaluate.run import default_task_files, evaluate_on_worker
+    """Run (or resume) the pipeline into a new run directory (`sdftlab.runs`), tracked in
+    MLflow (`sdftlab.tracking`); returns {'timings', 'report', 'run_dir'}."""
+    from sdftlab import provenance, runs
     from sdftlab.plan import check, plan_pipeline
-    from sdftlab.report import write_report
-    from sdftlab.world.build import build_world_data
+    from sdftlab.tracking import Tracker
 
     names = order(cfg.stages)
     plans = plan_pipeline(cfg, names, lineage, built_data_dir(cfg, home))
     check(plans, cfg.resources)  # a stage that cannot fit: refused now
+    resolved = cfg.model_dump(mode="json", by_alias=True)
+    prov = provenance.collect(resolved)
+    run_id = runs.new_run_id(resolved)
+    tracker = Tracker.open(cfg.tracking, home, experiment=cfg.name, run_name=run_id,
+                           params=resolved, tags=_tags(prov), log=log)  # fmt: skip
+    run_dir = runs.start_run(Path(cfg.report.dir), run_id, pipeline=cfg.name, config=resolved,
+                             provenance=prov)  # fmt: skip
+    log(f"run {run_dir}")
+    try:
+        out = _run(cfg, lineage, home, names, run_dir, prov, tracker, log)
+    except BaseException as err:
+        runs.finish_run(run_dir, "failed", error=f"{type(err).__name__}: {err}"[:1000])
+        if tracker is not None:
+            tracker.end(tracker.run_id, "FAILED")
+        raise
+    results = runs.run_results(run_dir)
+    runs.finish_run(run_dir, "finished", timings=out["timings"],
+                    headline_metric=cfg.report.accuracy_metric,
+                    headline=runs.headline(results, cfg.report.accuracy_metric))  # fmt: skip
+    if tracker is not None:
+        tracker.log_artifacts(run_dir)
+        tracker.end(tracker.run_id)
+    log(f"report: {out['report']}")
+    return {**out, "run_dir": run_dir}
+
+
+def _tags(prov: dict[str, Any]) -> dict[str, str]:
+    git = prov.get("git") or {}
+    return {
+        "git.commit": str(git.get("commit")), "git.dirty": str(git.get("dirty")),
+        "lock": str(prov.get("lock")), "variant": str(prov.get("variant")),
+        "machine": str((prov.get("machine") or {}).get("cpu")),
+    }  # fmt: skip
+
+
+def _quiet_progress(cfg: PipelineConfig) -> None:
     if cfg.trust_remote_code:  # before Ray starts: its workers inherit the environment
         os.environ[TRUST_REMOTE_CODE_ENV] = "1"
     # One progress line per stage: no Ray Data or transformers progress bars (the workers
@@ -269,7 +312,19 @@ def run_pipeline(
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+
+
+def _run(
+    cfg: PipelineConfig, lineage: Lineage, home: Path, names: list[str], run_dir: Path,
+    prov: dict[str, Any], tracker: Any, log: Log,
+) -> dict[str, Any]:  # fmt: skip
+    """The stages, evaluation, CKA and the report; each stage an MLflow child run."""
+    from sdftlab.report import write_report
+    from sdftlab.world.build import build_world_data
+
+    _quiet_progress(cfg)
     timings: dict[str, float] = {}
+    tracked: dict[str, str] = {}  # state → its MLflow run
     t_all = time.perf_counter()
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
     if data_dir is None and cfg.task_data is not None:
@@ -278,16 +333,61 @@ def run_pipeline(
         stage = cfg.stages[name]
         kind = kind_of(stage)
         label = f"stage {i}/{len(names)} {kind.describe(stage)}"
-        job = Job(name, stage, options(stage), lineage, data_dir, home, lambda m: log("   " + m))
         done = not kind.caches_itself and up_to_date(
             lineage, name, recorded_config(stage), inputs(stage)
         )
-        made = run_stage(label, name, done, partial(kind.run, job), log, timings)
+        callbacks: tuple[Any, ...] = ()
+        if tracker is not None:
+            tracked[name] = tracker.stage(
+                name,
+                options(stage).model_dump(mode="json"),
+                {"kind": stage.kind, "parents": ",".join(inputs(stage)), "skipped": str(done)},
+            )
+            callbacks = (tracker.train_callback(tracked[name]),)
+        job = Job(name, stage, options(stage), lineage, data_dir, home,
+                  lambda m: log("   " + m), callbacks)  # fmt: skip
+        try:
+            made = run_stage(label, name, done, partial(kind.run, job), log, timings)
+        except BaseException:
+            if tracker is not None:
+                tracker.end(tracked[name], "FAILED")
+            raise
         data_dir = data_dir or made
     assert data_dir is not None  # PipelineConfig: a world stage or data_dir
 
-    log(f"── evaluation ({', '.join(cfg.eval.tasks)}, limit {cfg.eval.limit})")
     t0 = time.perf_counter()
+    evaluate_states(cfg, lineage, names, data_dir, log)
+    timings["evaluation"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    frames = compare_to_reference(cfg, lineage, names, data_dir, log)
+    timings["cka"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_all
+    if tracker is not None:
+        label = lineage.label(cfg.cka.reference)
+        for state, run_id in tracked.items():
+            tracker.log_metrics(run_id, lineage.meta(state).metrics)
+            if state in frames:
+                tracker.log_cka(run_id, frames[state], label)
+            tracker.end(run_id)
+    report = write_report(
+        run_dir, lineage, names, frames, reference=cfg.cka.reference,
+        degraded=cfg.report.degraded or names[0], timings=timings,
+        title=cfg.report.title or cfg.name, accuracy_metric=cfg.report.accuracy_metric,
+        provenance=prov,
+    )  # fmt: skip
+    return {"timings": timings, "report": report}
+
+
+def evaluate_states(
+    cfg: PipelineConfig, lineage: Lineage, names: list[str], data_dir: Path, log: Log
+) -> None:
+    """Score every state whose recorded figures lack one asked for (or were taken on another
+    number of rows): task accuracy, with the demonstration for `eval.demonstration_for`,
+    general capability."""
+    from sdftlab.data.loaders import count_rows
+    from sdftlab.evaluate.run import default_task_files, evaluate_on_worker
+
+    log(f"── evaluation ({', '.join(cfg.eval.tasks)}, limit {cfg.eval.limit})")
     files = default_task_files(data_dir, cfg.eval.tasks)
     # A state's figures are reused only if they were taken on as many rows as asked for now.
     rows = {f"{t}/n": float(count_rows(p, limit=cfg.eval.limit)) for t, p in files.items()}
@@ -299,12 +399,17 @@ def run_pipeline(
         evaluate_on_worker(lineage, state, files, with_demonstration=demo,
                            limit=cfg.eval.limit, engine=cfg.eval.generation,
                            log=lambda m: log("   " + m))  # fmt: skip
-    timings["evaluation"] = time.perf_counter() - t0
+
+
+def compare_to_reference(
+    cfg: PipelineConfig, lineage: Lineage, names: list[str], data_dir: Path, log: Log
+) -> dict[str, Any]:
+    """CKA of every state against `cka.reference`, layer by layer: {state: frame}."""
+    from sdftlab.cka.run import compare_states, load_examples
 
     log(f"── CKA against {cfg.cka.reference} on {cfg.cka.data}")
-    t0 = time.perf_counter()
     examples = load_examples(cfg.cka.data, data_dir, limit=cfg.cka.limit)
-    frames = {
+    return {
         s: compare_states(
             lineage,
             s,
@@ -317,15 +422,6 @@ def run_pipeline(
         for s in names
         if s != cfg.cka.reference
     }
-    timings["cka"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_all
-    report = write_report(
-        Path(cfg.report.dir), lineage, names, frames, reference=cfg.cka.reference,
-        degraded=cfg.report.degraded or names[0], timings=timings,
-        title=cfg.report.title or cfg.name, accuracy_metric=cfg.report.accuracy_metric,
-    )  # fmt: skip
-    log(f"report: {report}")
-    return {"timings": timings, "report": report}
 
 
 def main(argv: list[str] | None, default_config: Path, doc: str) -> int:

@@ -86,6 +86,7 @@ class Job:
     data_dir: Path | None
     home: Path
     log: Log
+    callbacks: tuple[Any, ...] = ()  # Ray Train callbacks of a training stage (tracking)
 
 
 def outside_teacher(teacher: str) -> bool:
@@ -120,14 +121,14 @@ def _run_sft(job: Job) -> None:
     from sdftlab.degrade.sft import run_sft
 
     run_sft(job.lineage, job.stage.source, job.name, job.options, data_dir=job.data_dir,
-            log=job.log, overwrite=True)  # fmt: skip
+            log=job.log, overwrite=True, callbacks=job.callbacks)  # fmt: skip
 
 
 def _run_sdft(job: Job) -> None:
     from sdftlab.distill.sdft import recover
 
     recover(job.lineage, job.stage.source, job.name, job.options, data_dir=job.data_dir,
-            log=job.log, overwrite=True)  # fmt: skip
+            log=job.log, overwrite=True, callbacks=job.callbacks)  # fmt: skip
 
 
 def _run_quantize(job: Job) -> None:
