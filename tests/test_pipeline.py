@@ -160,7 +160,7 @@ def test_forgetting_pipeline_reports_and_skips_finished_stages(small_world, tmp_
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (experiment,) = client.search_experiments(filter_string="name = 'forgetting'")
+    experiment = client.get_experiment_by_name(cfg.name)
     tracked = client.search_runs([experiment.experiment_id])
     pipelines = [r for r in tracked if "mlflow.parentRunId" not in r.data.tags]
     names = {r.info.run_name for r in pipelines}

@@ -107,8 +107,10 @@ def locked_versions(lock: Path = LOCK_FILE, for_variant: str | None = None) -> d
 
 @cache
 def git_state() -> dict[str, Any] | None:
-    """{'commit', 'dirty'} of the checkout sdftlab is imported from, or None outside one
-    (a wheel install, a job's working directory without .git)."""
+    """{'commit', 'dirty'} of the checkout sdftlab is imported from; outside one (a wheel
+    install, a job's working directory without .git) `$SDFTLAB_GIT_COMMIT` if the submitter
+    set it (dirty: None, unknown), else None."""
+    given = os.environ.get("SDFTLAB_GIT_COMMIT")
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -119,11 +121,11 @@ def git_state() -> dict[str, Any] | None:
     try:
         top = Path(git("rev-parse", "--show-toplevel")).resolve()
         if top != PROJECT_ROOT:  # sdftlab copied into some other repository
-            return None
+            raise OSError(top)
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
-        return None
+        return {"commit": given, "dirty": None} if given else None
     return {"commit": commit, "dirty": dirty}
 
 
@@ -205,7 +207,8 @@ def summary(prov: dict[str, Any]) -> list[str]:
     git = prov.get("git")
     code = "unknown (not a git checkout)"
     if git:
-        code = git["commit"][:12] + (" (dirty tree)" if git["dirty"] else "")
+        dirty = {True: " (dirty tree)", False: "", None: " (tree state unknown)"}
+        code = git["commit"][:12] + dirty[git["dirty"]]
     lock = (prov.get("lock") or "none (not installed from uv.lock)")[:12]
     libs = prov.get("libraries") or {}
     mach = prov.get("machine") or {}
