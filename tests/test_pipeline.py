@@ -117,8 +117,9 @@ TINY_SDFT = "steps: 2, prompts_per_step: 4, checkpoint_every: 2, rollout: {max_n
 
 
 @pytest.mark.slow
-def test_forgetting_pipeline_reports_and_skips_finished_stages(small_world, tmp_path):
+def test_forgetting_pipeline_reports_and_skips_finished_stages(small_world, tmp_path, monkeypatch):
     world, lineage, home = small_world
+    monkeypatch.setenv("SDFTLAB_STORAGE", str(tmp_path / "ray"))  # no other run's checkpoints
     cfg = load_config(
         PipelineConfig,
         CONFIGS / "forgetting.yaml",
