@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from sdftlab.cka.pool import cka_local, cka_over_dataset
+from sdftlab.cka.pool import CKAOptions, cka_local, cka_over_dataset
 from sdftlab.data.loaders import row_to_example
 from sdftlab.lineage import Lineage
 from sdftlab.raycluster import ensure_ray
@@ -95,7 +95,7 @@ def timed_pool(lineage: Lineage, examples: list[Any], actors: int, batch_size: i
 
     t0 = time.perf_counter()
     df = cka_over_dataset(
-        lineage, "a", "b", examples, actors=actors, batch_size=batch_size, log=log
+        lineage, "a", "b", examples, CKAOptions(batch_size=batch_size), actors=actors, log=log
     )
     wall = time.perf_counter() - t0
     rate = None
@@ -135,7 +135,7 @@ def main() -> None:
         for n_threads in thread_counts:
             torch.set_num_threads(n_threads)
             t0 = time.perf_counter()
-            df = cka_local(lineage, "a", "b", examples, batch_size=args.batch_size)
+            df = cka_local(lineage, "a", "b", examples, CKAOptions(batch_size=args.batch_size))
             wall = time.perf_counter() - t0
             local = df if local is None else local
             diff = np.abs(df[COLUMNS].to_numpy() - local[COLUMNS].to_numpy())

@@ -14,7 +14,7 @@ The layout follows the GPU count:
 | 1 | 1 worker | 1 worker + an engine on 0.4 of the same GPU | ipc |
 
 Each run is a real `run_sft` / `recover` (Ray Train on NCCL, bf16 autocast, checkpointing),
-its steps read back through `train_utils.report_log`. The table gives, per stage: the median
+its steps read back through `train.trainer.report_log`. The table gives, per stage: the median
 step time after the first, SFT tokens/s; SDFT rollout, train and weight-sync seconds a step
 and the sync's share of the step, the KL divergence at the first and last step, and the
 policy drift (mean |log π_trainer − log π_engine| of the sampled tokens) at the first and last
@@ -80,14 +80,16 @@ def main() -> int:
 
     import os
 
-    from sdftlab.config import WorldConfig, load_config
+    from sdftlab.config import load_config
     from sdftlab.degrade.sft import SFTConfig, run_sft
-    from sdftlab.distill.sdft import RecoverConfig, recover
+    from sdftlab.distill.config import RecoverConfig
+    from sdftlab.distill.sdft import recover
     from sdftlab.importer import import_model
     from sdftlab.lineage import Lineage
     from sdftlab.raycluster import ensure_ray
-    from sdftlab.train_utils import read_report_log, report_log
+    from sdftlab.train.trainer import read_report_log, report_log
     from sdftlab.world.build import build_world_data
+    from sdftlab.world.config import WorldConfig
 
     results: dict[str, Any] = {"gpus": gpus, "device": device, **plan}
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:

@@ -70,12 +70,12 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     from rollout import write_results
-    from sdftlab.config import WorldConfig
     from sdftlab.importer import import_model
     from sdftlab.lineage import Lineage
     from sdftlab.plan import Architecture
     from sdftlab.raycluster import ensure_ray
     from sdftlab.world.build import build_world_data, current_world
+    from sdftlab.world.config import WorldConfig
 
     home = Path(args.world_home)
     world = current_world(home)

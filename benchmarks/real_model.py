@@ -60,7 +60,8 @@ EVAL_DATA = REPO.parent / "shared" / "data" / "sdft_reference_eval"
 STEP_CHILD = r"""
 import json, sys, time, statistics
 import torch
-from sdftlab import train_utils as tu
+from sdftlab.train import loop as train_loop
+from sdftlab.train import setup as train_setup
 from sdftlab.allocator import tune_cpu_allocator
 tune_cpu_allocator()  # as the train workers do
 kind, state_dir, data_dir, variant, steps = sys.argv[1:6]
@@ -80,10 +81,10 @@ def ids(messages):
 if variant.get("attention"):
     model.set_attn_implementation(variant["attention"])
 if variant.get("checkpointing"):
-    tu.enable_checkpointing(model)
+    train_setup.enable_checkpointing(model)
 if variant.get("lora"):
     from sdftlab.specs import LoraSpec
-    model = tu.with_lora(model, LoraSpec(r=variant["lora"], alpha=2 * variant["lora"]))
+    model = train_setup.with_lora(model, LoraSpec(r=variant["lora"], alpha=2 * variant["lora"]))
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=1e-5)
 model.train()  # as in the workers (checkpointing is active in training mode only)
@@ -104,7 +105,7 @@ if kind == "sft":
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         if variant["path"] == "whole":
-            with tu.autocast(cpu, True):
+            with train_setup.autocast(cpu, True):
                 loss = model(**batch, use_cache=False).loss
             loss.backward()
         else:
@@ -116,8 +117,9 @@ if kind == "sft":
 else:
     import torch.nn.functional as F
     from sdftlab.distill.batch import RolloutBatch, completion_hidden
-    from sdftlab.distill.losses import sdft_loss
-    from sdftlab.distill.sdft import RecoverConfig
+    sys.path.insert(0, sys.argv[6])  # tests/: the unchunked loss, the "before" of this step
+    from reference_losses import sdft_loss
+    from sdftlab.distill.config import RecoverConfig
     from sdftlab.distill.step import sdft_step
     from sdftlab.distill.teachers import adapters_off_teacher, frozen_teacher
     rows = examples[:16]
@@ -163,7 +165,7 @@ if variant.get("live"):  # live CKA against the frozen teacher on `live` science
     out["live_s"] = statistics.median(m["live_cka/seconds"] for m in measured)
     out["live_cka"] = measured[-1]["live_cka/teacher/last_layer"]
     out["share_every_10"] = out["live_s"] / (10 * step_s + out["live_s"])
-print("RESULT " + json.dumps({**out, "peak_rss_gb": tu.peak_rss_gb()}))
+print("RESULT " + json.dumps({**out, "peak_rss_gb": train_loop.peak_rss_gb()}))
 """
 
 EVAL_CHILD = r"""
@@ -196,7 +198,7 @@ ensure_ray()
 from sdftlab.degrade.sft import SFTConfig, run_sft
 from sdftlab.lineage import Lineage
 from sdftlab.world.build import build_world_data
-from sdftlab.config import WorldConfig
+from sdftlab.world.config import WorldConfig
 root, name, home, memory = sys.argv[1:5]
 data = build_world_data(WorldConfig(), __import__("pathlib").Path(home))
 cfg = SFTConfig(data=["science"], steps=4, batch_size=32, max_len=600, padding_free=True,
@@ -210,10 +212,12 @@ import json, sys, time
 from pathlib import Path
 from sdftlab.raycluster import ensure_ray
 ensure_ray()
-from sdftlab.config import WorldConfig, load_config
-from sdftlab.distill.sdft import RecoverConfig, recover
+from sdftlab.config import load_config
+from sdftlab.world.config import WorldConfig
+from sdftlab.distill.config import RecoverConfig
+from sdftlab.distill.sdft import recover
 from sdftlab.lineage import Lineage
-from sdftlab.train_utils import read_report_log, report_log
+from sdftlab.train.trainer import read_report_log, report_log
 from sdftlab.world.build import build_world_data
 root, name, home, overrides = sys.argv[1:5]
 data = build_world_data(WorldConfig(), Path(home))
@@ -391,7 +395,8 @@ def main() -> None:
             kind = "sft" if part == "sft" else "sdft"
             results[part] = {}
             for label, variant in variants.items():
-                argv = [kind, state, str(EVAL_DATA), json.dumps(variant), str(args.steps)]
+                argv = [kind, state, str(EVAL_DATA), json.dumps(variant), str(args.steps),
+                        str(REPO / "tests")]  # fmt: skip
                 results[part][label] = run_child(STEP_CHILD, argv, args.rss_limit_gb)
                 print(f"{part} {label}: {results[part][label]}", flush=True)
         if "worker" in parts:

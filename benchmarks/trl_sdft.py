@@ -181,7 +181,8 @@ def run_sdftlab(
     lineage: Any, state: str, task_file: Path, engine: str, args: Any, rollout: list[str]
 ) -> dict:
     from sdftlab.config import load_config
-    from sdftlab.distill.sdft import RecoverConfig, recover
+    from sdftlab.distill.config import RecoverConfig
+    from sdftlab.distill.sdft import recover
 
     cfg = load_config(RecoverConfig, None, [
         f"teacher={state}", "teacher_context=demonstration", f"data=[science={task_file}]",

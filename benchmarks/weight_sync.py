@@ -10,7 +10,7 @@ random weights, an in-process tokenizer; or `--hidden`/`--layers` for a larger o
 
 1. ``push``: `RolloutPool.sync` alone, `--pushes` times (median), for the full state dict
    and for what a LoRA run sends (the merged weights of the adapted projections only:
-   `named_weights_for_sync` on a peft model, r = 16 on q/k/v/o); payload size in MiB.
+   `named_weights` on a peft model, r = 16 on q/k/v/o); payload size in MiB.
 2. ``sdft``: a real `sdftlab.distill.sdft.recover` run of `--steps` steps (16 prompts a
    step, 64 new tokens, vLLM rollouts, exact teacher scoring, one Ray Train CPU worker),
    full fine-tuning and LoRA; the run records its mean step time and the share of it spent
@@ -32,9 +32,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from rollout import build_state, write_results
 from sdftlab.config import load_config
 from sdftlab.data.loaders import write_task_file
-from sdftlab.distill.sdft import RecoverConfig, named_weights_for_sync, recover
+from sdftlab.distill.config import RecoverConfig
+from sdftlab.distill.sdft import recover
 from sdftlab.raycluster import ensure_ray
 from sdftlab.rollout.pool import RolloutPool
+from sdftlab.rollout.sync import named_weights
 from sdftlab.world import tasks
 
 
@@ -71,8 +73,8 @@ def main() -> None:
         pool = RolloutPool.start(lineage.resolve(state), cpus_per_actor=0.5)
         model = lineage.load_model(state).float()
         push = {
-            "full": push_times(pool, named_weights_for_sync(model), args.pushes),
-            "lora": push_times(pool, named_weights_for_sync(lora_model(model)), args.pushes),
+            "full": push_times(pool, named_weights(model), args.pushes),
+            "lora": push_times(pool, named_weights(lora_model(model)), args.pushes),
         }
         pool.shutdown()
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from sdftlab.config import WorldConfig, load_config
+from sdftlab.config import load_config
 from sdftlab.lineage import Lineage
 from sdftlab.world import tasks
+from sdftlab.world.config import WorldConfig
 from sdftlab.world.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from reference_losses import sdft_loss
 from sdftlab.chunked import chunked_cross_entropy, chunked_head_loss
 from sdftlab.distill.losses import (
     TopK,
     chunked_sdft_loss,
     importance_weights,
-    sdft_loss,
 )
 
 N, D, V = 11, 16, 40

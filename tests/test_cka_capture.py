@@ -281,14 +281,15 @@ def test_different_hidden_sizes_and_depths_through_cka_local(
     lineage = Lineage(tmp_path / "lineage")
     lineage.save("wide", model64, tiny_tokenizer, kind="test")  # float64 weights
     lineage.save("narrow", model32, tiny_tokenizer, kind="test")
-    df = cka_local(lineage, "wide", "narrow", examples, batch_size=4, dtype="float64")
+    df = cka_local(lineage, "wide", "narrow", examples, CKAOptions(batch_size=4, dtype="float64"))
     assert list(zip(df["layer_a"], df["layer_b"], strict=True)) == [(0, 0), (1, 2), (2, 4)]
     assert list(df["relative_depth"]) == [0.0, 0.5, 1.0]
     assert (df["dim_a"] == 64).all() and (df["dim_b"] == 32).all()
     assert ((df["cka"] > 0) & (df["cka"] < 1)).all()
     direct = run(model64, model32, tiny_tokenizer, examples, batch_size=4).results()
     assert_same_results(df, direct)
-    flipped = cka_local(lineage, "narrow", "wide", examples, batch_size=4, dtype="float64")
+    flipped = cka_local(lineage, "narrow", "wide", examples,
+                        CKAOptions(batch_size=4, dtype="float64"))  # fmt: skip
     assert list(flipped["layer_b"]) == [0, 1, 1, 2, 2]
 
 

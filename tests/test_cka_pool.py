@@ -73,9 +73,9 @@ def assert_same(df1: pd.DataFrame, df2: pd.DataFrame, tol: float = TOL) -> None:
 @pytest.mark.slow
 def test_pool_with_two_actors_equals_the_single_process_result(world_pair, ray_cluster):
     lineage, examples, _ = world_pair
-    kw = {"batch_size": 5, "dtype": "float64"}
-    local = cka_local(lineage, NOISY, "base", examples, **kw)
-    pooled = cka_over_dataset(lineage, NOISY, "base", examples, actors=2, **kw)
+    opts = CKAOptions(batch_size=5, dtype="float64")
+    local = cka_local(lineage, NOISY, "base", examples, opts)
+    pooled = cka_over_dataset(lineage, NOISY, "base", examples, opts, actors=2)
     assert_same(pooled, local)
     assert (pooled["n_samples"] == 24).all()
     assert list(pooled["layer_a"]) == list(pooled["layer_b"]) == [0, 1, 2]
@@ -85,9 +85,9 @@ def test_pool_with_two_actors_equals_the_single_process_result(world_pair, ray_c
 @pytest.mark.slow
 def test_pool_two_pass_debiased_standardized_equals_local(world_pair, ray_cluster):
     lineage, examples, _ = world_pair
-    kw = {"batch_size": 7, "dtype": "float64", "debiased": True, "layers": "last"}
-    local = cka_local(lineage, NOISY, "base", examples, **kw)
-    pooled = cka_over_dataset(lineage, NOISY, "base", examples, actors=2, **kw)
+    opts = CKAOptions(batch_size=7, dtype="float64", debiased=True, layers="last")
+    local = cka_local(lineage, NOISY, "base", examples, opts)
+    pooled = cka_over_dataset(lineage, NOISY, "base", examples, opts, actors=2)
     assert_same(pooled, local)
     assert not math.isnan(pooled["cka"].iloc[0])
     assert pooled["cka"].iloc[0] == pooled["cka_standardized"].iloc[0]
@@ -96,7 +96,7 @@ def test_pool_two_pass_debiased_standardized_equals_local(world_pair, ray_cluste
 @pytest.mark.slow
 def test_pool_state_against_itself_is_one(world_pair, ray_cluster):
     lineage, examples, _ = world_pair
-    df = cka_over_dataset(lineage, "base", "base", examples, actors=2, batch_size=8)
+    df = cka_over_dataset(lineage, "base", "base", examples, CKAOptions(batch_size=8), actors=2)
     for col in ("cka", "cka_biased", "cka_debiased", "sequence_cka"):
         np.testing.assert_allclose(df[col], 1.0, rtol=0, atol=TOL)
 
@@ -117,7 +117,7 @@ def test_worker_returns_npz_bytes_as_arrow_binary(world_pair):
 @pytest.mark.slow
 def test_compare_states_records_summary_metrics(world_pair):
     lineage, examples, _ = world_pair
-    df = compare_states(lineage, NOISY, "base", examples, batch_size=8)
+    df = compare_states(lineage, NOISY, "base", examples, CKAOptions(batch_size=8))
     metrics = lineage.meta(NOISY).metrics
     last = df[df["layer_a"] == 2].iloc[0]
     assert metrics["cka/base/last_layer"] == pytest.approx(last["cka"])
@@ -130,11 +130,12 @@ def test_compare_states_records_summary_metrics(world_pair):
 
     # record=False leaves the lineage alone; a layer set without the last layer cannot record.
     before = dict(lineage.meta(NOISY).metrics)
-    compare_states(lineage, NOISY, "base", examples[:6], batch_size=8, record=False)
+    compare_states(lineage, NOISY, "base", examples[:6], CKAOptions(batch_size=8), record=False)
     assert lineage.meta(NOISY).metrics == before
     with pytest.raises(ConfigError, match="last"):
-        compare_states(lineage, NOISY, "base", examples[:6], layers=[0, 1])
-    partial = compare_states(lineage, NOISY, "base", examples[:6], layers=[0, 1], record=False)
+        compare_states(lineage, NOISY, "base", examples[:6], CKAOptions(layers=[0, 1]))
+    partial = compare_states(lineage, NOISY, "base", examples[:6], CKAOptions(layers=[0, 1]),
+                             record=False)  # fmt: skip
     with pytest.raises(ConfigError, match="no \\(last, last\\) layer pair"):
         summary_metrics(partial, "base")
 

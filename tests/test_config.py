@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from sdftlab.config import WorldConfig, load_config, parse_overrides
+from sdftlab.config import load_config, parse_overrides
 from sdftlab.errors import ConfigError
+from sdftlab.world.config import WorldConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

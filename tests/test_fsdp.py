@@ -9,9 +9,10 @@ import torch
 
 from sdftlab.config import load_config
 from sdftlab.degrade.sft import SFTConfig, run_sft
-from sdftlab.distill.sdft import RecoverConfig, recover
+from sdftlab.distill.config import RecoverConfig
+from sdftlab.distill.sdft import recover
 from sdftlab.errors import ConfigError
-from sdftlab.train_utils import read_report_log, report_log
+from sdftlab.train.trainer import read_report_log, report_log
 
 pytestmark = pytest.mark.slow
 

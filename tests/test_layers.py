@@ -14,24 +14,27 @@ PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "sdftlab"
 
 # Lowest first. A module may import its own layer and the layers below; in the algorithms'
 # layer, one package may not import another (shared pieces move down a layer instead).
-# The measurement of CKA itself (statistics, hidden-state capture, the live probe) knows no
-# store and no Ray: a foundation the training loops, the pool and the reports all stand on.
-CKA_CORE = ("cka.stats", "cka.capture", "cka.live")
+# The measurement of CKA itself (statistics, hidden-state capture) knows no store and no Ray:
+# a foundation the training loops, the pool and the reports all stand on. Live CKA (the probe
+# checked against the lineage, the reference loaded in a worker) stands on the store: plumbing.
+CKA_CORE = ("cka.stats", "cka.capture")
+CKA_UNITS = (*CKA_CORE, "cka.live")  # units of their own, not of the `cka` package
 LAYERS = [
     # foundations
-    {
-        "errors",
-        "config",
-        "paths",
-        "specs",
-        "modes",
-        "chunked",
-        "allocator",
-        "provenance",
-        *CKA_CORE,
-    },
+    {"errors", "config", "paths", "specs", "modes", "chunked", "allocator", "provenance",
+     *CKA_CORE},  # fmt: skip
     # store, plumbing
-    {"models", "lineage", "train_utils", "sharding", "raycluster", "data", "rollout", "tracking"},
+    {
+        "models",
+        "lineage",
+        "train",
+        "sharding",
+        "raycluster",
+        "data",
+        "rollout",
+        "tracking",
+        "cka.live",
+    },
     {"world", "degrade", "distill", "evaluate", "cka", "importer"},  # the algorithms
     {"report", "runs", "pipelines", "sweep", "plan", "cli"},  # recipes and entry points
 ]
@@ -47,16 +50,16 @@ def _modules() -> dict[str, Path]:
 
 
 def _unit(module: str) -> str:
-    """The layer entry a module belongs to: a CKA_CORE module by itself, else its first part."""
+    """The layer entry a module belongs to: a CKA_UNITS module by itself, else its first part."""
     rest = module.removeprefix("sdftlab.")
-    return rest if rest in CKA_CORE else rest.split(".")[0]
+    return rest if rest in CKA_UNITS else rest.split(".")[0]
 
 
 def _imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sdftlab"):
-            if node.module == "sdftlab":  # `from sdftlab import train_utils as tu`
+            if node.module == "sdftlab":  # `from sdftlab import sharding`
                 found |= {f"sdftlab.{a.name}" for a in node.names}
             else:
                 found.add(node.module)

@@ -66,7 +66,8 @@ def test_measurements_fall_every_n_steps_and_on_the_last():
 def test_sdft_reports_live_cka_that_equals_offline_cka_of_the_saved_state(small_world, tutor):
     """SDFT from `tutor` towards `base`: measured at steps 2 and 4, saved with the state
     (`live_cka.json`, the metrics), the last equal to `sdftlab cka` of the saved weights."""
-    from sdftlab.distill.sdft import RecoverConfig, recover
+    from sdftlab.distill.config import RecoverConfig
+    from sdftlab.distill.sdft import recover
 
     world, lineage, _ = small_world
     cfg = load_config(RecoverConfig, None, [
@@ -103,11 +104,11 @@ def test_sft_measures_against_its_starting_state(small_world):
 
 
 def test_a_probe_without_data_is_one_clear_error_before_any_work(small_world):
-    from sdftlab import train_utils as tu
+    from sdftlab.cka.live import live_probe
     from sdftlab.specs import LiveCKASpec
 
     _, lineage, _ = small_world
     with pytest.raises(ConfigError, match=r"live_cka: .*no tiny world.*live_cka\.every=0"):
-        tu.live_cka_probe(lineage, LiveCKASpec(), reference="base", data="science", data_dir=None)
-    assert tu.live_cka_probe(lineage, LiveCKASpec(every=0), reference="base", data="science",
-                             data_dir=None) is None  # fmt: skip
+        live_probe(lineage, LiveCKASpec(), reference="base", data="science", data_dir=None)
+    assert live_probe(lineage, LiveCKASpec(every=0), reference="base", data="science",
+                      data_dir=None) is None  # fmt: skip

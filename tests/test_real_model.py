@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from sdftlab.config import WorldConfig, load_config
+from sdftlab.config import load_config
 from sdftlab.world.build import build_world_data
+from sdftlab.world.config import WorldConfig
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
@@ -36,7 +37,8 @@ def test_sft_then_sdft_on_vllm_rollouts_then_vllm_evaluation(
     smollm2, task_dir, monkeypatch, tmp_path
 ):
     from sdftlab.degrade.sft import SFTConfig, run_sft
-    from sdftlab.distill.sdft import RecoverConfig, recover
+    from sdftlab.distill.config import RecoverConfig
+    from sdftlab.distill.sdft import recover
     from sdftlab.evaluate.run import default_task_files, evaluate_state
     from sdftlab.specs import EvalEngineSpec
 

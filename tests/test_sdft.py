@@ -18,7 +18,7 @@ from sdftlab.distill.sdft import (
     recover,
 )
 from sdftlab.errors import ConfigError, DataError, LineageError
-from sdftlab.rollout.pool import named_weights_for_sync
+from sdftlab.rollout.sync import named_weights
 from sdftlab.world import tasks
 
 
@@ -56,7 +56,7 @@ def test_lora_sync_weights_equal_the_merged_model(small_world, torch_one_thread)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B starts at 0; make the adapter do something
             torch.nn.init.normal_(p, std=0.1)
-    named = named_weights_for_sync(model)
+    named = named_weights(model)
     merged = model.merge_and_unload().state_dict()
     assert set(named) == {n for n in merged if n.endswith(("q_proj.weight", "down_proj.weight"))}
     for name, tensor in named.items():
@@ -66,7 +66,7 @@ def test_lora_sync_weights_equal_the_merged_model(small_world, torch_one_thread)
 def test_full_sync_weights_are_the_whole_state_dict_tied_head_included(small_world):
     _, lineage, _ = small_world
     model = lineage.load_model("base")
-    named = named_weights_for_sync(model)
+    named = named_weights(model)
     assert set(named) == set(model.state_dict()) and "lm_head.weight" in named
 
 
@@ -123,7 +123,7 @@ def test_the_native_transfer_source_declares_what_it_sends_in_order(small_world)
     from sdftlab.rollout.transfer import named_tensors
 
     _, lineage, _ = small_world
-    named = named_weights_for_sync(lineage.load_model("base"))
+    named = named_weights(lineage.load_model("base"))
     source = named_tensors()(torch.device("cpu"))
     assert isinstance(source, WeightSource)
     source.set(named)
@@ -156,7 +156,7 @@ def test_unknown_teacher_lists_the_known_states(small_world, tmp_path):
 
 
 def test_teacher_with_another_vocabulary_is_rejected(small_world, tmp_path, tiny_tokenizer):
-    from sdftlab.config import TinyModelConfig
+    from sdftlab.world.config import TinyModelConfig
     from sdftlab.world.model import build_tiny_model
 
     _, lineage, _ = small_world
@@ -223,7 +223,7 @@ def test_vllm_log_probs_match_the_trainer_after_a_sync_and_not_before(small_worl
                 p.add_(0.02 * torch.randn_like(p))
         stale = engine_logp(pool)
         assert (stale - trainer_logp()).abs().max() > 1e-2  # differ before the sync
-        seconds = pool.sync(named_weights_for_sync(model))
+        seconds = pool.sync(named_weights(model))
         # Tolerance: fp32 on both sides, different kernels: |Δ log p| ≤ 1e-4.
         assert torch.allclose(engine_logp(pool), trainer_logp(), atol=1e-4)
         assert seconds < 30
@@ -336,7 +336,7 @@ def test_overlapped_rollouts_train_one_step_off_policy_and_still_lower_the_diver
     run); every later step's from the weights one step behind, so the trainer's log-probs of
     the sampled tokens differ from the engine's (drift ≫ the synchronous run's). On a fixed
     teacher the divergence still falls."""
-    from sdftlab.train_utils import read_report_log, report_log
+    from sdftlab.train.trainer import read_report_log, report_log
 
     world, lineage, _ = small_world
     steps = 8

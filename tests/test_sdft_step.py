@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from sdftlab.cka.stats import linear_cka_torch
 from sdftlab.config import load_config
 from sdftlab.distill.batch import RolloutBatch, completion_hidden, from_rollouts
+from sdftlab.distill.config import RecoverConfig
 from sdftlab.distill.losses import sdft_loss
-from sdftlab.distill.sdft import RecoverConfig
 from sdftlab.distill.step import sdft_step
 from sdftlab.distill.teachers import (
     adapters_off_teacher,
@@ -171,7 +171,7 @@ def test_a_lora_students_own_state_scores_with_its_adapters_off_as_a_frozen_copy
     adapters off gives a frozen copy's loss and gradients, holds no second model, and leaves
     the adapters on for the student's own forward."""
     from sdftlab.specs import LoraSpec
-    from sdftlab.train_utils import with_lora
+    from sdftlab.train.setup import with_lora
 
     base, _ = models
     student = with_lora(copy.deepcopy(base), LoraSpec(r=4, alpha=8, dropout=0.0))

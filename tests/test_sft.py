@@ -152,7 +152,7 @@ def test_padding_free_rows_give_the_padded_loss_and_gradients_on_fewer_tokens():
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from sdftlab.train_utils import pack_padded
+    from sdftlab.train.batches import pack_padded
 
     config = Qwen2Config(
         vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

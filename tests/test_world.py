@@ -219,7 +219,7 @@ def test_teacher_format_documents_are_perturbed_in_the_answer_only(tiny_tokenize
 
 
 def test_pretraining_takes_padding_free_copy_batches_with_fewer_tokens(tiny_tokenizer):
-    from sdftlab.config import PretrainConfig, TinyModelConfig
+    from sdftlab.world.config import PretrainConfig, TinyModelConfig
     from sdftlab.world.model import (
         build_tiny_model,
         padded_batches,

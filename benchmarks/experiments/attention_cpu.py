@@ -11,7 +11,7 @@ project trains on: a pretraining mixture batch [24, 256], a copy-curriculum batc
 and an SFT batch [32, 200] with right padding (an attention mask). Each combination of
 attention implementation and precision (bf16 autocast where the CPU has native bf16, else
 float32 only) is timed over the same batches in one run, after warm-up steps. This is the
-measurement behind `train_utils.use_training_attention`, which picks eager on CPU.
+measurement behind `train.setup.use_training_attention`, which picks eager on CPU.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from transformers import Qwen2ForCausalLM
 
-from sdftlab.config import WorldConfig
-from sdftlab.train_utils import cpu_supports_bf16
+from sdftlab.train.setup import cpu_supports_bf16
+from sdftlab.world.config import WorldConfig
 from sdftlab.world.model import tiny_qwen2_config
 
 SHAPES = {  # name: (batch, length, padded)

@@ -45,7 +45,7 @@ sys.path.insert(0, sys.argv[1])
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from padding_free import copy_documents, padded, sft_documents, time_steps
-from sdftlab import train_utils as tu
+from sdftlab.train.setup import use_training_attention
 from sdftlab.allocator import tune_cpu_allocator
 from sdftlab.lineage import Lineage
 from sdftlab.paths import sdftlab_home
@@ -61,7 +61,7 @@ docs = (copy_documents(tokenizer, 32 * n, 256, seed=0) if kind == "copy"
 batches = [padded(docs[i : i + 32], tokenizer.pad_token_id) for i in range(0, len(docs), 32)]
 torch.manual_seed(0)
 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-tu.use_training_attention(model, torch.device("cpu"))
+use_training_attention(model, torch.device("cpu"))
 seconds, faults = time_steps(model, batches, 3)
 checksum = float(sum(p.double().sum() for p in model.parameters()))
 print("RESULT " + json.dumps({"s_per_step": seconds, "faults_per_step": faults,

@@ -14,7 +14,7 @@ info`) with its tokenizer, each timed both ways over the same batches in one run
   tokenizes them.
 
 "padded" is one document a row, padded to the batch's longest; "padding-free" lays the same
-documents end to end in rows of 256 with their own positions (`train_utils.pack_documents`),
+documents end to end in rows of 256 with their own positions (`train.batches.pack_documents`),
 which gives the same loss and gradients (tests/test_sft.py). Full training steps (forward
 with labels, backward, gradient clipping, AdamW), the default model, bf16 autocast where the
 CPU has native bf16, eager attention, `--threads` torch threads, after `--warmup` steps.
@@ -39,13 +39,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rollout import write_results
-from sdftlab import train_utils as tu
-from sdftlab.config import PretrainConfig
 from sdftlab.data.chat import pad_batch, tokenize_chat
 from sdftlab.degrade.sft import SFTConfig, sft_rows
 from sdftlab.lineage import Lineage
 from sdftlab.paths import sdftlab_home
+from sdftlab.train.batches import pack_documents
+from sdftlab.train.setup import cpu_supports_bf16, use_training_attention
 from sdftlab.world.build import copy_curriculum_text, current_world
+from sdftlab.world.config import PretrainConfig
 
 
 def copy_documents(tokenizer, n: int, max_len: int, seed: int) -> list[tuple[list, list]]:
@@ -79,7 +80,7 @@ def time_steps(model, batches: list[dict[str, torch.Tensor]], warmup: int) -> tu
     `warmup` not counted)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
-    use_bf16 = tu.cpu_supports_bf16()
+    use_bf16 = cpu_supports_bf16()
     for i, batch in enumerate(batches):
         if i == warmup:
             t0, faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -117,13 +118,13 @@ def main() -> None:
         steps = [docs[i : i + 32] for i in range(0, len(docs), 32)]
         forms = {
             "padded": [padded(step, pad) for step in steps],
-            "padding-free": [tu.pack_documents(step, 256, pad) for step in steps],
+            "padding-free": [pack_documents(step, 256, pad) for step in steps],
         }
         row = {"batch": kind}
         for form, batches in forms.items():
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-            tu.use_training_attention(model, torch.device("cpu"))
+            use_training_attention(model, torch.device("cpu"))
             row[f"{form} s/step"] = time_steps(model, batches, args.warmup)[0]
             row[f"{form} tokens/step"] = sum(b["input_ids"].numel() for b in batches) / n
         row["speed-up"] = row["padded s/step"] / row["padding-free s/step"]

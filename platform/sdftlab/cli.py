@@ -26,6 +26,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from sdftlab.allocator import tune_cpu_allocator
 from sdftlab.errors import SdftlabError
@@ -44,6 +45,17 @@ def _lineage(args: argparse.Namespace, from_config: str | None = None):
     return Lineage(root)
 
 
+def _flag_overrides(args: argparse.Namespace, *flags: str) -> list[str]:
+    """The command's `key=value` overrides, then one for each of `flags` given (a value of 0
+    is given, not absent); `--data a,b` is the list [a,b]."""
+    overrides = list(args.overrides)
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{flag}=[{value}]" if flag == "data" else f"{flag}={value}")
+    return overrides
+
+
 def _home(args: argparse.Namespace) -> Path:
     from sdftlab.paths import sdftlab_home
 
@@ -53,8 +65,9 @@ def _home(args: argparse.Namespace) -> Path:
 
 
 def cmd_world(args: argparse.Namespace) -> int:
-    from sdftlab.config import WorldConfig, load_config
+    from sdftlab.config import load_config
     from sdftlab.world.build import build_world, current_world
+    from sdftlab.world.config import WorldConfig
 
     if args.action == "build":
         cfg = load_config(WorldConfig, args.config, args.overrides)
@@ -135,22 +148,10 @@ def cmd_degrade(args: argparse.Namespace) -> int:
     if args.op == "sft":
         from sdftlab.degrade.sft import SFTConfig, run_sft
 
-        overrides = list(args.overrides)
-        if args.data:
-            overrides.append(f"data=[{','.join(args.data.split(','))}]")
-        if args.steps:
-            overrides.append(f"steps={args.steps}")
-        if args.rounds:
-            overrides.append(f"rounds={args.rounds}")
+        overrides = _flag_overrides(args, "data", "steps", "rounds")
         cfg = load_config(SFTConfig, args.config, overrides, section="sft" if args.config else None)
-        run_sft(
-            lineage,
-            args.src,
-            args.dst,
-            cfg,
-            data_dir=_world_data_dir(args),
-            overwrite=args.overwrite,
-        )
+        data_dir = _world_data_dir(args)
+        run_sft(lineage, args.src, args.dst, cfg, data_dir=data_dir, overwrite=args.overwrite)
     elif args.op == "prune":
         from sdftlab.degrade.prune import PruneSpec, run_prune
 
@@ -186,27 +187,16 @@ def _world_data_dir(args: argparse.Namespace) -> Path | None:
 
 def cmd_recover(args: argparse.Namespace) -> int:
     from sdftlab.config import load_config
-    from sdftlab.distill.sdft import RecoverConfig, recover
+    from sdftlab.distill.config import RecoverConfig
+    from sdftlab.distill.sdft import recover
 
-    overrides = list(args.overrides)
-    if args.teacher:
-        overrides.append(f"teacher={args.teacher}")
-    if args.data:
-        overrides.append(f"data=[{args.data}]")
-    if args.steps:
-        overrides.append(f"steps={args.steps}")
+    overrides = _flag_overrides(args, "teacher", "data", "steps")
     cfg = load_config(
         RecoverConfig, args.config, overrides, section="recover" if args.config else None
     )
     lineage = _lineage(args)
-    recover(
-        lineage,
-        args.student,
-        args.dst,
-        cfg,
-        data_dir=_world_data_dir(args),
-        overwrite=args.overwrite,
-    )
+    data_dir = _world_data_dir(args)
+    recover(lineage, args.student, args.dst, cfg, data_dir=data_dir, overwrite=args.overwrite)
     print(lineage.tree())
     return 0
 
@@ -308,7 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--lineage", help="lineage root: a path or a pyarrow.fs URI")
     sub = parser.add_subparsers(dest="command", required=True)
+    _state_commands(sub)
+    _degrade_command(sub)
+    _run_commands(sub)
+    return parser
 
+
+def _state_commands(sub: Any) -> None:
+    """The commands on single states: world, import, eval, recover, cka, lineage."""
     world = sub.add_parser("world", help="build or inspect the embedded tiny world")
     world.add_argument("action", choices=["build", "info"])
     world.add_argument("--config", help="a WorldConfig YAML file")
@@ -342,42 +339,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.set_defaults(func=cmd_eval)
 
-    deg = sub.add_parser("degrade", help="SFT (forgetting), NF4 quantization, FFN pruning")
-    deg.add_argument("op", choices=["sft", "quantize", "prune"])
-    deg.add_argument("--from", dest="src", required=True, help="the state to degrade")
-    deg.add_argument("--to", dest="dst", required=True, help="the new state's name")
-    deg.add_argument("--overwrite", action="store_true")
-    deg.add_argument("--config", help="sft: a YAML file (its `sft:` section)")
-    deg.add_argument("--data", help="sft: tasks (comma separated) or task=PATH")
-    deg.add_argument("--steps", type=int, help="sft: optimizer steps per round")
-    deg.add_argument("--rounds", type=int, help="sft: rounds (default one per data entry)")
-    deg.add_argument("--ratio", type=float, default=0.1, help="prune: fraction of FFN neurons")
-    deg.add_argument("--importance", choices=["magnitude", "taylor"], default="magnitude")
-    deg.add_argument("--multiple-of", type=int, default=64, help="prune: round the new width")
-    deg.add_argument(
-        "--calibration", default="science", help="prune taylor: task (or task=PATH) to score on"
-    )
-    deg.add_argument("--quant-type", default="nf4", help="quantize: nf4 or fp4")
-    deg.add_argument("--compute-dtype", default="float32", help="quantize: float32|bfloat16")
-    deg.add_argument("--no-double-quant", action="store_true")
-    deg.add_argument("overrides", nargs="*", metavar="key=value", help="sft config overrides")
-    deg.set_defaults(func=cmd_degrade)
-
-    demo = sub.add_parser("demo", help="the forgetting pipeline on the embedded tiny world")
-    demo.add_argument("--config", help="a pipeline YAML (default: jobs/configs/forgetting.yaml)")
-    demo.add_argument("overrides", nargs="*", metavar="key=value")
-    demo.set_defaults(func=cmd_demo)
-
-    plan = sub.add_parser("plan", help="each stage's memory per device, before any work")
-    plan.add_argument("config", help="a pipeline YAML (jobs/configs/*.yaml)")
-    plan.add_argument("overrides", nargs="*", metavar="key=value")
-    plan.set_defaults(func=cmd_plan)
-
-    sweep = sub.add_parser("sweep", help="Ray Tune sweep: teacher × pruning ratio × lr (× loss)")
-    sweep.add_argument("config", help="a SweepConfig YAML (jobs/configs/sweep_*.yaml)")
-    sweep.add_argument("overrides", nargs="*", metavar="key=value")
-    sweep.set_defaults(func=cmd_sweep)
-
     rec = sub.add_parser("recover", help="SDFT recovery of a state from a teacher")
     rec.add_argument("--student", required=True, help="the degraded state")
     rec.add_argument("--teacher", help="state name, model path, `ema` or `live` (default expert)")
@@ -400,13 +361,53 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("name", nargs="?")
     lin.set_defaults(func=cmd_lineage)
 
+
+def _degrade_command(sub: Any) -> None:
+    deg = sub.add_parser("degrade", help="SFT (forgetting), NF4 quantization, FFN pruning")
+    deg.add_argument("op", choices=["sft", "quantize", "prune"])
+    deg.add_argument("--from", dest="src", required=True, help="the state to degrade")
+    deg.add_argument("--to", dest="dst", required=True, help="the new state's name")
+    deg.add_argument("--overwrite", action="store_true")
+    deg.add_argument("--config", help="sft: a YAML file (its `sft:` section)")
+    deg.add_argument("--data", help="sft: tasks (comma separated) or task=PATH")
+    deg.add_argument("--steps", type=int, help="sft: optimizer steps per round")
+    deg.add_argument("--rounds", type=int, help="sft: rounds (default one per data entry)")
+    deg.add_argument("--ratio", type=float, default=0.1, help="prune: fraction of FFN neurons")
+    deg.add_argument("--importance", choices=["magnitude", "taylor"], default="magnitude")
+    deg.add_argument("--multiple-of", type=int, default=64, help="prune: round the new width")
+    deg.add_argument(
+        "--calibration", default="science", help="prune taylor: task (or task=PATH) to score on"
+    )
+    deg.add_argument("--quant-type", default="nf4", help="quantize: nf4 or fp4")
+    deg.add_argument("--compute-dtype", default="float32", help="quantize: float32|bfloat16")
+    deg.add_argument("--no-double-quant", action="store_true")
+    deg.add_argument("overrides", nargs="*", metavar="key=value", help="sft config overrides")
+    deg.set_defaults(func=cmd_degrade)
+
+
+def _run_commands(sub: Any) -> None:
+    """The commands on whole configs and their runs: demo, plan, sweep, runs."""
+    demo = sub.add_parser("demo", help="the forgetting pipeline on the embedded tiny world")
+    demo.add_argument("--config", help="a pipeline YAML (default: jobs/configs/forgetting.yaml)")
+    demo.add_argument("overrides", nargs="*", metavar="key=value")
+    demo.set_defaults(func=cmd_demo)
+
+    plan = sub.add_parser("plan", help="each stage's memory per device, before any work")
+    plan.add_argument("config", help="a pipeline YAML (jobs/configs/*.yaml)")
+    plan.add_argument("overrides", nargs="*", metavar="key=value")
+    plan.set_defaults(func=cmd_plan)
+
+    sweep = sub.add_parser("sweep", help="Ray Tune sweep: teacher × pruning ratio × lr (× loss)")
+    sweep.add_argument("config", help="a SweepConfig YAML (jobs/configs/sweep_*.yaml)")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value")
+    sweep.set_defaults(func=cmd_sweep)
+
     rn = sub.add_parser("runs", help="list pipeline runs, or compare two of them")
     rn.add_argument("action", nargs="?", default="list", choices=["list", "compare"])
     rn.add_argument("runs", nargs="*", metavar="RUN", help="compare: two run ids or paths")
     rn.add_argument("--dir", default="runs", help="where the pipelines' runs are (default runs)")
     rn.add_argument("--metrics", help="compare: only these metrics (comma separated)")
     rn.set_defaults(func=cmd_runs)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

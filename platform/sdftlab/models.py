@@ -139,6 +139,13 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code())
 
 
+def load_model_config(path: str | os.PathLike[str]) -> Any:
+    """A state directory's transformers config (no weights read)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code())
+
+
 def dequantized_copy(model: nn.Module) -> nn.Module:
     """A full-precision (fp32) copy of a bitsandbytes 4-bit model: every `Linear4bit` weight
     dequantized, every other tensor copied. QLoRA recovery saves its result through this:

@@ -354,12 +354,12 @@ def prompt_tokens(
 ) -> dict[str, int] | None:
     """The longest student and teacher prompts of an SDFT stage's rows, in tokens, when its
     task files and its states' tokenizer are on this machine; else None."""
-    from sdftlab.distill.sdft import RecoverConfig, longest_prompts, task_files
-    from sdftlab.pipelines.stages import options
+    from sdftlab.distill.config import RecoverConfig
+    from sdftlab.distill.sdft import longest_prompts, task_files
 
     if tokenizer_dir is None:
         return None
-    cfg: RecoverConfig = options(stage)
+    cfg = RecoverConfig.model_validate(stage.model_dump(exclude={"kind", "source"}))
     try:
         files = task_files(cfg, data_dir)
     except SdftlabError:  # not built yet

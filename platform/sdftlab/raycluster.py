@@ -8,7 +8,7 @@ driver's environment, reach every worker: the pipelines set them, since they pri
 line per stage and the bars from inside the train workers would bury it.
 Ray Data's and Ray Train's own INFO lines (each dataset's execution, every split coordinator,
 each report and checkpoint) go to their log files in the Ray session directory, not the
-console (`ray_data_logging.yaml`, and `LoggingConfig` in `train_utils.make_trainer`): the
+console (`ray_data_logging.yaml`, and `LoggingConfig` in `train.trainer.make_trainer`): the
 stages' progress lines are what a person reads.
 Ray Train's print patching is off in every worker (`RAY_TRAIN_ENABLE_PRINT_PATCH=0`): it
 logs each `print` and also tees it to stdout whenever `sys.stdout` is wrapped, which in a Ray
@@ -18,8 +18,7 @@ A local cluster starts its workers at niceness 0 instead of Ray's 15
 (`RAY_worker_niceness`; a value already in the environment wins). On a laptop the train
 workers and rollout actors do all the work, and at 15 a busy driver (drawing Ray Data's
 progress bars under `sdftlab degrade` / `recover`) preempts one of a worker's two compute
-threads and stalls the other: an SFT stage ran 1.08× faster at 0 with the bars on, and the
-same with them off (benchmarks/experiments/ray_niceness.py). A cluster keeps its own setting.
+threads and stalls the other (docs/BENCHMARKS.md). A cluster keeps its own setting.
 
     >>> ensure_ray()          # idempotent
 """

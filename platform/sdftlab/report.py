@@ -109,94 +109,21 @@ def write_report(
     provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write report.md, results.parquet and the figures into `out_dir`; returns report.md."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from sdftlab.cka.plots import plot_cka_by_layer, plot_misalignment_vs_accuracy
-
     df = results_frame(lineage, states)
     wide = df.pivot_table(index="state", columns="metric", values="value").reindex(states)
-    label = lineage.label(reference)
-    cka_col = f"cka/{label}/last_layer"
-
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
     try:
         df.to_parquet(tmp / "results.parquet", index=False)
-
-        fig, ax = plt.subplots(figsize=(7, 4))
-        plot_cols = [c for c in (*TASK_COLUMNS[::2], *GENERAL_COLUMNS) if c in wide.columns]
-        (100 * wide[plot_cols]).plot.bar(ax=ax)
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title("accuracy by stage")
-        fig.tight_layout()
-        fig.savefig(tmp / "accuracy.png", dpi=120)
-        plt.close(fig)
-
+        plot_accuracy(wide, tmp / "accuracy.png")
         lines = [f"# {title}", ""]
         if provenance is not None:
             lines += [f"- {line}" for line in summary(dict(provenance))] + [""]
-        lines += ["## Task accuracy (%)", "", _table(wide, TASK_COLUMNS), ""]
-        lines += recovery_rows(
-            wide, states, reference=reference, degraded=degraded, metric=accuracy_metric
-        )
-        if any(c in wide.columns for c in GENERAL_COLUMNS):
-            lines += ["## General capability (%, lm-eval)", "", _table(wide, GENERAL_COLUMNS), ""]
-        if any(c in wide.columns for c in TEXT_COLUMNS):
-            lines += [
-                "## Held-out English (bits per byte, lower is better; lm-eval)",
-                "",
-                _table(wide, TEXT_COLUMNS, fmt=_bits),
-                "",
-                "CPython's documentation topics (`pydoc_data`), 64 prose passages, rolling "
-                "log-likelihood: general language the tasks never train.",
-                "",
-            ]
-        if "mmlu/acc_cloze" in wide.columns:
-            lines += [
-                "`mmlu/acc`: the letter after `Answer:` (lm-eval's `mmlu`); `mmlu/acc_cloze`: "
-                "each option's own text (its `mmlu_continuation`), the form small models are "
-                "read by. Chance: 25% (MMLU), 50% (Winogrande).",
-                "",
-            ]
+        lines += accuracy_sections(wide, states, reference, degraded, accuracy_metric)
         if cka_frames:
-            plot_cka_by_layer(cka_frames, reference, tmp / "cka_by_layer.png")
-            mean_col = f"cka/{label}/mean_over_layers"
-            base_cka = wide.loc[degraded, cka_col] if cka_col in wide.columns else float("nan")
-            base_mean = wide.loc[degraded].get(mean_col, float("nan"))
-            lines += [f"## CKA to `{reference}` (ΔCKA vs `{degraded}`)", ""]
-            lines += [
-                "| state | CKA, last layer | ΔCKA | CKA, mean over layers | ΔCKA | "
-                "sequence CKA, last layer |",
-                "|---|---:|---:|---:|---:|---:|",
-            ]
-            points = []
-            ref_acc = wide.loc[reference, accuracy_metric] if accuracy_metric in wide else None
-            for state in states:
-                if state == reference or cka_col not in wide.columns:
-                    continue
-                cka = wide.loc[state, cka_col]
-                seq = wide.loc[state].get(f"cka/{label}/sequence_last_layer", float("nan"))
-                mean = wide.loc[state].get(mean_col, float("nan"))
-                lines.append(
-                    f"| {state} | {cka:.4f} | {cka - base_cka:+.4f} | {mean:.4f} | "
-                    f"{mean - base_mean:+.4f} | {seq:.4f} |"
-                )
-                if ref_acc is not None and not math.isnan(wide.loc[state, accuracy_metric]):
-                    points.append((state, 1 - cka, wide.loc[state, accuracy_metric] - ref_acc))
-            lines.append("")
-            if points:
-                r = plot_misalignment_vs_accuracy(points, tmp / "misalignment_vs_accuracy.png")
-                undefined = math.isnan(r)
-                why = " (undefined: fewer than 3 states or a constant axis)" if undefined else ""
-                lines += [
-                    f"Pearson r between CKA misalignment (1 − CKA) and the change in "
-                    f"{accuracy_metric} against `{reference}`: {r:.3f} over {len(points)} "
-                    f"states{why}.",
-                    "",
-                ]
+            lines += cka_section(wide, states, cka_frames, lineage.label(reference), tmp,
+                                 reference=reference, degraded=degraded,
+                                 accuracy_metric=accuracy_metric)  # fmt: skip
         lines += ["## Wall time per stage (s)", "", "| stage | seconds |", "|---|---:|"]
         lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
         lines += ["", "Figures: accuracy.png, cka_by_layer.png, misalignment_vs_accuracy.png;"]
@@ -207,3 +134,85 @@ def write_report(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir / "report.md"
+
+
+def plot_accuracy(wide: pd.DataFrame, path: Path) -> None:
+    """Task and general accuracies by state, as grouped bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    plot_cols = [c for c in (*TASK_COLUMNS[::2], *GENERAL_COLUMNS) if c in wide.columns]
+    (100 * wide[plot_cols]).plot.bar(ax=ax)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("accuracy by stage")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def accuracy_sections(
+    wide: pd.DataFrame, states: Sequence[str], reference: str, degraded: str, metric: str
+) -> list[str]:
+    """Task accuracy, the recovery table, general capability and held-out English."""
+    lines = ["## Task accuracy (%)", "", _table(wide, TASK_COLUMNS), ""]
+    lines += recovery_rows(wide, states, reference=reference, degraded=degraded, metric=metric)
+    if any(c in wide.columns for c in GENERAL_COLUMNS):
+        lines += ["## General capability (%, lm-eval)", "", _table(wide, GENERAL_COLUMNS), ""]
+    if any(c in wide.columns for c in TEXT_COLUMNS):
+        lines += [
+            "## Held-out English (bits per byte, lower is better; lm-eval)",
+            "",
+            _table(wide, TEXT_COLUMNS, fmt=_bits),
+            "",
+            "CPython's documentation topics (`pydoc_data`), 64 prose passages, rolling "
+            "log-likelihood: general language the tasks never train.",
+            "",
+        ]
+    if "mmlu/acc_cloze" in wide.columns:
+        lines += [
+            "`mmlu/acc`: the letter after `Answer:` (lm-eval's `mmlu`); `mmlu/acc_cloze`: "
+            "each option's own text (its `mmlu_continuation`), the form small models are "
+            "read by. Chance: 25% (MMLU), 50% (Winogrande).",
+            "",
+        ]
+    return lines
+
+
+def cka_section(
+    wide: pd.DataFrame, states: Sequence[str], cka_frames: Mapping[str, pd.DataFrame],
+    label: str, figures: Path, *, reference: str, degraded: str, accuracy_metric: str,
+) -> list[str]:  # fmt: skip
+    """CKA to the reference (last layer, mean over layers, sequence form) with ΔCKA against
+    the degraded state, the by-layer figure, and misalignment against the accuracy change."""
+    from sdftlab.cka.plots import plot_cka_by_layer, plot_misalignment_vs_accuracy
+
+    plot_cka_by_layer(cka_frames, reference, figures / "cka_by_layer.png")
+    cka_col, mean_col = f"cka/{label}/last_layer", f"cka/{label}/mean_over_layers"
+    base_cka = wide.loc[degraded, cka_col] if cka_col in wide.columns else float("nan")
+    base_mean = wide.loc[degraded].get(mean_col, float("nan"))
+    lines = [f"## CKA to `{reference}` (ΔCKA vs `{degraded}`)", "",
+             "| state | CKA, last layer | ΔCKA | CKA, mean over layers | ΔCKA | "
+             "sequence CKA, last layer |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    points = []
+    ref_acc = wide.loc[reference, accuracy_metric] if accuracy_metric in wide else None
+    for state in states:
+        if state == reference or cka_col not in wide.columns:
+            continue
+        cka = wide.loc[state, cka_col]
+        seq = wide.loc[state].get(f"cka/{label}/sequence_last_layer", float("nan"))
+        mean = wide.loc[state].get(mean_col, float("nan"))
+        lines.append(f"| {state} | {cka:.4f} | {cka - base_cka:+.4f} | {mean:.4f} | "
+                     f"{mean - base_mean:+.4f} | {seq:.4f} |")  # fmt: skip
+        if ref_acc is not None and not math.isnan(wide.loc[state, accuracy_metric]):
+            points.append((state, 1 - cka, wide.loc[state, accuracy_metric] - ref_acc))
+    lines.append("")
+    if points:
+        r = plot_misalignment_vs_accuracy(points, figures / "misalignment_vs_accuracy.png")
+        why = " (undefined: fewer than 3 states or a constant axis)" if math.isnan(r) else ""
+        lines += [f"Pearson r between CKA misalignment (1 − CKA) and the change in "
+                  f"{accuracy_metric} against `{reference}`: {r:.3f} over {len(points)} "
+                  f"states{why}.", ""]  # fmt: skip
+    return lines

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 import pandas as pd
 
 from sdftlab.errors import SdftlabError
+from sdftlab.paths import atomic_write
 
 RUN_FILE = "run.json"
 LATEST = "latest"
@@ -43,15 +43,8 @@ def new_run_id(config: Mapping[str, Any], now: datetime | None = None) -> str:
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write `data` to `path` atomically (a temporary file beside it, then a rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as fh:
+        json.dump(data, fh, indent=2, default=str)
 
 
 def start_run(

@@ -20,7 +20,7 @@ activations — never the model or the arithmetic of the step:
 - `cpu_allocator`: on CPU, `heap` has glibc reuse freed memory instead of returning it
   (`sdftlab.allocator`: faster steps on the tiny world, whose steps are dominated by page
   faults); on a real model's variable-length steps its heap fragments and grows step after
-  step (SmolLM2 SFT: 4.2 → 6.2 GB over 10 steps, against a plateau at 4.5 GB with `system`).
+  step (docs/BENCHMARKS.md, "CPU allocator").
   `auto` takes `heap` for models up to 256 wide and `system` beyond;
   `SDFTLAB_CPU_ALLOC=system` in the environment wins.
 - `bf16_autocast`: bf16 matmuls where the hardware has them (CUDA; CPUs with AVX512-BF16 /
@@ -28,6 +28,10 @@ activations — never the model or the arithmetic of the step:
   SDFT (its documented tiny-world figures are fp32); SFT's default is on.
 - `fsdp`: shard weights, gradients and optimizer state over the stage's workers (FSDP2,
   `sdftlab.sharding`) instead of a whole replica on each (DDP).
+
+`TrainSpec` holds what every training stage shares — steps, optimizer and schedule, LoRA,
+memory, live CKA, workers, checkpoint and report cadence, seed — once: `SFTConfig` and
+`RecoverConfig` extend it with their data and method (`sdftlab.train` runs both).
 
 `ResourcesSpec` says what a pipeline runs on (GPUs, their memory, the CPU machine's memory):
 `sdftlab plan` and the check before a pipeline runs hold each stage against it.
@@ -92,7 +96,7 @@ class MemorySpec(StrictModel):
         return max(64, (AUTO_CHUNK_LOGITS // vocab_size) // 64 * 64)
 
     def autocast_on(self, use_gpu: bool, cpu_default: bool) -> bool:
-        """Whether this stage asks for bf16 autocast (`train_utils.autocast` still checks that
+        """Whether this stage asks for bf16 autocast (`train.setup.autocast` still checks that
         the device has bf16 matmuls)."""
         if self.bf16_autocast is not None:
             return self.bf16_autocast
@@ -107,7 +111,35 @@ def gpu_share(asked: float | None, gpus: float) -> float:
     return round(0.85 * min(gpus, 1.0), 3) if gpus > 0 else 0.85
 
 
-class EvalEngineSpec(StrictModel):
+class VLLMEngineSpec(StrictModel):
+    """The vLLM engine options rollout pools and evaluation engines share."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="the engine's weights and activations"
+    )
+    kv_cache_gb: float = Field(1.0, gt=0, description="KV cache per engine, on CPU")
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="on a GPU: the engine's share for weights and KV cache (None: 0.85 × the "
+        "GPUs its actor or worker holds)",
+    )
+    max_model_len: int | None = Field(
+        None, gt=0, description="longest prompt + completion (None: the model's own limit)"
+    )
+
+    def engine_kwargs(self, gpus: float) -> dict[str, Any]:
+        """`VLLMEngine` keyword arguments, for an engine holding `gpus` GPUs."""
+        return {
+            "dtype": self.dtype,
+            "kv_cache_bytes": int(self.kv_cache_gb * 2**30),
+            "max_model_len": self.max_model_len,
+            "gpu_memory_utilization": gpu_share(self.gpu_memory_utilization, gpus),
+        }
+
+
+class EvalEngineSpec(VLLMEngineSpec):
     """Where generation-based evaluation (science, tool use) runs.
 
     `hf`: transformers `generate` in the evaluating process. `vllm`: one vLLM engine, all
@@ -121,27 +153,6 @@ class EvalEngineSpec(StrictModel):
     batch_size: int = Field(32, gt=0, description="hf: prompts per generate call")
     cpus: float = Field(1.0, gt=0, description="CPUs of the evaluation worker (or engine actor)")
     gpus: float = Field(0.0, ge=0, description="GPUs of the evaluation worker (or engine actor)")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    kv_cache_gb: float = Field(1.0, gt=0, description="vllm on CPU: KV cache size")
-    gpu_memory_utilization: float | None = Field(
-        None,
-        gt=0,
-        le=1,
-        description="vllm on a GPU: its share for weights and KV cache "
-        "(None: 0.85 × gpus, the part of the GPU the worker holds)",
-    )
-    max_model_len: int | None = Field(
-        None, gt=0, description="vllm: longest prompt + answer (None: the model's own limit)"
-    )
-
-    def engine_kwargs(self) -> dict[str, Any]:
-        """`VLLMEngine` keyword arguments."""
-        return {
-            "dtype": self.dtype,
-            "kv_cache_bytes": int(self.kv_cache_gb * 2**30),
-            "max_model_len": self.max_model_len,
-            "gpu_memory_utilization": gpu_share(self.gpu_memory_utilization, self.gpus),
-        }
 
 
 class EvalSpec(StrictModel):
@@ -188,6 +199,34 @@ class LiveCKASpec(StrictModel):
     )
     rows: int = Field(16, ge=4, description="the probe: the first `rows` rows of `data`")
     batch_size: int = Field(8, gt=0, description="probe rows per forward (as `sdftlab cka`)")
+
+
+class TrainSpec(StrictModel):
+    """The fields of a training stage that the one training loop (`sdftlab.train`) reads."""
+
+    steps: int = Field(100, gt=0, description="optimizer steps (per round, for SFT)")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (warm-up, then cosine)")
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lora: LoraSpec | None = Field(None, description="adapters on the model (QLoRA if NF4)")
+    memory: MemorySpec = MemorySpec()
+    live_cka: LiveCKASpec = Field(LiveCKASpec(), description="CKA to a reference, while training")
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    threads_per_worker: int = Field(2, gt=0)
+    checkpoint_every: int = Field(50, gt=0)
+    log_every: int = Field(10, gt=0, description="progress line every this many steps")
+    max_failures: int = Field(1, ge=-1)
+    seed: int = 0
+
+    def check_splits(self, field: str, rows: int) -> None:
+        """A step's global batch (`field`, `rows` of it) must split evenly over the workers."""
+        if rows % self.num_workers:
+            raise ValueError(
+                f"{field}={rows} does not split over num_workers={self.num_workers}; make "
+                f"{field} a multiple of num_workers"
+            )
 
 
 class ResourcesSpec(StrictModel):

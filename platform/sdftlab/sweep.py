@@ -37,12 +37,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
-from sdftlab.config import StrictModel, WorldConfig
-from sdftlab.distill.sdft import RecoverConfig
+from sdftlab.config import StrictModel
+from sdftlab.distill.config import RecoverConfig
 from sdftlab.errors import ConfigError
 from sdftlab.lineage import Lineage
 from sdftlab.specs import CKASpec, EvalSpec
 from sdftlab.tracking import TrackingSpec
+from sdftlab.world.config import WorldConfig
 
 SPACE_TYPES = ("grid", "choice", "loguniform", "uniform")
 # what a trial's parameters may set (RecoverConfig fields, dotted) besides the prune ratio
@@ -302,7 +303,7 @@ def live_history(cfg: SweepConfig, grid: Any, lineage: Lineage) -> Any:
     Tune (a live metric), and from its saved state's `live_cka.json` (a finished trial)."""
     import pandas as pd
 
-    from sdftlab.train_utils import LIVE_CKA_FILE
+    from sdftlab.train.checkpoint import LIVE_CKA_FILE
 
     columns = ["trial_id", "step", *sorted(cfg.live_metrics())]
     frames = []

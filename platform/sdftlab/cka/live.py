@@ -12,11 +12,17 @@ attention kernel. It returns ``live_cka/<label>/{last_layer, mean_over_layers,
 sequence_last_layer}`` and ``live_cka/seconds``.
 
 Cost per measurement: one forward of the probe and the statistics over the d×d matrices of
-every layer pair. Memory: the reference's states, (L+1) × rows × tokens × d floats (about
-0.3 GB for SmolLM2-135M on 16 rows of 300 tokens) and one batch's states in float64 while
-they are added.
+every layer pair. Memory: the reference's states, (L+1) × rows × tokens × d floats, and one
+batch's states in float64 while they are added (measured costs: docs/SDFT.md#live-cka).
 
-    >>> live = LiveCKA(reference_model, tokenizer, probe_rows, label="expert", every=10)
+Its two halves in a training stage: the driver checks the probe before any worker starts
+(`live_probe`: the rows, the reference's directory and label, a `LiveProbe` the job carries);
+each worker captures the reference once (`start_live_cka`: from a model it already holds with
+the reference's weights, else loaded and let go) and measures when `due`.
+
+    >>> probe = live_probe(lineage, cfg.live_cka, reference="expert", data="science",
+    ...                    data_dir=data_dir)
+    >>> live = start_live_cka(probe, tokenizer, device, resident={})
     >>> if due(10, step, last=steps): metrics |= live.measure(student)
 """
 
@@ -24,6 +30,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,3 +101,69 @@ def live_cka_text(metrics: dict[str, float]) -> str:
         if key.startswith(f"{PREFIX}/") and key.endswith("/last_layer"):
             return f"  cka {value:.3f}"
     return ""
+
+
+def live_cka_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The last live CKA measurement among a run's final metrics (its time left out)."""
+    return {k: float(v) for k, v in metrics.items()
+            if k.startswith(f"{PREFIX}/") and k != f"{PREFIX}/seconds"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LiveProbe:
+    """What a training job carries to its workers for live CKA (`live_probe` checks it)."""
+
+    every: int
+    label: str  # the reference as metric names spell it
+    reference_dir: str
+    rows: list[Any]
+    batch_size: int
+
+
+def live_probe(
+    lineage: Any, spec: Any, *, reference: str, data: str, data_dir: Path | None
+) -> LiveProbe | None:
+    """The driver's half (`specs.LiveCKASpec`; None when it is off): the probe's rows and the
+    reference's directory and label, checked before any worker starts. `reference` and `data`
+    are the run's defaults (the spec's own values win)."""
+    if spec.every == 0:
+        return None
+    from sdftlab.cka.capture import example_record
+    from sdftlab.data.loaders import load_task_file, task_source
+    from sdftlab.errors import SdftlabError
+
+    ref, entry = spec.reference or reference, spec.data or data.split("+")[0]
+    try:
+        task, path = task_source(entry, data_dir, "eval")
+        rows = [example_record(e) for e in load_task_file(path, task, limit=spec.rows)]
+        reference_dir = lineage.resolve(ref)
+    except SdftlabError as err:
+        raise type(err)(
+            f"live_cka: {err} (set live_cka.reference / live_cka.data, or live_cka.every=0)"
+        ) from None
+    return LiveProbe(spec.every, lineage.label(ref), str(reference_dir), rows, spec.batch_size)
+
+
+def start_live_cka(
+    probe: LiveProbe | None,
+    tokenizer: Any,
+    device: torch.device,
+    resident: dict[str, torch.nn.Module],
+    everywhere: bool = False,
+) -> LiveCKA | None:
+    """The worker's half: on rank 0, a `LiveCKA` with the reference's states captured (from a
+    `resident` model that holds the reference's weights — the frozen teacher, the student
+    before its first step — or else loaded and let go); None elsewhere or when off.
+    `everywhere`: on every rank (a sharded student's forward is a collective; rank 0's
+    measurement is the one reported)."""
+    from sdftlab.sharding import world
+
+    if probe is None or (world()[0] != 0 and not everywhere):
+        return None
+    model = resident.get(probe.reference_dir)
+    if model is None:
+        from sdftlab.models import load_model
+
+        model = load_model(probe.reference_dir, dtype=torch.float32).to(device)
+    return LiveCKA(model, tokenizer, probe.rows, label=probe.label, every=probe.every,
+                   batch_size=probe.batch_size)  # fmt: skip

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,25 +32,17 @@ import numpy as np
 import pandas as pd
 
 from sdftlab.errors import ConfigError, DataError
+from sdftlab.paths import atomic_write
 
 
 def _save_atomic(fig: Any, path: str | os.PathLike[str]) -> Path:
-    """Save `fig` as PNG at `path` via a temp file in the same folder and `os.replace`."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    """Save `fig` as PNG at `path`, whole or not at all (`paths.atomic_write`)."""
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with atomic_write(path, "wb") as fh:
             fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     finally:
         plt.close(fig)
-    return out
+    return Path(path)
 
 
 def plot_cka_by_layer(

@@ -28,7 +28,7 @@ pass and costs nothing extra.
 
     sdftlab cka --a forgot --b expert --data science
 
-    >>> df = cka_over_dataset(lineage, "forgot", "expert", examples, actors=2)
+    >>> df = cka_over_dataset(lineage, "forgot", "expert", examples, CKAOptions(), actors=2)
     >>> df[["layer_a", "layer_b", "cka", "sequence_cka"]]
 """
 
@@ -57,10 +57,10 @@ from sdftlab.cka.capture import (
     unpack_arrays,
 )
 from sdftlab.cka.stats import Standardizer
-from sdftlab.config import StrictModel, trust_remote_code
+from sdftlab.config import StrictModel
 from sdftlab.errors import ConfigError, DataError
 from sdftlab.lineage import Lineage
-from sdftlab.models import local_device
+from sdftlab.models import load_model, load_model_config, load_tokenizer, local_device
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -71,16 +71,22 @@ DTYPES: dict[str, torch.dtype] = {
 
 
 class CKAOptions(StrictModel):
-    """How to run one CKA comparison (JSON-serializable, sent to every actor).
+    """How to run one CKA comparison, and the form of its headline value (JSON-serializable,
+    sent to every actor): one object every entry point takes (`cka_local`,
+    `cka_over_dataset`, `cka.run.compare_states`).
 
     ``batch_size``: examples per padded model batch. ``dtype``: the models' compute dtype
-    (statistics are always float64). See `LayerPairs.build` for ``layers``.
+    (statistics are always float64). See `LayerPairs.build` for ``layers``. ``standardize``
+    and ``debiased`` choose the headline ``cka`` (biased + standardized by default;
+    debiased + standardized takes two passes).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     layers: Any = "diagonal"
     pooling: Literal["last", "answer_mean"] = "answer_mean"
+    standardize: bool = True
+    debiased: bool = False
     sequence_tokens: Literal["answer", "all"] = "answer"
     sequence_debiased: bool = False
     batch_size: int = Field(8, gt=0)
@@ -96,12 +102,20 @@ class CKAOptions(StrictModel):
             return tuple(tuple(x) if isinstance(x, list | tuple) else x for x in layers)
         return layers
 
+    @property
+    def two_pass(self) -> bool:
+        """Debiased + standardized CKA needs a first pass to fit the standardizers."""
+        return self.debiased and self.standardize
+
     def to_json(self) -> str:
         return self.model_dump_json()
 
     @classmethod
     def from_json(cls, text: str) -> CKAOptions:
         return cls.model_validate(json.loads(text))
+
+
+DEFAULT = CKAOptions()  # the paper's per-sample form: diagonal layers, answer-mean pooling
 
 
 def chunk_examples(examples: Sequence[Any], batch_size: int) -> list[list[dict[str, Any]]]:
@@ -145,25 +159,16 @@ class PairRunner:
     def from_dirs(cls, dir_a: str, dir_b: str, opts: CKAOptions) -> PairRunner:
         """Load both models (safetensors, no remote code) and model a's tokenizer, on this
         process's GPU when it has one (a pool actor given `gpus_per_actor`), else the CPU."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         device = local_device()
 
         def load(d: str) -> torch.nn.Module:
-            return AutoModelForCausalLM.from_pretrained(
-                d,
-                dtype=DTYPES[opts.dtype],
-                use_safetensors=True,
-                trust_remote_code=trust_remote_code(),
-            ).to(device)
+            return load_model(d, dtype=DTYPES[opts.dtype]).to(device)
 
-        tok_a = AutoTokenizer.from_pretrained(dir_a, trust_remote_code=trust_remote_code())
+        tok_a = load_tokenizer(dir_a)
         model_a = load(dir_a)
         if dir_b == dir_a:  # a state against itself: one copy of the weights is enough
             return cls(model_a, model_a, tok_a, opts)
-        _check_same_vocab(
-            tok_a, AutoTokenizer.from_pretrained(dir_b, trust_remote_code=trust_remote_code())
-        )
+        _check_same_vocab(tok_a, load_tokenizer(dir_b))
         return cls(model_a, load(dir_b), tok_a, opts)
 
     def new_accumulator(
@@ -247,9 +252,7 @@ def _precheck(lineage: Lineage, a: str, b: str, examples: Sequence[Any], opts: C
         raise DataError("no examples: CKA of an empty dataset is undefined")
     tokenizer = lineage.load_tokenizer(a)
     encode_examples(tokenizer, examples, opts.max_len)
-    from transformers import AutoConfig
-
-    depths = [int(AutoConfig.from_pretrained(lineage.resolve(r)).num_hidden_layers) for r in (a, b)]
+    depths = [int(load_model_config(lineage.resolve(r)).num_hidden_layers) for r in (a, b)]
     LayerPairs.build(opts.layers, *depths)
 
 
@@ -278,38 +281,12 @@ def accumulate_local(
 
 
 def cka_local(
-    lineage: Lineage,
-    a: str,
-    b: str,
-    examples: Sequence[Any],
-    *,
-    batch_size: int = 8,
-    layers: Any = "diagonal",
-    pooling: str = "answer_mean",
-    standardize: bool = True,
-    debiased: bool = False,
-    sequence_tokens: str = "answer",
-    sequence_debiased: bool = False,
-    max_len: int = 512,
-    padding_side: str = "right",
-    dtype: str = "float32",
+    lineage: Lineage, a: str, b: str, examples: Sequence[Any], opts: CKAOptions = DEFAULT
 ) -> pd.DataFrame:
-    """Per-layer-pair CKA of states `a` and `b` on `examples`, in this process.
-
-    Same arguments and result as `cka_over_dataset`, without Ray.
-    """
-    opts = CKAOptions(
-        layers=layers,
-        pooling=pooling,
-        sequence_tokens=sequence_tokens,
-        sequence_debiased=sequence_debiased,
-        batch_size=batch_size,
-        max_len=max_len,
-        padding_side=padding_side,
-        dtype=dtype,
-    )
-    acc = accumulate_local(lineage, a, b, examples, opts, two_pass=debiased and standardize)
-    return acc.results(debiased=debiased, standardize=standardize)
+    """Per-layer-pair CKA of states `a` and `b` on `examples`, in this process: the result of
+    `cka_over_dataset`, without Ray."""
+    acc = accumulate_local(lineage, a, b, examples, opts, two_pass=opts.two_pass)
+    return acc.results(debiased=opts.debiased, standardize=opts.standardize)
 
 
 def _pool_pass(
@@ -420,18 +397,9 @@ def cka_over_dataset(
     a: str,
     b: str,
     examples: Sequence[Any],
+    opts: CKAOptions = DEFAULT,
     *,
     actors: int = 1,
-    batch_size: int = 8,
-    layers: Any = "diagonal",
-    pooling: str = "answer_mean",
-    standardize: bool = True,
-    debiased: bool = False,
-    sequence_tokens: str = "answer",
-    sequence_debiased: bool = False,
-    max_len: int = 512,
-    padding_side: str = "right",
-    dtype: str = "float32",
     cpus_per_actor: float = 1.0,
     gpus_per_actor: float = 0.0,
     calls_per_actor: int = 4,
@@ -439,34 +407,15 @@ def cka_over_dataset(
 ) -> pd.DataFrame:
     """Per-layer-pair CKA of states (or model dirs) `a` and `b` on `examples`, on Ray.
 
-    Returns `CKAAccumulator.results`: one row per layer pair with ``cka`` (the headline
-    form: biased + standardized by default; ``debiased=True`` with ``standardize=True``
-    runs the two-pass route), ``cka_biased``, ``cka_debiased``, ``cka_standardized``,
-    ``sequence_cka`` and counts. ``batch_size`` examples make one padded model batch;
+    Returns `CKAAccumulator.results`: one row per layer pair with ``cka`` (the headline form
+    `opts` asks for), ``cka_biased``, ``cka_debiased``, ``cka_standardized``,
+    ``sequence_cka`` and counts. ``opts.batch_size`` examples make one padded model batch;
     each actor gets about ``calls_per_actor`` Ray batches of such chunks and returns one
     partial accumulator per call. Calls `ensure_ray()` first.
     """
-    opts = CKAOptions(
-        layers=layers,
-        pooling=pooling,
-        sequence_tokens=sequence_tokens,
-        sequence_debiased=sequence_debiased,
-        batch_size=batch_size,
-        max_len=max_len,
-        padding_side=padding_side,
-        dtype=dtype,
-    )
     acc = accumulate_over_dataset(
-        lineage,
-        a,
-        b,
-        examples,
-        opts,
-        actors=actors,
-        cpus_per_actor=cpus_per_actor,
-        gpus_per_actor=gpus_per_actor,
-        calls_per_actor=calls_per_actor,
-        two_pass=debiased and standardize,
+        lineage, a, b, examples, opts, actors=actors, cpus_per_actor=cpus_per_actor,
+        gpus_per_actor=gpus_per_actor, calls_per_actor=calls_per_actor, two_pass=opts.two_pass,
         log=log,
-    )
-    return acc.results(debiased=debiased, standardize=standardize)
+    )  # fmt: skip
+    return acc.results(debiased=opts.debiased, standardize=opts.standardize)

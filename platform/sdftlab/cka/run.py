@@ -18,7 +18,7 @@ process, or on the Ray actor pool with ``actors=n``) and records on state ``a``:
 - ``cka/<b>/sequence_last_layer``: the per-sequence (token-trajectory, L×L kernel) form at
   the last layer, averaged over sequences.
 
-The recorded values use the call's settings; the defaults are the forms above.
+The recorded values use the call's `CKAOptions`; the defaults are the forms above.
 
     sdftlab cka --a forgot --b expert --data science
 
@@ -38,7 +38,7 @@ import pandas as pd
 from pydantic import Field
 
 from sdftlab.cka.capture import diagonal_rows, summary_metrics  # noqa: F401 (re-exported)
-from sdftlab.cka.pool import cka_local, cka_over_dataset
+from sdftlab.cka.pool import DEFAULT, CKAOptions, cka_local, cka_over_dataset
 from sdftlab.config import load_config
 from sdftlab.data.loaders import load_task_file, task_source
 from sdftlab.lineage import Lineage
@@ -50,18 +50,11 @@ def compare_states(
     a: str,
     b: str,
     examples: Sequence[Any],
+    opts: CKAOptions = DEFAULT,
     *,
     actors: int | None = None,
     cpus_per_actor: float = 1.0,
     gpus_per_actor: float = 0.0,
-    batch_size: int = 8,
-    layers: Any = "diagonal",
-    pooling: str = "answer_mean",
-    standardize: bool = True,
-    debiased: bool = False,
-    sequence_tokens: str = "answer",
-    max_len: int = 512,
-    dtype: str = "float32",
     record: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> pd.DataFrame:
@@ -74,22 +67,13 @@ def compare_states(
     """
     if record:
         lineage.require(a)  # fail before the forward passes, not after
-    kwargs: dict[str, Any] = {
-        "batch_size": batch_size,
-        "layers": layers,
-        "pooling": pooling,
-        "standardize": standardize,
-        "debiased": debiased,
-        "sequence_tokens": sequence_tokens,
-        "max_len": max_len,
-        "dtype": dtype,
-    }
     if actors is None:
-        df = cka_local(lineage, a, b, examples, **kwargs)
+        df = cka_local(lineage, a, b, examples, opts)
     else:
-        df = cka_over_dataset(lineage, a, b, examples, actors=actors, log=log,
-                              cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
-                              **kwargs)  # fmt: skip
+        df = cka_over_dataset(
+            lineage, a, b, examples, opts, actors=actors, log=log,
+            cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
+        )  # fmt: skip
     if record:
         metrics = summary_metrics(df, lineage.label(b))
         lineage.record_metrics(a, metrics)
@@ -194,15 +178,13 @@ def run_cli(args: argparse.Namespace, lineage: Lineage, data_dir: Path | None) -
         cmd.a,
         cmd.reference,
         examples,
+        CKAOptions(batch_size=cmd.batch_size, layers=cmd.layers, pooling=cmd.pooling,
+                   debiased=cmd.debiased),
         actors=cmd.actors,
         cpus_per_actor=cmd.cpus_per_actor,
         gpus_per_actor=cmd.gpus_per_actor,
-        batch_size=cmd.batch_size,
-        layers=cmd.layers,
-        pooling=cmd.pooling,
-        debiased=cmd.debiased,
         record=cmd.record,
-    )
+    )  # fmt: skip
     if cmd.plot:
         from sdftlab.cka.plots import plot_cka_by_layer
 

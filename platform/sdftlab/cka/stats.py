@@ -596,6 +596,28 @@ def cka(stats: CKAStats, *, debiased: bool = False, standardize: bool = False) -
     first, zero-variance dimensions dropped. Biased: exact from one pass. Debiased: needs
     second-pass statistics (`CKAStats.empty(dx, dy, standardizer=Standardizer.fit(first))`).
     """
+    _check_route(stats, debiased=debiased, standardize=standardize)
+    # A private copy about the exact mean (the tiny shift keeps all sums small); it briefly
+    # doubles the memory of the statistics.
+    c = stats.centered()
+    if stats.standardizer is not None:
+        _check_standardized(c)
+    const_x_D = _constant_mask(c.mean_x, c.var_x)
+    const_y_E = _constant_mask(c.mean_y, c.var_y)
+    for side, const in (("x", const_x_D), ("y", const_y_E)):
+        if const.all():
+            raise DataError(
+                f"{side} has zero variance in every dimension (constant "
+                "activations, or a single row); CKA is undefined"
+            )
+    if debiased:  # on standardized rows (two-pass route) this already is the standardized CKA
+        return _debiased_cka(c)
+    return _biased_cka(c, const_x_D, const_y_E, standardize=standardize)
+
+
+def _check_route(stats: CKAStats, *, debiased: bool, standardize: bool) -> None:
+    """The statistics can give the form asked for: rows, n ≥ 4 when debiased, and the
+    two-pass route for debiased + standardized."""
     n = stats.n
     if n == 0:
         raise DataError("no rows accumulated: CKA of an empty set is undefined")
@@ -619,50 +641,45 @@ def cka(stats: CKAStats, *, debiased: bool = False, standardize: bool = False) -
             "statistics. Use two passes: st = Standardizer.fit(first_pass_stats); accumulate "
             "CKAStats.empty(dx, dy, standardizer=st) over the same rows; call cka() on that"
         )
-    # A private copy about the exact mean (the tiny shift keeps all sums small); it briefly
-    # doubles the memory of the statistics.
-    c = stats.centered()
-    mean_x_D, var_x_D = c.mean_x, c.var_x
-    mean_y_E, var_y_E = c.mean_y, c.var_y
-    if st is not None:
-        dev = max(
-            float(np.abs(mean_x_D).max()),
-            float(np.abs(mean_y_E).max()),
-            float(np.abs(var_x_D - 1).max()),
-            float(np.abs(var_y_E - 1).max()),
+
+
+def _check_standardized(c: CKAStats) -> None:
+    """Second-pass statistics must be of standardized rows (mean 0, variance 1)."""
+    dev = max(
+        float(np.abs(c.mean_x).max()),
+        float(np.abs(c.mean_y).max()),
+        float(np.abs(c.var_x - 1).max()),
+        float(np.abs(c.var_y - 1).max()),
+    )
+    if dev > _STANDARDIZED_TOL:
+        raise DataError(
+            f"second-pass statistics are not standardized (max deviation from mean 0 / "
+            f"variance 1 is {dev:.3g}): the second pass must see exactly the rows the "
+            "Standardizer was fitted on"
         )
-        if dev > _STANDARDIZED_TOL:
-            raise DataError(
-                f"second-pass statistics are not standardized (max deviation from mean 0 / "
-                f"variance 1 is {dev:.3g}): the second pass must see exactly the rows the "
-                "Standardizer was fitted on"
-            )
-    const_x_D = _constant_mask(mean_x_D, var_x_D)
-    const_y_E = _constant_mask(mean_y_E, var_y_E)
-    for side, const in (("x", const_x_D), ("y", const_y_E)):
-        if const.all():
-            raise DataError(
-                f"{side} has zero variance in every dimension (constant "
-                "activations, or a single row); CKA is undefined"
-            )
 
-    if debiased:
-        # On standardized rows (two-pass route) this already is the standardized CKA.
-        qx, qy = float(np.trace(c.xtx_DD)), float(np.trace(c.yty_EE))  # Σ‖uᵢ‖², Σ‖vᵢ‖²
-        sx_D, sy_E = c.sum_x_D, c.sum_y_E
-        hxy = _hsic_debiased(n, c.xty_DE, sx_D, sy_E, qx, qy, c.sum_qx_qy, c.x_qy_D, c.y_qx_E)
-        hxx = _hsic_debiased(n, c.xtx_DD, sx_D, sx_D, qx, qx, c.sum_qx_qx, c.x_qx_D, c.x_qx_D)
-        hyy = _hsic_debiased(n, c.yty_EE, sy_E, sy_E, qy, qy, c.sum_qy_qy, c.y_qy_E, c.y_qy_E)
-        if hxx <= 0 or hyy <= 0:
-            raise DataError(
-                f"debiased HSIC(X, X)={hxx:.3g}, HSIC(Y, Y)={hyy:.3g}: a non-positive self-"
-                f"similarity makes debiased CKA undefined (too few samples, n={n}); use more "
-                "samples or debiased=False"
-            )
-        return hxy / math.sqrt(hxx * hyy)
 
-    # Biased: centered cross-products X̄ᵀȲ = UᵀV − (Σu)(Σv)ᵀ/n (Σu ≈ 0 after centering).
-    # c is a private copy, so its matrices are centered in place.
+def _debiased_cka(c: CKAStats) -> float:
+    """Debiased CKA from centered statistics: unbiased HSICs (U-statistics)."""
+    n = c.n
+    qx, qy = float(np.trace(c.xtx_DD)), float(np.trace(c.yty_EE))  # Σ‖uᵢ‖², Σ‖vᵢ‖²
+    sx_D, sy_E = c.sum_x_D, c.sum_y_E
+    hxy = _hsic_debiased(n, c.xty_DE, sx_D, sy_E, qx, qy, c.sum_qx_qy, c.x_qy_D, c.y_qx_E)
+    hxx = _hsic_debiased(n, c.xtx_DD, sx_D, sx_D, qx, qx, c.sum_qx_qx, c.x_qx_D, c.x_qx_D)
+    hyy = _hsic_debiased(n, c.yty_EE, sy_E, sy_E, qy, qy, c.sum_qy_qy, c.y_qy_E, c.y_qy_E)
+    if hxx <= 0 or hyy <= 0:
+        raise DataError(
+            f"debiased HSIC(X, X)={hxx:.3g}, HSIC(Y, Y)={hyy:.3g}: a non-positive self-"
+            f"similarity makes debiased CKA undefined (too few samples, n={n}); use more "
+            "samples or debiased=False"
+        )
+    return hxy / math.sqrt(hxx * hyy)
+
+
+def _biased_cka(c: CKAStats, const_x_D: Any, const_y_E: Any, *, standardize: bool) -> float:
+    """Biased CKA from centered statistics `c` (a private copy: centered in place)."""
+    n = c.n
+    # Centered cross-products X̄ᵀȲ = UᵀV − (Σu)(Σv)ᵀ/n (Σu ≈ 0 after centering).
     cxy_DE, cxx_DD, cyy_EE = c.xty_DE, c.xtx_DD, c.yty_EE
     _add_outer(cxy_DE, c.sum_x_D, -c.sum_y_E / n)
     _add_outer(cxx_DD, c.sum_x_D, -c.sum_x_D / n)

@@ -37,13 +37,20 @@ from __future__ import annotations
 import ast
 import json
 import os
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sdftlab.data.records import TASK_NAMES, TaskExample, ToolCall, golden_response
+from sdftlab.data.records import (
+    GOLDEN_INPUT_FIX,
+    TASK_NAMES,
+    TaskExample,
+    ToolCall,
+    golden_response,
+    parse_json_object,
+)
 from sdftlab.errors import ConfigError, DataError
+from sdftlab.paths import atomic_write
 
 TASK_FIELDS: dict[str, tuple[str, ...]] = {
     "science": ("prompt", "answer"),
@@ -72,19 +79,11 @@ def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, An
 
 
 def _parse_jsonl_line(path: Path, lineno: int, line: str) -> dict[str, Any]:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"{path} line {lineno}: malformed JSON ({exc.msg} at column {exc.colno}); "
-            "each line must be one complete JSON object"
-        ) from exc
-    if not isinstance(row, dict):
-        raise DataError(
-            f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}; "
-            'each line must be one JSON object such as {"prompt": ..., ...}'
-        )
-    return row
+    return parse_json_object(
+        line, f"{path} line {lineno}:", invalid="malformed JSON",
+        not_object="expected a JSON object",
+        fix='each line must be one complete JSON object such as {"prompt": ..., ...}',
+    )  # fmt: skip
 
 
 def _require_exists(path: Path) -> None:
@@ -211,18 +210,15 @@ def _parse_messages(where: str, value: Any) -> list[dict[str, str]]:
             f"{where}: field 'prompt' must be a string or a non-empty list of "
             f"{{'role', 'content'}} messages, got {type(value).__name__}"
         )
-    messages = []
-    for i, m in enumerate(value):
-        if not (
-            isinstance(m, dict)
-            and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str)
-        ):
-            raise DataError(
-                f"{where}: field 'prompt' message {i} must be a dict with string 'role' "
-                f"and 'content', got {m!r:.80}"
-            )
-        messages.append({"role": m["role"], "content": m["content"]})
+    _check_items(
+        where,
+        "prompt",
+        "message",
+        value,
+        "string 'role' and 'content'",
+        lambda m: isinstance(m.get("role"), str) and isinstance(m.get("content"), str),
+    )
+    messages = [{"role": m["role"], "content": m["content"]} for m in value]  # fmt: skip
     if not any(m["role"] == "user" for m in messages):
         raise DataError(f"{where}: field 'prompt' has no 'user' message; add the question")
     return messages
@@ -248,18 +244,8 @@ def _action_input(where: str, i: int, value: Any) -> str:
             f"string or an object, got {type(value).__name__}"
         )
     if value.strip():
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{where}: field 'golden_answer' call {i}: 'Action_Input' is not valid JSON "
-                f"({exc.msg}): {value!r:.60}; give a JSON object string such as '{{}}'"
-            ) from exc
-        if not isinstance(parsed, dict):
-            raise DataError(
-                f"{where}: field 'golden_answer' call {i}: 'Action_Input' must be a JSON "
-                f"object, got {type(parsed).__name__}; wrap the arguments in {{...}}"
-            )
+        parse_json_object(value, f"{where}: field 'golden_answer' call {i}: 'Action_Input'",
+                          fix=GOLDEN_INPUT_FIX)  # fmt: skip
     return value
 
 
@@ -278,19 +264,26 @@ def _parse_golden(where: str, value: Any) -> tuple[ToolCall, ...]:
             f"{where}: field 'golden_answer' must be a non-empty list of "
             f"{{'Action', 'Action_Input'}} dicts, got {value!r:.60}"
         )
-    calls = []
-    for i, call in enumerate(value):
-        if not (
-            isinstance(call, dict)
-            and isinstance(call.get("Action"), str)
-            and "Action_Input" in call
-        ):
-            raise DataError(
-                f"{where}: field 'golden_answer' call {i} must be a dict with 'Action' "
-                f"(string) and 'Action_Input', got {call!r:.60}"
-            )
-        calls.append(ToolCall(call["Action"], _action_input(where, i, call["Action_Input"])))
-    return tuple(calls)
+    _check_items(
+        where,
+        "golden_answer",
+        "call",
+        value,
+        "'Action' (string) and 'Action_Input'",
+        lambda c: isinstance(c.get("Action"), str) and "Action_Input" in c,
+    )
+    return tuple(ToolCall(c["Action"], _action_input(where, i, c["Action_Input"]))
+                 for i, c in enumerate(value))  # fmt: skip
+
+
+def _check_items(
+    where: str, field: str, noun: str, items: Any, wanted: str, ok: Callable[[dict], bool]
+) -> None:
+    """Every item of a list field is a dict `ok` accepts; else one error naming the first."""
+    for i, item in enumerate(items):
+        if not (isinstance(item, dict) and ok(item)):
+            raise DataError(f"{where}: field '{field}' {noun} {i} must be a dict with {wanted}, "
+                            f"got {item!r:.80}")  # fmt: skip
 
 
 def _demonstration(where: str, row: dict[str, Any], task: str, answer: Any) -> str:
@@ -367,22 +360,13 @@ def count_rows(path: str | os.PathLike[str], *, limit: int | None = None) -> int
 
 
 def write_task_file(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> None:
-    """Write ``rows`` as JSONL atomically: temp file in the same folder, fsync, os.replace."""
+    """Write ``rows`` as JSONL atomically (`paths.atomic_write`)."""
     p = Path(path)
     if p.suffix.lower() != ".jsonl":
         raise DataError(f"{p}: write_task_file writes JSONL; give the path a .jsonl suffix")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for i, row in enumerate(rows):
-                fh.write(_dump_row(p, i, row) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(p, encoding="utf-8") as fh:
+        for i, row in enumerate(rows):
+            fh.write(_dump_row(p, i, row) + "\n")
 
 
 def _dump_row(path: Path, index: int, row: Any) -> str:

@@ -18,6 +18,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from sdftlab.errors import DataError
+
 TaskName = Literal["science", "tooluse"]
 TASK_NAMES: tuple[str, ...] = ("science", "tooluse")
 
@@ -67,3 +69,25 @@ def golden_response(task: str, answer: str | tuple[ToolCall, ...]) -> str:
         return f"<answer>\n{answer}\n</answer>"
     calls: tuple[ToolCall, ...] = answer  # type: ignore[assignment]
     return "\n".join(f"Action: {c.action}\nAction Input: {c.action_input}" for c in calls)
+
+
+GOLDEN_INPUT_FIX = "give a JSON object string such as '{\"q\": \"x\"}', or '' for no input"
+
+
+def parse_json_object(
+    text: str,
+    where: str,
+    *,
+    invalid: str = "is not valid JSON",
+    not_object: str = "must be a JSON object",
+    fix: str = 'give a JSON object such as \'{"q": "x"}\'',
+) -> dict[str, Any]:
+    """`text` parsed as a JSON object, or one `DataError`: `{where} {invalid} (the parser's
+    reason); {fix}`, or `{where} {not_object}, got <type>; {fix}`."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where} {invalid} ({exc.msg} at column {exc.colno}); {fix}") from exc
+    if not isinstance(value, dict):
+        raise DataError(f"{where} {not_object}, got {type(value).__name__}; {fix}")
+    return value

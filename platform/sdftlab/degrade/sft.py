@@ -27,27 +27,36 @@ metrics. It is also the plain-SFT baseline recovery is compared against.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import Field, model_validator
 
-from sdftlab import sharding
-from sdftlab.cka.live import due, live_cka_text
-from sdftlab.config import StrictModel
+from sdftlab.cka.live import live_cka_text, live_probe
 from sdftlab.data.chat import ChatTokenizer, count_assistant_tokens, example_to_row
 from sdftlab.data.loaders import iter_jsonl, load_task_file, task_source, world_task_file
 from sdftlab.errors import ConfigError
 from sdftlab.lineage import Lineage, StateMeta
-from sdftlab.sharding import global_tokens, mean_over_workers
-from sdftlab.specs import LiveCKASpec, LoraSpec, MemorySpec
+from sdftlab.sharding import global_tokens, mean_over_workers, no_sync
+from sdftlab.specs import LiveCKASpec, TrainSpec
+from sdftlab.train.batches import (
+    last_hidden,
+    micro_batches,
+    output_layer,
+    pack_padded,
+    shard_batches,
+    trim_padding,
+)
+from sdftlab.train.loop import Parts, Phases, TrainJob, train_worker
+from sdftlab.train.setup import autocast, prepare_for_training, with_lora
+from sdftlab.train.trainer import fit_and_save, run_name
 
 
-class SFTConfig(StrictModel):
+class SFTConfig(TrainSpec):
     """One SFT stage: `rounds` rounds, round i on `data[i % len(data)]`."""
 
     data: list[str] = Field(
@@ -58,9 +67,7 @@ class SFTConfig(StrictModel):
     rounds: int | None = Field(None, gt=0, description="default: one round per data entry")
     steps: int = Field(300, gt=0, description="optimizer steps per round")
     batch_size: int = Field(32, gt=0, description="global batch (split across workers)")
-    lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(10, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
     max_len: int = Field(256, gt=8)
     padding_free: bool = Field(
         False, description="rows laid end to end, each kept to itself (TRL's padding_free)"
@@ -79,27 +86,15 @@ class SFTConfig(StrictModel):
         "format): per answer token, the rate of a stray token (no loss) or a dropped one",
     )
     replay_data: str | None = Field(None, description="chat JSONL; default the world's replay")
-    lora: LoraSpec | None = None
-    memory: MemorySpec = MemorySpec()
     live_cka: LiveCKASpec = Field(
         LiveCKASpec(), description="CKA to the state the run starts from, while training"
     )
-    num_workers: int = Field(1, gt=0)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1, gt=0)
-    threads_per_worker: int = Field(2, gt=0)
     checkpoint_every: int = Field(100, gt=0)
     log_every: int = Field(25, gt=0)
-    max_failures: int = Field(1, ge=-1)
-    seed: int = 0
 
     @model_validator(mode="after")
     def _batch_splits(self) -> SFTConfig:
-        if self.batch_size % self.num_workers:
-            raise ValueError(
-                f"batch_size={self.batch_size} does not split over num_workers="
-                f"{self.num_workers}; make batch_size a multiple of num_workers"
-            )
+        self.check_splits("batch_size", self.batch_size)
         return self
 
     @property
@@ -146,24 +141,23 @@ def sft_step(
 ) -> float:
     """Forward and backward of one step's batch, `cfg.memory.micro_batch_size` rows at a time;
     returns the step's mean cross-entropy over assistant tokens (the gradients are its)."""
-    from sdftlab import train_utils as tu
     from sdftlab.chunked import chunked_cross_entropy
 
-    batch = tu.pack_padded(batch) if cfg.padding_free else tu.trim_padding(batch)
+    batch = pack_padded(batch) if cfg.padding_free else trim_padding(batch)
     # the step's tokens on every worker: the loss is the mean over all of them
     n_tokens = global_tokens(int((batch["labels"][:, 1:] != -100).sum()))
-    head = tu.output_layer(model)
-    parts = tu.micro_batches(len(batch["labels"]), cfg.memory.micro_batch_size)
+    head = output_layer(model)
+    parts = micro_batches(len(batch["labels"]), cfg.memory.micro_batch_size)
     total = 0.0
     for i, rows in enumerate(parts):
         part = {k: v[rows] for k, v in batch.items()}
         if not cfg.padding_free:
-            part = tu.trim_padding(part)
+            part = trim_padding(part)
         labels_BT = part.pop("labels")
-        with tu.no_sync(model, sync=i == len(parts) - 1):
-            with tu.autocast(device, cfg.memory.autocast_on(cfg.use_gpu, cpu_default=True)):
+        with no_sync(model, sync=i == len(parts) - 1):
+            with autocast(device, cfg.memory.autocast_on(cfg.use_gpu, SFTMethod.cpu_autocast)):
                 # position t predicts token t + 1; packed rows keep apart without a cache
-                hidden_BTD, _ = tu.last_hidden(model, **part)
+                hidden_BTD, _ = last_hidden(model, **part)
                 keep_BT = labels_BT[:, 1:] != -100
                 loss = chunked_cross_entropy(
                     hidden_BTD[:, :-1][keep_BT],
@@ -177,97 +171,53 @@ def sft_step(
     return mean_over_workers(total)
 
 
-def sft_worker_loop(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: the SFT loop with checkpoints and resume."""
-    import ray.train
-    import ray.train.torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class SFTMethod:
+    """SFT for the one training loop (`train.loop.Method`): the state's model (fp32, + LoRA),
+    the shard's batches, `sft_step`."""
 
-    from sdftlab import train_utils as tu
+    tag = "sft"
+    cpu_autocast = True  # SFT's documented figures were taken under bf16 autocast
 
-    cfg = SFTConfig.model_validate(config["sft"])
-    tu.ray_train_logs_to_files()
-    torch.set_num_threads(cfg.threads_per_worker)
-    torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_pretrained(
-        config["init_dir"], use_safetensors=True, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(config["init_dir"])
-    device = ray.train.torch.get_device()
-    tu.use_cpu_allocator(cfg.memory, model, device)  # the same arithmetic either way
-    tu.use_training_attention(model, device)
-    if cfg.memory.gradient_checkpointing:
-        tu.enable_checkpointing(model)
-    model = tu.with_lora(model, cfg.lora)
-    live = tu.live_cka(config["live_cka"], tokenizer, device, {config["init_dir"]: model},
-                       everywhere=cfg.memory.fsdp)  # fmt: skip
-    start, live_history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # the trained weights, before the model is sharded
-        with checkpoint.as_directory() as d:
-            tu.load_parameters(model, Path(d) / "trainable.safetensors")
-    bf16 = cfg.memory.autocast_on(cfg.use_gpu, cpu_default=True)
-    model = sharding.prepare(model, cfg.memory.fsdp, bf16)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            tu.load_optimizer(model, optimizer, Path(d))
-            start, live_history = tu.read_train_state(Path(d))["step"], tu.read_live_cka(Path(d))
-    rank, size = sharding.world()
-    shard = ray.train.get_dataset_shard("train")  # every worker reads every row, in order
-    batches = tu.cycle_epochs(
-        lambda: shard.iter_torch_batches(
-            batch_size=cfg.batch_size,
-            drop_last=True,
-            local_shuffle_buffer_size=4 * cfg.batch_size,
-            local_shuffle_seed=cfg.seed,
-        ),
-        skip=start,  # a resumed run goes on with the batches it had not trained on
-    )
-    model.train()
-    t0, tokens, losses = time.perf_counter(), 0, []
-    for step in range(start, cfg.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = tu.warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr)
-        batch = {k: v.to(device) for k, v in sharding.rank_rows(next(batches), rank, size).items()}
-        tokens += int(batch["attention_mask"].sum())
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(sft_step(model, batch, cfg, device))
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        done = step + 1
-        metrics = {
-            "step": done,
-            "loss": sum(losses[-cfg.log_every :]) / len(losses[-cfg.log_every :]),
-            "tokens_per_s": tokens / (time.perf_counter() - t0),
-            "lr": optimizer.param_groups[0]["lr"],
-            "peak_rss_gb": tu.peak_rss_gb(),
-        }
-        measure = due(cfg.live_cka.every, done, cfg.steps)  # asked on every rank
-        if measure and live is not None:
-            cka = live.measure(tu.unwrap(model))
-            metrics |= cka
-            live_history.append({"step": done, **cka})
-        if rank == 0 and (done % cfg.log_every == 0 or done in (start + 1, cfg.steps)):
-            print(
-                f"[sft] step {done:4d}/{cfg.steps}  loss {metrics['loss']:.4f}"
-                f"{live_cka_text(metrics)}  {metrics['tokens_per_s']:6.0f} tok/s  "
-                f"lr {metrics['lr']:.2e}  "
-                f"peak {metrics['peak_rss_gb']:.1f}GB",
-                flush=True,
-            )
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            with tempfile.TemporaryDirectory() as d:
-                wrote = tu.save_checkpoint(
-                    model, tokenizer, optimizer, Path(d), done,
-                    final=done == cfg.steps, live_cka=live_history,
-                )  # fmt: skip
-                checkpoint = ray.train.Checkpoint.from_directory(d) if wrote else None
-                ray.train.report(metrics, checkpoint=checkpoint)
-        elif done % cfg.log_every == 0 or measure:
-            ray.train.report(metrics)
-        tu.kill_point(done)
+    def __init__(self, job: TrainJob, device: torch.device) -> None:
+        self.job, self.cfg, self.device = job, job.spec, device
+
+    def build(self) -> Parts:
+        from sdftlab.models import load_model, load_tokenizer
+
+        model = load_model(self.job.init_dir, dtype=torch.float32)
+        tokenizer = load_tokenizer(self.job.init_dir)
+        prepare_for_training(model, self.cfg.memory, self.device)
+        model = with_lora(model, self.cfg.lora)
+        return Parts(model, tokenizer, resident={self.job.init_dir: model})
+
+    def begin(self, model: torch.nn.Module, start: int) -> None:
+        cfg = self.cfg
+        self.batches = shard_batches(cfg.batch_size, seed=cfg.seed, skip=start,
+                                     shuffle_buffer=4 * cfg.batch_size, tensors=True)  # fmt: skip
+        self.t0, self.tokens, self.losses = time.perf_counter(), 0, []
+
+    def batch(self, step: int, phases: Phases) -> dict[str, torch.Tensor]:
+        phases.start("data_s")
+        batch = {k: v.to(self.device) for k, v in next(self.batches).items()}
+        self.tokens += int(batch["attention_mask"].sum())
+        return batch
+
+    def step(self, batch: dict[str, torch.Tensor], model: torch.nn.Module) -> float:
+        return sft_step(model, batch, self.cfg, self.device)
+
+    def after_step(self, bare: torch.nn.Module, rank: int) -> None:
+        return None
+
+    def metrics(self, done: int, batch: Any, loss: float, seconds: dict) -> dict[str, Any]:
+        self.losses.append(loss)
+        recent = self.losses[-self.cfg.log_every :]
+        return {"loss": sum(recent) / len(recent),
+                "tokens_per_s": self.tokens / (time.perf_counter() - self.t0)}  # fmt: skip
+
+    def progress(self, m: dict[str, Any]) -> str:
+        return (f"[sft] step {m['step']:4d}/{self.cfg.steps}  loss {m['loss']:.4f}"
+                f"{live_cka_text(m)}  {m['tokens_per_s']:6.0f} tok/s  lr {m['lr']:.2e}  "
+                f"peak {m['peak_rss_gb']:.1f}GB")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- driver
@@ -308,7 +258,6 @@ def run_sft(
 ) -> StateMeta:
     """SFT `src` for `cfg.n_rounds` rounds; save each round (the last as `dst`); its meta.
     `callbacks`: Ray Train callbacks, given every round's reports."""
-    from sdftlab import train_utils as tu
     from sdftlab.raycluster import ensure_ray
 
     # Validate everything before any work: names, parents, data, assistant tokens.
@@ -316,9 +265,7 @@ def run_sft(
     for name in names:  # one version warning, not one a round
         lineage.check_new(name, parents=[src], overwrite=overwrite, warn=name == names[0])
     tokenizer = lineage.load_tokenizer(src)
-    probe = tu.live_cka_probe(
-        lineage, cfg.live_cka, reference=src, data=cfg.data[0], data_dir=data_dir
-    )
+    probe = live_probe(lineage, cfg.live_cka, reference=src, data=cfg.data[0], data_dir=data_dir)
     round_rows = {}
     for entry in dict.fromkeys(cfg.data):
         rows = sft_rows(entry, cfg, data_dir)
@@ -335,40 +282,19 @@ def run_sft(
             f"({len(round_rows[entry])} rows, {cfg.steps} steps)"
         )
         init_dir = str(lineage.resolve(parent))
-        dataset = sft_dataset(round_rows[entry], init_dir, cfg)
-        trainer = tu.make_trainer(
-            sft_worker_loop,
-            {"sft": cfg.model_dump(mode="json"), "init_dir": init_dir, "live_cka": probe},
-            run_name=tu.run_name("sft", name, cfg, lineage.meta(parent).content_hash),
-            num_workers=cfg.num_workers,
-            use_gpu=cfg.use_gpu,
-            cpus_per_worker=cfg.cpus_per_worker,
-            max_failures=cfg.max_failures,
-            datasets={"train": dataset},
-            callbacks=callbacks,
-        )
-        t0 = time.perf_counter()
-        result = trainer.fit()
-        seconds = time.perf_counter() - t0
-        if result.checkpoint is None:
-            raise RuntimeError(f"SFT round {r + 1} finished without a checkpoint: {result.error}")
-        with result.checkpoint.as_directory() as d:
-            meta = lineage.save_dir(
-                name,
-                Path(d) / "model",
-                kind="sft",
-                parents=[parent],
-                overwrite=overwrite,
-                config={"sft": cfg.model_dump(mode="json"), "round": r + 1, "data": entry},
-                metrics={
-                    "sft/loss": result.metrics["loss"],
-                    "sft/seconds": seconds,
-                    "sft/tokens_per_s": result.metrics["tokens_per_s"],
-                    "sft/peak_rss_gb": result.metrics["peak_rss_gb"],
-                    **tu.live_cka_metrics(result.metrics),
-                },
-            )
-        log(f"  saved {name}: loss {result.metrics['loss']:.3f}, {seconds:.0f}s")
+        meta, final, seconds = fit_and_save(
+            partial(train_worker, SFTMethod), TrainJob(cfg, init_dir, probe),
+            run_name=run_name("sft", name, cfg, lineage.meta(parent).content_hash),
+            datasets={"train": sft_dataset(round_rows[entry], init_dir, cfg)},
+            callbacks=callbacks, lineage=lineage, name=name, kind="sft", parents=[parent],
+            overwrite=overwrite,
+            config={"sft": cfg.model_dump(mode="json"), "round": r + 1, "data": entry},
+            metrics=lambda m, seconds: {
+                "sft/loss": m["loss"], "sft/seconds": seconds,
+                "sft/tokens_per_s": m["tokens_per_s"], "sft/peak_rss_gb": m["peak_rss_gb"],
+            },
+        )  # fmt: skip
+        log(f"  saved {name}: loss {final['loss']:.3f}, {seconds:.0f}s")
         parent = name
     assert meta is not None
     return meta

@@ -128,7 +128,7 @@ def completion_hidden(
 
     The LM head runs on one position only (`logits_to_keep=1`): the caller runs it, chunked,
     on the completion tokens that have a loss."""
-    from sdftlab.train_utils import last_hidden
+    from sdftlab.train.batches import last_hidden
 
     ids_BL, attn_BL, valid_BC, p_max = pack(prompts, completions, pad_id)
     c_max = valid_BC.shape[1]

@@ -14,12 +14,12 @@ from pydantic import Field, field_validator, model_validator
 from sdftlab.config import StrictModel
 from sdftlab.data.templates import DEMO_TEMPLATE
 from sdftlab.rollout.transfer import choose
-from sdftlab.specs import LiveCKASpec, LoraSpec, MemorySpec
+from sdftlab.specs import LiveCKASpec, TrainSpec, VLLMEngineSpec
 
 SPECIAL_TEACHERS = ("ema", "live")
 
 
-class RolloutSpec(StrictModel):
+class RolloutSpec(VLLMEngineSpec):
     engine: Literal["vllm", "hf"] = "vllm"
     actors: int = Field(1, gt=0, description="vLLM rollout actors")
     cpus_per_actor: float = Field(0.5, gt=0)
@@ -28,20 +28,7 @@ class RolloutSpec(StrictModel):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, description="completion budget per rollout")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="the engines' weights and activations (the trainer's: float32)"
-    )
     kv_cache_gb: float = Field(0.0625, gt=0, description="KV cache per engine, on CPU")
-    gpu_memory_utilization: float | None = Field(
-        None,
-        gt=0,
-        le=1,
-        description="on a GPU: each engine's share for weights and KV cache "
-        "(None: 0.85 × gpus_per_actor, the part of the GPU the actor holds)",
-    )
-    max_model_len: int | None = Field(
-        None, gt=0, description="longest prompt + completion (None: the model's own limit)"
-    )
     overlap: int = Field(
         0,
         ge=0,
@@ -76,7 +63,7 @@ class LossSpec(StrictModel):
     cka_layers: list[int] = Field([-1], description="hidden-state layers for the CKA term")
 
 
-class RecoverConfig(StrictModel):
+class RecoverConfig(TrainSpec):
     """One recovery run: student state → new state, distilled from `teacher`."""
 
     teacher: str = Field("expert", description="lineage state, model path, `ema` or `live`")
@@ -88,32 +75,14 @@ class RecoverConfig(StrictModel):
     scoring: Literal["exact", "vllm"] = "exact"
     rollout: RolloutSpec = RolloutSpec()
     loss: LossSpec = LossSpec()
-    steps: int = Field(100, gt=0)
     prompts_per_step: int = Field(16, gt=0, description="global (split across workers)")
-    lr: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(5, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    lora: LoraSpec | None = Field(None, description="adapters on the student (QLoRA if NF4)")
-    memory: MemorySpec = MemorySpec()
     live_cka: LiveCKASpec = Field(
         LiveCKASpec(), description="CKA to the teacher's state on a probe, while training"
     )
-    num_workers: int = Field(1, gt=0)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1, gt=0)
-    threads_per_worker: int = Field(2, gt=0)
-    checkpoint_every: int = Field(50, gt=0)
-    log_every: int = Field(10, gt=0, description="progress line every this many steps")
-    max_failures: int = Field(1, ge=-1)
-    seed: int = 0
 
     @model_validator(mode="after")
     def _consistent(self) -> RecoverConfig:
-        if self.prompts_per_step % self.num_workers:
-            raise ValueError(
-                f"prompts_per_step={self.prompts_per_step} does not split over num_workers="
-                f"{self.num_workers}; make it a multiple"
-            )
+        self.check_splits("prompts_per_step", self.prompts_per_step)
         if "{demonstration}" not in self.template or "{prompt}" not in self.template:
             raise ValueError("template must contain {prompt} and {demonstration}")
         if self.scoring == "vllm" and self.loss.topk is None:

@@ -18,7 +18,10 @@ reference masks 3). An optional per-token weight carries the capped importance r
 π_trainer(y_t) / π_engine(y_t) (`importance_weights`). The loss is the weighted mean over the
 kept tokens.
 
-    >>> loss, stats = sdft_loss(student_logits_BTV, teacher_BTV, mask_BT, kind="forward_kl")
+    >>> loss, stats = chunked_sdft_loss(hidden_ND, head, teacher_chunk, n_tokens=n)
+
+(The unchunked loss these equal, on whole [B, T, V] logits, is the tests' reference:
+`tests/reference_losses.py`.)
 """
 
 from __future__ import annotations
@@ -89,26 +92,14 @@ def _with_rest_bucket(logp_BTK: torch.Tensor) -> torch.Tensor:
     return torch.cat([logp_BTK, rest.unsqueeze(-1)], dim=-1)
 
 
-def token_divergence(
-    student_logits_BTV: torch.Tensor,
-    teacher: torch.Tensor | TopK,
-    kind: LossKind = "forward_kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Divergence at every position [B, T]: teacher full log-probs [B, T, V] or top-k."""
-    dtype = torch.promote_types(student_logits_BTV.dtype, torch.float32)  # bf16 → fp32
-    student_logp_BTV = F.log_softmax(student_logits_BTV.to(dtype) / temperature, dim=-1)
-    return divergence_from_logp(student_logp_BTV, teacher, kind, beta)
-
-
 def divergence_from_logp(
     student_logp_BTV: torch.Tensor,
     teacher: torch.Tensor | TopK,
     kind: LossKind = "forward_kl",
     beta: float = 0.5,
 ) -> torch.Tensor:
-    """`token_divergence` from the student's log-probs (any leading shape, vocabulary last)."""
+    """The divergence at every position from the student's log-probs (any leading shape,
+    vocabulary last) and the teacher's full log-probs or top-k."""
     dtype = student_logp_BTV.dtype
     if isinstance(teacher, TopK):
         student_k = student_logp_BTV.gather(-1, teacher.indices_BTK)
@@ -146,35 +137,6 @@ def importance_weights(
     return (trainer_logp_BT - engine_logp_BT).detach().exp().clamp(max=cap)
 
 
-def sdft_loss(
-    student_logits_BTV: torch.Tensor,
-    teacher: torch.Tensor | TopK,
-    mask_BT: torch.Tensor,
-    *,
-    kind: LossKind = "forward_kl",
-    beta: float = 0.5,
-    mask_first_k: int = 0,
-    weights_BT: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted mean per-token divergence over the kept completion tokens, and its stats."""
-    if mask_BT.shape != student_logits_BTV.shape[:2]:
-        raise ValueError(
-            f"mask {tuple(mask_BT.shape)} does not match logits {tuple(student_logits_BTV.shape)}"
-        )
-    keep_BT = mask_first_tokens(mask_BT.bool(), mask_first_k)
-    per_token_BT = token_divergence(student_logits_BTV, teacher, kind, beta)
-    w_BT = keep_BT.float() if weights_BT is None else keep_BT.float() * weights_BT
-    n_tokens = keep_BT.sum().clamp(min=1)
-    loss = (per_token_BT * w_BT).sum() / n_tokens
-    stats = {
-        "divergence": float((per_token_BT.detach() * keep_BT).sum() / n_tokens),
-        "tokens": float(keep_BT.sum()),
-    }
-    if weights_BT is not None:
-        stats["importance_ratio"] = float((weights_BT * keep_BT).sum() / n_tokens)
-    return loss, stats
-
-
 # A teacher's targets for a range of the selected tokens: full log-probs [C, V] or top-k [C, k].
 TeacherChunk = Callable[[slice], "torch.Tensor | TopK"]
 
@@ -192,7 +154,7 @@ def chunked_sdft_loss(
     importance_cap: float | None = None,
     chunk_tokens: int | None = 1024,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """`sdft_loss` over N selected completion tokens given as the student's last hidden states,
+    """The SDFT loss over N selected completion tokens given as the student's last hidden states,
     with the output layer and the divergence run `chunk_tokens` at a time (`sdftlab.chunked`).
 
     The tokens are already selected (completion, not padding, first k masked); the loss is the

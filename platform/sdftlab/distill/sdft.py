@@ -19,14 +19,16 @@ learning", arXiv 2601.19897). Each step:
    ratio engine → trainer), plus an optional CKA term, over micro-batches with the output
    layer chunked (`memory`); then the optimizer steps (full FT, LoRA, or QLoRA on an NF4
    student; DDP or FSDP2 over `num_workers`, `sharding`) and the teacher follows (`teachers`).
-5. Rank 0 pushes the new weights (or LoRA-merged layers) to the rollout actors in memory and
-   logs the sync time, so the next rollouts are on-policy (or one step behind, overlapped).
+5. Rank 0 pushes the new weights (or LoRA-merged layers) to the rollout actors in memory
+   (`rollout.sync.WeightSync`) and logs the sync time, so the next rollouts are on-policy (or
+   one step behind, overlapped).
 6. Every `live_cka.every` steps (and at the last) rank 0 measures CKA to the reference state
    on a fixed probe (`cka.live`); each measurement is a report, so a sweep's ASHA sees it.
 
-This module is the Ray plumbing around those components — the data, the worker loop
-(`recover_worker_loop`: shard, resume, rollouts, step, sync, reports, checkpoints) and the
-driver (`recover`: checks, engines, the `TorchTrainer`, the new state); the config is in
+This module is the Ray plumbing around those components — the data, the method the one
+training loop runs (`SDFTMethod` under `train.loop.train_worker`: the student and its
+teacher, rollouts, the step, the teacher's update and the weight push) and the driver
+(`recover`: checks, engines, `train.trainer.fit_and_save`, the new state); the config is in
 `distill/config.py`, the rows in `distill/batch.py`.
 
 `mode=off_policy` is the two-stage small-model recipe's first stage: no rollouts; student and
@@ -38,9 +40,9 @@ an external (larger) teacher both see prompt + demonstration, KL on the demonstr
 from __future__ import annotations
 
 import json
-import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,7 @@ import numpy as np
 import torch
 
 from sdftlab import sharding
-from sdftlab.cka.live import due, live_cka_text
+from sdftlab.cka.live import live_cka_text, live_probe
 from sdftlab.config import trust_remote_code
 from sdftlab.data.loaders import iter_jsonl, row_to_example, task_source
 from sdftlab.data.templates import student_messages, teacher_messages
@@ -66,9 +68,13 @@ from sdftlab.distill.teachers import (
 )
 from sdftlab.errors import ConfigError, DataError
 from sdftlab.lineage import Lineage, StateMeta
-from sdftlab.rollout.engines import SamplingSettings
-from sdftlab.rollout.pool import named_weights_for_sync
-from sdftlab.specs import LoraSpec, gpu_share
+from sdftlab.rollout.engines import HFEngine, RolloutEngine, SamplingSettings
+from sdftlab.rollout.sync import WeightSync
+from sdftlab.specs import LoraSpec
+from sdftlab.train.batches import shard_batches
+from sdftlab.train.loop import Parts, Phases, TrainJob, train_worker
+from sdftlab.train.setup import prepare_for_training, use_training_attention, with_lora
+from sdftlab.train.trainer import fit_and_save, run_name
 
 # ----------------------------------------------------------------------------- data
 
@@ -177,50 +183,49 @@ def prompt_dataset(files: Sequence[tuple[str, Path]], tokenizer_dir: str, cfg: R
 # ----------------------------------------------------------------------------- worker
 
 
+@dataclass(frozen=True)
+class RecoverJob(TrainJob):
+    """An SDFT job: the teacher's state (None: `ema`/`live`), whether it is the student's own
+    state, and the vLLM pools started beside the worker group (None: not used)."""
+
+    teacher_dir: str | None = None
+    teacher_is_student: bool = False
+    rollout_pool: Any = None
+    teacher_pool: Any = None
+
+
 def build_student(cfg: RecoverConfig, path: str, device: Any) -> Any:
     """The trained model: full weights in fp32, LoRA adapters, or QLoRA on an NF4 state."""
-    from transformers import AutoModelForCausalLM
+    from sdftlab.models import load_model, qlora_model
 
-    from sdftlab import train_utils as tu
-
-    model = AutoModelForCausalLM.from_pretrained(
-        path, use_safetensors=True, trust_remote_code=trust_remote_code()
-    )
-    tu.use_training_attention(model, device)
-    if cfg.memory.gradient_checkpointing:
-        tu.enable_checkpointing(model)
+    model = load_model(path)
+    prepare_for_training(model, cfg.memory, device)
     if getattr(model.config, "quantization_config", None) is not None:
-        from sdftlab.models import qlora_model
-
         lora = cfg.lora or LoraSpec()
         return qlora_model(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
-    return model.float() if cfg.lora is None else tu.with_lora(model, cfg.lora)
+    return model.float() if cfg.lora is None else with_lora(model, cfg.lora)
 
 
 def build_teacher(
-    cfg: RecoverConfig, student: Any, config: dict[str, Any], pad_id: int, device: Any
+    cfg: RecoverConfig, student: Any, job: RecoverJob, pad_id: int, device: Any
 ) -> Teacher:
     """The step's teacher for `cfg.teacher` and `cfg.scoring` (`teachers` has the table)."""
-    from transformers import AutoModelForCausalLM
-
-    from sdftlab import train_utils as tu
+    from sdftlab.models import load_model
 
     ema = (
         ema_teacher(student, cfg.ema_rate, pad_id, cfg.loss.topk) if cfg.teacher == "ema" else None
     )
     if cfg.scoring == "vllm":
-        pool = config["rollout_pool"] if cfg.teacher == "live" else config["teacher_pool"]
-        return VLLMTeacher(pool, cfg.loss.topk or 0, ema)
+        pool = job.rollout_pool if cfg.teacher == "live" else job.teacher_pool
+        return VLLMTeacher(WeightSync(pool), cfg.loss.topk or 0, ema)
     if ema is not None:
         return ema
     if cfg.teacher == "live":
         return live_teacher(student, pad_id, cfg.loss.topk)
-    if config.get("teacher_is_student") and hasattr(student, "disable_adapter"):
+    if job.teacher_is_student and hasattr(student, "disable_adapter"):
         return adapters_off_teacher(student, pad_id, cfg.loss.topk)  # no second model
-    model = AutoModelForCausalLM.from_pretrained(
-        config["teacher_dir"], use_safetensors=True, trust_remote_code=trust_remote_code()
-    ).to(device)
-    tu.use_training_attention(model, device)
+    model = load_model(job.teacher_dir).to(device)
+    use_training_attention(model, device)
     return frozen_teacher(model, pad_id, cfg.loss.topk)
 
 
@@ -232,10 +237,20 @@ def teacher_modules(teacher: Teacher) -> dict[str, torch.nn.Module]:
     return {}
 
 
+def resident_models(job: RecoverJob, student: Any, teacher: Teacher) -> dict[str, Any]:
+    """The models in this worker that hold a state's weights, by directory: the student before
+    its first step, a frozen teacher (live CKA captures its reference from them; a teacher
+    that is the LoRA student's own state is the student, adapters still zero)."""
+    out = {job.init_dir: student}
+    if isinstance(teacher, ModelTeacher) and teacher.update is None and job.teacher_dir:
+        out[job.teacher_dir] = teacher.model
+    return out
+
+
 class RolloutStream:
-    """A worker's batch for each step: its prompts (`prompt_batches`) and the student's
-    completions of them, sampled on the vLLM pool or with transformers `generate` beside the
-    trainer (`engine`), or the demonstrations (off-policy).
+    """A worker's batch for each step: its prompts (`shard_batches`) and the student's
+    completions of them from the rollout engine (`rollout.engines.RolloutEngine`: the vLLM
+    pool, or transformers `generate` beside the trainer), or the demonstrations (off-policy).
 
     Synchronous by default: step t's completions are sampled on the weights step t trains.
     With `rollout.overlap=1`, step t+1's completions are asked for before step t trains, so
@@ -244,24 +259,24 @@ class RolloutStream:
     corrects it, and `policy_drift` shows it)."""
 
     def __init__(
-        self, cfg: RecoverConfig, engine: Any, batches: Iterator[dict[str, Any]], rank: int,
-        log: StepLog,
+        self, cfg: RecoverConfig, engine: RolloutEngine, batches: Iterator[dict[str, Any]],
+        rank: int,
     ) -> None:  # fmt: skip
-        self.cfg, self.engine, self.batches, self.rank, self.log = cfg, engine, batches, rank, log
+        self.cfg, self.engine, self.batches, self.rank = cfg, engine, batches, rank
         self.pending: Callable[[], RolloutBatch] | None = None
 
-    def take(self, step: int) -> RolloutBatch:
-        current = self.pending or self._ask(step)
+    def take(self, step: int, phases: Phases) -> RolloutBatch:
+        current = self.pending or self._ask(step, phases)
         ahead = self.cfg.rollout.overlap and step + 1 < self.cfg.steps
-        self.pending = self._ask(step + 1) if ahead else None
-        self.log.start("rollout_s")
+        self.pending = self._ask(step + 1, phases) if ahead else None
+        phases.start("rollout_s")
         return current()
 
-    def _ask(self, step: int) -> Callable[[], RolloutBatch]:
+    def _ask(self, step: int, phases: Phases) -> Callable[[], RolloutBatch]:
         """Step `step`'s prompts now; its batch when called (the vLLM pool starts sampling
         at once, `generate` beside the trainer when called)."""
         cfg = self.cfg
-        self.log.start("data_s")
+        phases.start("data_s")
         prompts = next(self.batches)
         student = [list(x) for x in prompts["student"]]
         teacher = [list(x) for x in prompts["teacher"]]
@@ -275,251 +290,101 @@ class RolloutStream:
             max_new_tokens=cfg.rollout.max_new_tokens,
             seed=cfg.seed + step * 997 + self.rank,
         )
-        if hasattr(self.engine, "submit"):
-            pending = self.engine.submit(student, sampling)
-            return lambda: from_rollouts(student, teacher, pending.result(), cfg.rollout.n)
-        return lambda: from_rollouts(
-            student, teacher, self.engine.generate(student, sampling), cfg.rollout.n
-        )
+        pending = self.engine.submit(student, sampling)
+        return lambda: from_rollouts(student, teacher, pending.result(), cfg.rollout.n)
 
 
-def recover_worker_loop(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: Ray Train plumbing around `sdft_step` — the data shard,
-    resume, rollouts, weight sync, reports and checkpoints."""
-    import ray.train
-    import ray.train.torch
-    from transformers import AutoTokenizer
+class SDFTMethod:
+    """SDFT (and off-policy distillation) for the one training loop (`train.loop.Method`):
+    the student and its teacher, rollouts, `sdft_step`, the teacher's update and the weight
+    push after each step."""
 
-    from sdftlab import train_utils as tu
-    from sdftlab.rollout.engines import HFEngine
+    tag = "sdft"
+    cpu_autocast = False  # SDFT's documented tiny-world figures are fp32
 
-    cfg = RecoverConfig.model_validate(config["recover"])
-    tu.ray_train_logs_to_files()
-    torch.set_num_threads(cfg.threads_per_worker)
-    torch.manual_seed(cfg.seed)
-    rank, world = sharding.world()
-    device = ray.train.torch.get_device()
-    tokenizer = AutoTokenizer.from_pretrained(config["student_dir"])
-    model = build_student(cfg, config["student_dir"], device)
-    tu.use_cpu_allocator(cfg.memory, model, device)  # the same arithmetic either way
-    teacher = build_teacher(cfg, model, config, tokenizer.pad_token_id, device)
-    live = tu.live_cka(
-        config["live_cka"], tokenizer, device, resident_models(config, model, teacher),
-        everywhere=cfg.memory.fsdp,
-    )  # fmt: skip
-    start, checkpoint, live_history = 0, ray.train.get_checkpoint(), []
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            tu.load_parameters(model, Path(d) / "trainable.safetensors")
-            for file, module in teacher_modules(teacher).items():
-                tu.load_parameters(module, Path(d) / f"{file}.safetensors")
-            start, live_history = tu.read_train_state(Path(d))["step"], tu.read_live_cka(Path(d))
-    model = sharding.prepare(model, cfg.memory.fsdp, cfg.memory.autocast_on(cfg.use_gpu, False))
-    bare = tu.unwrap(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            tu.load_optimizer(model, optimizer, Path(d))
-    pool = config.get("rollout_pool")
-    engine = pool or HFEngine(bare, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                              synced=cfg.memory.fsdp)  # fmt: skip
-    wait_for_engines(config, cfg, teacher, bare, rank, resumed=start > 0)
-    log = StepLog(cfg, world, start, live_history)
-    rollouts = RolloutStream(cfg, engine, prompt_batches(cfg, skip=start), rank, log)
-    model.train()
-    for step in range(start, cfg.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = tu.warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr)
-        batch = rollouts.take(step)
-        log.start("train_s")
-        optimizer.zero_grad(set_to_none=True)
-        result = sdft_step(batch, model, teacher, cfg, pad_id=tokenizer.pad_token_id, device=device)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        sync_s = teacher.after_step(bare, rank)
-        log.start("sync_s")
-        push_weights(pool, bare, rank)  # the next rollouts are on-policy (or one behind)
-        if world > 1:
+    def __init__(self, job: RecoverJob, device: torch.device) -> None:
+        self.job, self.cfg, self.device = job, job.spec, device
+        self.rank, self.world = sharding.world()
+
+    def build(self) -> Parts:
+        from sdftlab.models import load_tokenizer
+
+        tokenizer = load_tokenizer(self.job.init_dir)
+        self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        model = build_student(self.cfg, self.job.init_dir, self.device)
+        self.teacher = build_teacher(self.cfg, model, self.job, self.pad_id, self.device)
+        return Parts(model, tokenizer, teacher_modules(self.teacher),
+                     resident_models(self.job, model, self.teacher))  # fmt: skip
+
+    def begin(self, model: torch.nn.Module, start: int) -> None:
+        """The engines up (after a resume, holding the trained weights), the rollouts."""
+        cfg, job = self.cfg, self.job
+        bare = sharding.unwrap(model)
+        self.rollout_sync = WeightSync(job.rollout_pool)
+        for pool in (job.rollout_pool, job.teacher_pool):
+            up_s = pool.wait_ready() if pool is not None else 0.0
+            if self.rank == 0 and up_s:
+                print(f"[sdft] vLLM engines up ({up_s:.0f}s to load)", flush=True)
+        if start > 0:  # resumed: the engines still hold the starting state
+            self.rollout_sync.push(bare, self.rank)
+            for module in teacher_modules(self.teacher).values():
+                WeightSync(job.teacher_pool).push(module, self.rank)
+        engine = job.rollout_pool or HFEngine(bare, self.eos_id, self.pad_id,
+                                              synced=cfg.memory.fsdp)  # fmt: skip
+        batches = shard_batches(cfg.prompts_per_step, seed=cfg.seed, skip=start,
+                                shuffle_buffer=8 * cfg.prompts_per_step, tensors=False)  # fmt: skip
+        self.rollouts = RolloutStream(cfg, engine, batches, self.rank)
+        self.first, self.busy_s, self.sync_s, self.tokens = start, 0.0, 0.0, 0
+        self.losses: list[float] = []
+
+    def batch(self, step: int, phases: Phases) -> RolloutBatch:
+        return self.rollouts.take(step, phases)
+
+    def step(self, batch: RolloutBatch, model: torch.nn.Module) -> StepResult:
+        return sdft_step(batch, model, self.teacher, self.cfg, pad_id=self.pad_id,
+                         device=self.device)  # fmt: skip
+
+    def after_step(self, bare: torch.nn.Module, rank: int) -> None:
+        """The teacher follows (EMA; its engines), the rollout engines get the new weights
+        (the next rollouts are on-policy, or one behind), and every worker waits for them."""
+        self.teacher.after_step(bare, rank)
+        self.rollout_sync.push(bare, rank)
+        if self.world > 1:
             torch.distributed.barrier()
-        log.start("cka_s")  # the live CKA probe: its own phase, not the weight sync's
-        measure = due(cfg.live_cka.every, step + 1, cfg.steps)  # asked on every rank
-        cka = live.measure(bare) if measure and live is not None else {}
-        metrics = log.finish(step, result, batch, optimizer, extra_sync_s=sync_s, live=cka)
-        save = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
-        if save:
-            report_checkpoint(metrics, bare, tokenizer, optimizer, teacher, step + 1, cfg,
-                              log.live_history)  # fmt: skip
-        elif (step + 1) % cfg.log_every == 0 or measure:  # a report: a controller round trip
-            ray.train.report(metrics)
-        tu.kill_point(step + 1)
 
-
-def resident_models(config: dict[str, Any], student: Any, teacher: Teacher) -> dict[str, Any]:
-    """The models in this worker that hold a state's weights, by directory: the student before
-    its first step, a frozen teacher (live CKA captures its reference from them; a teacher
-    that is the LoRA student's own state is the student, adapters still zero)."""
-    out = {config["student_dir"]: student}
-    if isinstance(teacher, ModelTeacher) and teacher.update is None and config["teacher_dir"]:
-        out[config["teacher_dir"]] = teacher.model
-    return out
-
-
-def wait_for_engines(
-    config: dict[str, Any],
-    cfg: RecoverConfig,
-    teacher: Teacher,
-    bare: Any,
-    rank: int,
-    resumed: bool,
-) -> None:
-    """Block until the vLLM engines (started beside the worker group) are up; after a resume,
-    give them the trained weights (and the EMA average) before the first rollout."""
-    pools = [p for p in (config.get("rollout_pool"), config.get("teacher_pool")) if p is not None]
-    for pool in pools:
-        up_s = pool.wait_ready()
-        if rank == 0 and up_s:
-            print(f"[sdft] vLLM engines up ({up_s:.0f}s to load)", flush=True)
-    if not resumed:
-        return
-    push_weights(config.get("rollout_pool"), bare, rank)
-    if rank == 0 and config.get("teacher_pool") is not None:
-        for module in teacher_modules(teacher).values():
-            config["teacher_pool"].sync(named_weights_for_sync(module))
-
-
-def prompt_batches(cfg: RecoverConfig, skip: int) -> Iterator[dict[str, Any]]:
-    """This worker's prompts, `prompts_per_step / world` a step — its rows of each global
-    batch, which every worker reads in the same order — epoch after epoch; a resumed run skips
-    the `skip` steps it had done, so it continues with the prompts it had not seen."""
-    import ray.train
-
-    from sdftlab import train_utils as tu
-
-    rank, size = sharding.world()
-    shard = ray.train.get_dataset_shard("train")
-    batches = tu.cycle_epochs(
-        lambda: shard.iter_batches(
-            batch_size=cfg.prompts_per_step,
-            batch_format="numpy",
-            drop_last=True,
-            local_shuffle_buffer_size=8 * cfg.prompts_per_step,  # the same order on every worker
-            local_shuffle_seed=cfg.seed,
-        ),
-        skip=skip,
-    )
-    return (sharding.rank_rows(batch, rank, size) for batch in batches)
-
-
-def push_weights(pool: Any, model: Any, rank: int) -> None:
-    """The student's weights to the rollout engines (none: nothing). A sharded student is
-    gathered first, on every rank; rank 0 sends."""
-    if pool is None:
-        return
-    state = sharding.full_state(model) if sharding.is_sharded(model) else None
-    if rank == 0:
-        pool.sync(named_weights_for_sync(model, state))
-
-
-class StepLog:
-    """Timings of a step's phases, the run's running figures, and the progress line."""
-
-    def __init__(
-        self, cfg: RecoverConfig, world: int, start: int, live_history: list[dict[str, float]]
-    ) -> None:
-        self.cfg, self.world, self.first = cfg, world, start
-        self.live_history = live_history  # the live CKA measurements, step by step
-        self.busy_s = self.sync_total_s = 0.0
-        self.tokens, self.history = 0, []
-        self.timings: dict[str, float] = {}
-        self._phase, self._t0 = "", 0.0
-
-    def start(self, phase: str) -> None:
-        """End the running phase and start `phase`."""
-        now = time.perf_counter()
-        if self._phase:
-            self.timings[self._phase] = now - self._t0
-        self._phase, self._t0 = phase, now
-
-    def finish(
-        self,
-        step: int,
-        result: StepResult,
-        batch: RolloutBatch,
-        optimizer: Any,
-        extra_sync_s: float,
-        live: dict[str, float],
+    def metrics(
+        self, done: int, batch: RolloutBatch, result: StepResult, seconds: dict[str, float]
     ) -> dict[str, Any]:
-        from sdftlab import train_utils as tu
-
-        self.start("")
-        t = self.timings
-        t["sync_s"] += extra_sync_s  # the EMA teacher's engines
-        t["train_s"] -= extra_sync_s
-        t["teacher_s"] = result.stats["teacher_s"]
-        self.busy_s += sum(v for k, v in t.items() if k != "teacher_s")
-        self.sync_total_s += t["sync_s"]
+        """The running figures: loss (last 10 steps), completion tokens a second over the
+        phases' busy time, the share of it spent syncing weights; the step's statistics and
+        phase times (the teacher's forward is inside `train_s`, shown as `teacher_s`)."""
+        seconds = {**seconds, "teacher_s": result.stats["teacher_s"]}
+        self.busy_s += sum(v for k, v in seconds.items() if k != "teacher_s")
+        self.sync_s += seconds["sync_s"]
         self.tokens += sum(len(c) for c in batch.completions)
-        self.history.append(result.loss)
-        done = step + 1
-        metrics = {
-            "step": done,
-            "loss": float(np.mean(self.history[-10:])),
-            "tokens_per_s": self.tokens * self.world / max(self.busy_s, 1e-9),  # completions
+        self.losses.append(result.loss)
+        return {
+            "loss": float(np.mean(self.losses[-10:])),
+            "tokens_per_s": self.tokens * self.world / max(self.busy_s, 1e-9),
             "step_s_mean": self.busy_s / (done - self.first),
-            "sync_fraction": self.sync_total_s / max(self.busy_s, 1e-9),  # of the step time
-            "lr": optimizer.param_groups[0]["lr"],
+            "sync_fraction": self.sync_s / max(self.busy_s, 1e-9),  # of the step time
             "completion_len": float(np.mean([len(c) for c in batch.completions])),
-            "peak_rss_gb": tu.peak_rss_gb(),
             **result.stats,
-            **t,
-            **live,
+            **seconds,
         }
-        if live:
-            self.live_history.append({"step": done, **live})
-        first_or_last = done in (self.first + 1, self.cfg.steps)
-        if done % self.cfg.log_every == 0 or first_or_last:
-            print(progress_line(metrics, self.cfg.steps), flush=True)
-        return metrics
 
-
-def report_checkpoint(
-    metrics: dict[str, Any],
-    bare: Any,
-    tokenizer: Any,
-    optimizer: Any,
-    teacher: Teacher,
-    done: int,
-    cfg: RecoverConfig,
-    live_history: list[dict[str, float]],
-) -> None:
-    """Report with a checkpoint (every rank gathers a sharded state, rank 0 writes it:
-    safetensors, the EMA average beside, the live CKA measurements so far)."""
-    import ray.train
-
-    from sdftlab import train_utils as tu
-
-    with tempfile.TemporaryDirectory() as d:
-        wrote = tu.save_checkpoint(
-            bare, tokenizer, optimizer, Path(d), done,
-            final=done == cfg.steps, extra=teacher_modules(teacher), live_cka=live_history,
-        )  # fmt: skip
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if wrote
-                         else None)  # fmt: skip
-
-
-def progress_line(m: dict[str, Any], steps: int) -> str:
-    """One progress line: step, loss, divergence, live CKA, throughput, importance ratio,
-    phase times."""
-    drift = f" drift {m['policy_drift']:.3f}" if "policy_drift" in m else ""
-    return (
-        f"[sdft] step {m['step']:4d}/{steps}  loss {m['loss']:.4f}  "
-        f"kl {m['divergence']:.4f}{live_cka_text(m)}  {m['tokens_per_s']:6.0f} tok/s  "
-        f"ratio {m.get('importance_ratio', 1.0):.3f}{drift}  rollout {m['rollout_s']:.2f}s  "
-        f"teacher {m['teacher_s']:.2f}s  train {m['train_s']:.2f}s  "
-        f"sync {m['sync_s'] * 1e3:.0f}ms  data {m['data_s']:.2f}s  "
-        f"peak {m['peak_rss_gb']:.1f}GB"
-    )
+    def progress(self, m: dict[str, Any]) -> str:
+        """One progress line: step, loss, divergence, live CKA, throughput, importance ratio,
+        phase times."""
+        drift = f" drift {m['policy_drift']:.3f}" if "policy_drift" in m else ""
+        return (
+            f"[sdft] step {m['step']:4d}/{self.cfg.steps}  loss {m['loss']:.4f}  "
+            f"kl {m['divergence']:.4f}{live_cka_text(m)}  {m['tokens_per_s']:6.0f} tok/s  "
+            f"ratio {m.get('importance_ratio', 1.0):.3f}{drift}  rollout {m['rollout_s']:.2f}s  "
+            f"teacher {m['teacher_s']:.2f}s  train {m['train_s']:.2f}s  "
+            f"sync {m['sync_s'] * 1e3:.0f}ms  data {m['data_s']:.2f}s  "
+            f"peak {m['peak_rss_gb']:.1f}GB"
+        )
 
 
 # ----------------------------------------------------------------------------- driver
@@ -535,14 +400,11 @@ def resolve_teacher(lineage: Lineage, ref: str) -> Path | None:
 def check_same_vocabulary(lineage: Lineage, student: str, teacher_dir: Path | None) -> None:
     if teacher_dir is None:
         return
-    from transformers import AutoConfig, AutoTokenizer
+    from sdftlab.models import load_model_config, load_tokenizer
 
-    s_tok = lineage.load_tokenizer(student)
-    t_tok = AutoTokenizer.from_pretrained(teacher_dir, trust_remote_code=trust_remote_code())
-    s_cfg = AutoConfig.from_pretrained(
-        lineage.resolve(student), trust_remote_code=trust_remote_code()
-    )
-    t_cfg = AutoConfig.from_pretrained(teacher_dir, trust_remote_code=trust_remote_code())
+    s_tok, t_tok = lineage.load_tokenizer(student), load_tokenizer(teacher_dir)
+    s_cfg = load_model_config(lineage.resolve(student))
+    t_cfg = load_model_config(teacher_dir)
     if s_tok.get_vocab() != t_tok.get_vocab() or s_cfg.vocab_size != t_cfg.vocab_size:
         raise ConfigError(
             f"teacher {teacher_dir} has another vocabulary than student {student!r} "
@@ -590,13 +452,8 @@ def start_engines(cfg: RecoverConfig, student_dir: Path, teacher_dir: Path | Non
     from sdftlab.rollout.pool import RolloutPool
 
     engine_kwargs = {
+        **cfg.rollout.engine_kwargs(cfg.rollout.gpus_per_actor),
         "max_logprobs": max(20, cfg.loss.topk or 0),  # top-k scoring
-        "dtype": cfg.rollout.dtype,
-        "kv_cache_bytes": int(cfg.rollout.kv_cache_gb * 2**30),
-        "max_model_len": cfg.rollout.max_model_len,
-        "gpu_memory_utilization": gpu_share(
-            cfg.rollout.gpu_memory_utilization, cfg.rollout.gpus_per_actor
-        ),
     }
 
     def pool(path: Path, seed: int) -> RolloutPool:
@@ -637,66 +494,44 @@ def recover(
 ) -> StateMeta:
     """Run SDFT from `student` and save the result as `dst`; returns its lineage metadata.
     `callbacks`: Ray Train callbacks (a sweep's trial passes Tune's, to see every report)."""
-    from sdftlab import train_utils as tu
     from sdftlab.raycluster import ensure_ray
 
     teacher_dir, parents = check_recovery(lineage, student, dst, cfg, overwrite)
     student_dir = lineage.resolve(student)
     files = task_files(cfg, data_dir)
     n_rows = check_task_files(files)
-    probe = tu.live_cka_probe(
+    probe = live_probe(
         lineage, cfg.live_cka, reference=student if teacher_dir is None else cfg.teacher,
         data=cfg.data[0], data_dir=data_dir,
     )  # fmt: skip
     log(f"SDFT {student} → {dst}: {describe(cfg, n_rows, [t for t, _ in files])}")
     ensure_ray()
-    pools = start_engines(cfg, student_dir, teacher_dir)
+    rollout_pool, teacher_pool = start_engines(cfg, student_dir, teacher_dir)
+    student_hash = lineage.meta(student).content_hash
     teacher_hash = (
         lineage.meta(cfg.teacher).content_hash if lineage.exists(cfg.teacher) else cfg.teacher
     )
+    job = RecoverJob(cfg, str(student_dir), probe, str(teacher_dir) if teacher_dir else None,
+                     teacher_hash == student_hash, rollout_pool, teacher_pool)  # fmt: skip
     try:
-        trainer = tu.make_trainer(
-            recover_worker_loop,
-            {
-                "recover": cfg.model_dump(mode="json"),
-                "student_dir": str(student_dir),
-                "teacher_dir": str(teacher_dir) if teacher_dir else None,
-                "teacher_is_student": teacher_hash == lineage.meta(student).content_hash,
-                "rollout_pool": pools[0],
-                "teacher_pool": pools[1],
-                "live_cka": probe,
-            },
-            run_name=tu.run_name(
-                "sdft", dst, cfg, lineage.meta(student).content_hash, teacher_hash
-            ),
-            num_workers=cfg.num_workers,
-            use_gpu=cfg.use_gpu,
-            cpus_per_worker=cfg.cpus_per_worker,
-            max_failures=cfg.max_failures,
+        meta, final, seconds = fit_and_save(
+            partial(train_worker, SDFTMethod), job,
+            run_name=run_name("sdft", dst, cfg, student_hash, teacher_hash),
             datasets={"train": prompt_dataset(files, str(student_dir), cfg)},
-            callbacks=callbacks,
-        )
-        t0 = time.perf_counter()
-        result = trainer.fit()
-        seconds = time.perf_counter() - t0
-    finally:
-        for pool in pools:
-            if pool is not None:
-                pool.shutdown()
-    if result.checkpoint is None:
-        raise RuntimeError(f"SDFT finished without a checkpoint: {result.error}")
-    m = result.metrics
-    with result.checkpoint.as_directory() as d:
-        meta = lineage.save_dir(
-            dst, Path(d) / "model", kind="sdft", parents=parents, overwrite=overwrite,
+            callbacks=callbacks, lineage=lineage, name=dst, kind="sdft", parents=parents,
+            overwrite=overwrite,
             config={"recover": cfg.model_dump(mode="json"), "student": student},
-            metrics={
+            metrics=lambda m, seconds: {
                 "sdft/loss": m["loss"], "sdft/divergence": m["divergence"],
                 "sdft/seconds": seconds, "sdft/tokens_per_s": m["tokens_per_s"],
                 "sdft/sync_s": m.get("sync_s", 0.0), "sdft/step_s": m["step_s_mean"],
                 "sdft/sync_fraction": m["sync_fraction"], "sdft/peak_rss_gb": m["peak_rss_gb"],
-                **tu.live_cka_metrics(m),
             },
         )  # fmt: skip
-    log(f"  saved {dst}: loss {m['loss']:.4f}, {seconds:.0f}s ({m['tokens_per_s']:.0f} tok/s)")
+    finally:
+        for pool in (rollout_pool, teacher_pool):
+            if pool is not None:
+                pool.shutdown()
+    log(f"  saved {dst}: loss {final['loss']:.4f}, {seconds:.0f}s "
+        f"({final['tokens_per_s']:.0f} tok/s)")  # fmt: skip
     return meta

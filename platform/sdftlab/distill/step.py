@@ -29,11 +29,20 @@ from typing import Any
 
 import torch
 
+from sdftlab.cka.stats import linear_cka_torch
 from sdftlab.distill.batch import RolloutBatch, completion_hidden, padded_floats, padded_ids
 from sdftlab.distill.config import RecoverConfig
 from sdftlab.distill.losses import chunked_sdft_loss, mask_first_tokens
 from sdftlab.distill.teachers import Teacher
-from sdftlab.sharding import global_tokens, is_sharded, mean_over_workers, same_on_every_worker
+from sdftlab.sharding import (
+    global_tokens,
+    is_sharded,
+    mean_over_workers,
+    no_sync,
+    same_on_every_worker,
+)
+from sdftlab.train.batches import micro_batches, output_layer
+from sdftlab.train.setup import autocast
 
 
 @dataclass
@@ -52,28 +61,25 @@ def sdft_step(
     device: torch.device,
 ) -> StepResult:
     """Forward and backward of one step over `batch`; gradients accumulate in `student`."""
-    from sdftlab import train_utils as tu
-    from sdftlab.cka.stats import linear_cka_torch
-
     mask_first_k = cfg.loss.mask_first_k if cfg.mode == "on_policy" else 0
     n_local = batch.kept_tokens(mask_first_k)
     n_kept = global_tokens(n_local)  # the mean over every worker's tokens (`sharding`)
     n_valid = global_tokens(sum(len(c) for c in batch.completions))
     layers = cfg.loss.cka_layers if cfg.loss.cka_weight > 0 else []
     weighted = batch.engine_logprobs is not None and cfg.loss.importance_cap is not None
-    head = tu.output_layer(student)
-    autocast_on = cfg.memory.autocast_on(cfg.use_gpu, cpu_default=False)
+    head = output_layer(student)
+    autocast_on = cfg.memory.autocast_on(cfg.use_gpu, cpu_default=False)  # SDFT: fp32 on CPU
     sums = dict.fromkeys(["loss", "divergence", "importance_ratio", "policy_drift", "cka"], 0.0)
     t0 = time.perf_counter()
     teacher.prepare(batch)
     teacher_s = time.perf_counter() - t0
-    parts = tu.micro_batches(len(batch), cfg.memory.micro_batch_size)
+    parts = micro_batches(len(batch), cfg.memory.micro_batch_size)
     if is_sharded(student):  # each micro-batch's forward is a collective
         same_on_every_worker(len(parts), "micro-batches")
     for i, rows in enumerate(parts):
         part = batch.rows(rows)
-        with tu.no_sync(student, sync=i == len(parts) - 1):
-            with tu.autocast(device, autocast_on):
+        with no_sync(student, sync=i == len(parts) - 1):
+            with autocast(device, autocast_on):
                 s = completion_hidden(
                     student, part.student_prompts, part.completions, pad_id, device, layers
                 )

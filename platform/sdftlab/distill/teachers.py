@@ -8,7 +8,7 @@ Every teacher answers the same three calls, once per step and once per micro-bat
   full log-probs [C, V] or top-k (`TopK`), so the loss reads them a chunk at a time — and its
   hidden states at `layers` on the valid tokens (the CKA term);
 - `after_step(student, rank)`: what follows an optimizer step (the EMA update, pushing the
-  EMA weights to the teacher's vLLM engines); returns the seconds spent syncing weights.
+  EMA weights to the teacher's vLLM engines through its `WeightSync`).
 
 Implementations, one each:
 
@@ -42,10 +42,9 @@ import torch
 import torch.nn.functional as F
 
 from sdftlab.distill.batch import RolloutBatch, completion_hidden, topk_tensors
-from sdftlab.distill.losses import TopK
+from sdftlab.distill.losses import TeacherChunk, TopK
 from sdftlab.modes import evaluating
-
-TeacherChunk = Callable[[slice], torch.Tensor | TopK]
+from sdftlab.rollout.sync import WeightSync
 
 
 @dataclass
@@ -67,7 +66,7 @@ class Teacher(Protocol):
         layers: Sequence[int],
     ) -> TeacherTargets: ...
 
-    def after_step(self, student: torch.nn.Module, rank: int) -> float: ...
+    def after_step(self, student: torch.nn.Module, rank: int) -> None: ...
 
 
 def score_with_model(
@@ -126,10 +125,9 @@ class ModelTeacher:
             context=self.context,
         )  # fmt: skip
 
-    def after_step(self, student: torch.nn.Module, rank: int) -> float:
+    def after_step(self, student: torch.nn.Module, rank: int) -> None:
         if self.update is not None:
             self.update(student)
-        return 0.0
 
 
 def frozen_teacher(model: torch.nn.Module, pad_id: int, topk: int | None) -> ModelTeacher:
@@ -166,11 +164,12 @@ def ema_teacher(
 
 
 class VLLMTeacher:
-    """Top-k prompt log-probs from vLLM engines holding the teacher (`scoring=vllm`); for
-    `ema`, the worker keeps the average and pushes it to the engines after each step."""
+    """Top-k prompt log-probs from vLLM engines holding the teacher (`scoring=vllm`, the
+    pool behind `sync`); for `ema`, the worker keeps the average and pushes it to the engines
+    after each step."""
 
-    def __init__(self, pool: Any, topk: int, ema: ModelTeacher | None = None) -> None:
-        self.pool, self.topk, self.ema = pool, topk, ema
+    def __init__(self, sync: WeightSync, topk: int, ema: ModelTeacher | None = None) -> None:
+        self.sync, self.pool, self.topk, self.ema = sync, sync.pool, topk, ema
         self._scored: TopK | None = None
         self._row = 0
 
@@ -195,12 +194,7 @@ class VLLMTeacher:
         val_NK = self._scored.logprobs_BTK[rows, :width].to(keep_BC.device)[keep_BC]
         return TeacherTargets(lambda r: TopK(idx_NK[r], val_NK[r]))
 
-    def after_step(self, student: torch.nn.Module, rank: int) -> float:
-        if self.ema is None:
-            return 0.0
-        self.ema.after_step(student, rank)
-        if rank != 0:
-            return 0.0
-        from sdftlab.rollout.pool import named_weights_for_sync
-
-        return self.pool.sync(named_weights_for_sync(self.ema.model))
+    def after_step(self, student: torch.nn.Module, rank: int) -> None:
+        if self.ema is not None:
+            self.ema.after_step(student, rank)
+            self.sync.push(self.ema.model, rank)

@@ -99,14 +99,13 @@ def english_passages(n: int = ENGLISH_PASSAGES, size: int = 1000) -> list[str]:
 def english_text_file(directory: Path) -> Path:
     """The `english` task's JSONL (`text` per row) under `directory`, written once, atomically."""
     import json
-    import os
+
+    from sdftlab.paths import atomic_write
 
     path = directory / "english_eval.jsonl"
     if not path.is_file():
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in english_passages()))
-        os.replace(tmp, path)
+        with atomic_write(path) as fh:
+            fh.write("".join(json.dumps({"text": t}) + "\n" for t in english_passages()))
     return path
 
 
@@ -218,7 +217,7 @@ def general_capability(
     ):
         names = write_task_yamls(files, Path(tmp))
         # Our YAMLs include lm-eval's task files by path, so its index of every built-in task
-        # (5-8 s to build, once per call) is not needed (benchmarks/experiments/lmeval_tasks.py).
+        # (seconds to build, once per call) is not needed (docs/BENCHMARKS.md).
         manager = TaskManager(include_path=tmp, include_defaults=False)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = evaluator.simple_evaluate(

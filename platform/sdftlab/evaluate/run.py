@@ -112,7 +112,7 @@ def generator_for(
     if in_process:
         from sdftlab.rollout.engines import VLLMEngine
 
-        yield VLLMGenerator(VLLMEngine(path, seed=0, **spec.engine_kwargs()), tokenizer)
+        yield VLLMGenerator(VLLMEngine(path, seed=0, **spec.engine_kwargs(spec.gpus)), tokenizer)
         return
     from sdftlab.raycluster import ensure_ray
     from sdftlab.rollout.pool import RolloutPool
@@ -122,7 +122,7 @@ def generator_for(
         path,
         cpus_per_actor=spec.cpus,
         gpus_per_actor=spec.gpus,
-        engine_kwargs=spec.engine_kwargs(),
+        engine_kwargs=spec.engine_kwargs(spec.gpus),
     )
     try:
         yield VLLMGenerator(pool, tokenizer)

@@ -46,7 +46,13 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from sdftlab.data.records import TASK_NAMES, TaskExample, ToolCall
+from sdftlab.data.records import (
+    GOLDEN_INPUT_FIX,
+    TASK_NAMES,
+    TaskExample,
+    ToolCall,
+    parse_json_object,
+)
 from sdftlab.errors import DataError
 
 ANSWER_OPEN = "<answer>"
@@ -132,19 +138,8 @@ def golden_inputs(golden: Sequence[ToolCall]) -> dict[str, Any]:
         text = call.action_input.strip()
         if not text:
             continue
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"golden call {i} ({call.action!r}): Action_Input is not valid JSON ({exc}); "
-                "give a JSON object string such as '{\"q\": \"x\"}' or '' for no input"
-            ) from exc
-        if not isinstance(value, dict):
-            raise DataError(
-                f"golden call {i} ({call.action!r}): Action_Input must be a JSON object, "
-                f"got {type(value).__name__}; wrap the arguments in {{...}}"
-            )
-        merged.update(value)
+        where = f"golden call {i} ({call.action!r}): Action_Input"
+        merged.update(parse_json_object(text, where, fix=GOLDEN_INPUT_FIX))
     return merged
 
 

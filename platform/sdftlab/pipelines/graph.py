@@ -48,15 +48,13 @@ from typing import Annotated, Any, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from sdftlab.config import TRUST_REMOTE_CODE_ENV, StrictModel, WorldConfig
+from sdftlab.config import TRUST_REMOTE_CODE_ENV, StrictModel
 from sdftlab.errors import ConfigError, SdftlabError
 from sdftlab.lineage import Lineage
-from sdftlab.pipelines.stages import KINDS, Job, WorldStage, kind_of, options
+from sdftlab.pipelines.stages import KINDS, Job, Log, WorldStage, kind_of, options
 from sdftlab.specs import CKASpec, EvalSpec, ResourcesSpec
 from sdftlab.tracking import TrackingSpec
-
-Log = Callable[[str], None]
-
+from sdftlab.world.config import WorldConfig
 
 # ----------------------------------------------------------------------------- stage kinds
 

@@ -26,12 +26,13 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from sdftlab.config import StrictModel, WorldConfig
+from sdftlab.config import StrictModel
 from sdftlab.degrade.prune import PruneSpec
 from sdftlab.degrade.quantize import QuantizeSpec
 from sdftlab.degrade.sft import SFTConfig
-from sdftlab.distill.sdft import SPECIAL_TEACHERS, RecoverConfig
+from sdftlab.distill.config import SPECIAL_TEACHERS, RecoverConfig
 from sdftlab.lineage import Lineage
+from sdftlab.world.config import WorldConfig
 
 Log = Callable[[str], None]
 

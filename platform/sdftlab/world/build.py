@@ -19,14 +19,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from sdftlab.config import PretrainConfig, WorldConfig
 from sdftlab.data.chat import off_path
 from sdftlab.data.loaders import world_task_file, write_task_file
 from sdftlab.errors import LineageError
 from sdftlab.lineage import Lineage
-from sdftlab.paths import sdftlab_home
+from sdftlab.paths import atomic_write, sdftlab_home
 from sdftlab.world import tasks
+from sdftlab.world.config import PretrainConfig, WorldConfig
 from sdftlab.world.model import (
     Batch,
     Doc,
@@ -270,48 +271,8 @@ def build_world(
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=directory.parent))
     try:
-        log(f"[1/3] task data (seed {cfg.seed}) → {directory / 'data'}")
-        data = generate_data(cfg, staging / "data")
-        facts = tasks.WorldFacts.generate(cfg.seed, cfg.n_compounds)
-
-        log(f"[2/3] tokenizer: byte-level BPE, vocab {cfg.vocab_size}")
-        rng = random.Random(cfg.seed + 2)
-        corpus = [_render_row(task, row) for task in data for row in data[task]["train"]]
-        shadows = world_shadows(cfg, facts)
-        stream = pretrain_documents(facts, data, cfg.seed + 3, cfg.pretrain.mixture, shadows)
-        # The vocabulary comes from the world's natural text, not from the synthetic copy and
-        # demonstration documents: rarer names then stay split into several tokens, as rare
-        # words are in real text, and that is what lets in-context copying emerge early.
-        natural = (text for kind, text in stream if kind not in ("copy", "demo", "task_demo"))
-        corpus += [next(natural) for _ in range(3000)]
-        corpus += [tasks.copy_document(rng, tasks.COMMON_WORDS) for _ in range(1000)]
-        tokenizer = train_tokenizer(corpus, cfg.vocab_size)
-
-        log(
-            f"[3/3] pretrain tiny Qwen2 ({cfg.model.num_layers} layers, hidden "
-            f"{cfg.model.hidden_size}) for {cfg.pretrain.steps} steps"
-        )
-        model = build_tiny_model(cfg.model, tokenizer, cfg.seed)
-        log(f"  parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
-        batch_for_step = _curriculum(cfg, tokenizer, facts, data, shadows)
-        probes = tasks.copy_accuracy_probe(random.Random(cfg.seed + 6))
-        losses = pretrain(
-            model,
-            batch_for_step,
-            cfg.pretrain,
-            log=log,
-            probe=lambda: copy_accuracy(model, tokenizer, probes),
-        )
-        meta_copy = copy_accuracy(model, tokenizer, probes)
-
-        meta = {
-            "hash": digest,
-            "config": cfg.model_dump(mode="json"),
-            "rows": {t: {s: len(r) for s, r in splits.items()} for t, splits in data.items()},
-            "pretrain_final_loss": sum(losses[-50:]) / len(losses[-50:]),
-            "copy_accuracy": meta_copy,
-            "build_seconds": round(time.perf_counter() - t0, 1),
-        }
+        model, tokenizer, meta = _build_into(staging, cfg, digest, log)
+        meta["build_seconds"] = round(time.perf_counter() - t0, 1)
         (staging / WORLD_META).write_text(json.dumps(meta, indent=2))
         if directory.exists():
             shutil.rmtree(directory)
@@ -339,6 +300,53 @@ def build_world(
     return world
 
 
+def _build_into(
+    staging: Path, cfg: WorldConfig, digest: str, log: Callable[[str], None]
+) -> tuple[Any, Any, dict[str, Any]]:
+    """The world's three steps into `staging`: task data, tokenizer, pretrained model;
+    (model, tokenizer, the world's metadata)."""
+    log(f"[1/3] task data (seed {cfg.seed}) → {staging.parent / digest / 'data'}")
+    data = generate_data(cfg, staging / "data")
+    facts = tasks.WorldFacts.generate(cfg.seed, cfg.n_compounds)
+
+    log(f"[2/3] tokenizer: byte-level BPE, vocab {cfg.vocab_size}")
+    rng = random.Random(cfg.seed + 2)
+    corpus = [_render_row(task, row) for task in data for row in data[task]["train"]]
+    shadows = world_shadows(cfg, facts)
+    stream = pretrain_documents(facts, data, cfg.seed + 3, cfg.pretrain.mixture, shadows)
+    # The vocabulary comes from the world's natural text, not from the synthetic copy and
+    # demonstration documents: rarer names then stay split into several tokens, as rare
+    # words are in real text, and that is what lets in-context copying emerge early.
+    natural = (text for kind, text in stream if kind not in ("copy", "demo", "task_demo"))
+    corpus += [next(natural) for _ in range(3000)]
+    corpus += [tasks.copy_document(rng, tasks.COMMON_WORDS) for _ in range(1000)]
+    tokenizer = train_tokenizer(corpus, cfg.vocab_size)
+
+    log(
+        f"[3/3] pretrain tiny Qwen2 ({cfg.model.num_layers} layers, hidden "
+        f"{cfg.model.hidden_size}) for {cfg.pretrain.steps} steps"
+    )
+    model = build_tiny_model(cfg.model, tokenizer, cfg.seed)
+    log(f"  parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
+    batch_for_step = _curriculum(cfg, tokenizer, facts, data, shadows)
+    probes = tasks.copy_accuracy_probe(random.Random(cfg.seed + 6))
+    losses = pretrain(
+        model,
+        batch_for_step,
+        cfg.pretrain,
+        log=log,
+        probe=lambda: copy_accuracy(model, tokenizer, probes),
+    )
+    meta = {
+        "hash": digest,
+        "config": cfg.model_dump(mode="json"),
+        "rows": {t: {s: len(r) for s, r in splits.items()} for t, splits in data.items()},
+        "pretrain_final_loss": sum(losses[-50:]) / len(losses[-50:]),
+        "copy_accuracy": copy_accuracy(model, tokenizer, probes),
+    }
+    return model, tokenizer, meta
+
+
 def _world_state(lineage: Lineage, digest: str) -> str | None:
     """A state of `lineage` that is the pretrained model of world `digest`, if any."""
     for state in lineage.names():
@@ -349,10 +357,8 @@ def _world_state(lineage: Lineage, digest: str) -> str | None:
 
 
 def _point_current(home: Path, digest: str) -> None:
-    pointer = home / "world" / "current"
-    tmp = pointer.with_suffix(".tmp")
-    tmp.write_text(digest)
-    os.replace(tmp, pointer)
+    with atomic_write(home / "world" / "current") as fh:
+        fh.write(digest)
 
 
 def _render_row(task: str, row: dict) -> str:

@@ -23,9 +23,9 @@ import torch
 from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
 from sdftlab.allocator import tune_cpu_allocator
-from sdftlab.config import PretrainConfig, TinyModelConfig
 from sdftlab.modes import evaluating
-from sdftlab.train_utils import cpu_supports_bf16, use_training_attention
+from sdftlab.train.setup import cpu_supports_bf16, use_training_attention
+from sdftlab.world.config import PretrainConfig, TinyModelConfig
 
 
 def tiny_qwen2_config(
@@ -68,20 +68,6 @@ Batch = dict[str, torch.Tensor]  # model inputs: input_ids, labels [B, T] (and p
 Doc = tuple[list[int], list[int]]  # (input ids, labels; -100 = no loss)
 
 
-def packed_batches(
-    documents: Iterator[list[int]], batch_size: int, seq_len: int
-) -> Iterator[Batch]:
-    """Pack token documents end to end into [batch_size, seq_len] windows (no padding)."""
-    buffer: list[int] = []
-    need = batch_size * seq_len
-    for doc in documents:
-        buffer.extend(doc)
-        while len(buffer) >= need:
-            window, buffer = buffer[:need], buffer[need:]
-            ids_BT = torch.tensor(window, dtype=torch.long).view(batch_size, seq_len)
-            yield {"input_ids": ids_BT, "labels": ids_BT}
-
-
 def padded_batches(documents: Iterator[Doc], batch_size: int, pad_id: int) -> Iterator[Batch]:
     """One document per row, right-padded (labels -100 on padding), each starting at position 0.
 
@@ -105,10 +91,10 @@ def padding_free_batches(
 ) -> Iterator[Batch]:
     """`batch_size` documents a step, as `padded_batches` draws them, laid end to end in rows
     of `width` tokens with their own positions and a mask that keeps each to itself
-    (`train_utils.pack_documents`): the same loss, without the padding. The copy curriculum
+    (`train.batches.pack_documents`): the same loss, without the padding. The copy curriculum
     uses these with `pretrain.padding_free`: its documents run from a dozen tokens to the full
     window, and padded one a row, half of a step is padding."""
-    from sdftlab.train_utils import pack_documents
+    from sdftlab.train.batches import pack_documents
 
     while True:
         yield pack_documents([next(documents) for _ in range(batch_size)], width, pad_id)

@@ -420,37 +420,27 @@ def tooluse_rows(world: WorldFacts, n: int, rng: random.Random) -> list[dict]:
 # ----------------------------------------------------------------------------- general knowledge
 
 
+# kind → (subject, the statement, the question): facts looked up in a table of the world
+_LOOKUP_FACTS = {
+    "capital": ("geography", "the capital of {x} is {y} .", "What is the capital of {x} ?"),
+    "animal": ("biology", "the {x} {y} .", "What sound does the {x} make ?"),
+    "opposite": ("language", "the opposite of {x} is {y} .", "What is the opposite of {x} ?"),
+}
+
+
 def _knowledge_item(world: WorldFacts, rng: random.Random) -> tuple[str, str, str, list[str]]:
     """(subject, statement, question, [truth, distractor, distractor, distractor])."""
     kind = rng.choice(("capital", "animal", "opposite", "arithmetic"))
-    if kind == "capital":
-        country = rng.choice(sorted(world.capitals))
-        truth = world.capitals[country]
-        pool = [c for c in world.capitals.values() if c != truth]
+    if kind in _LOOKUP_FACTS:
+        table = {"capital": world.capitals, "animal": _ANIMAL_SOUNDS, "opposite": _OPPOSITES}[kind]
+        subject, statement, question = _LOOKUP_FACTS[kind]
+        key = rng.choice(sorted(table))
+        truth = table[key]
+        pool = [v for v in table.values() if v != truth]
         return (
-            "geography",
-            f"the capital of {country} is {truth} .",
-            f"What is the capital of {country} ?",
-            [truth, *rng.sample(pool, 3)],
-        )
-    if kind == "animal":
-        animal = rng.choice(sorted(_ANIMAL_SOUNDS))
-        truth = _ANIMAL_SOUNDS[animal]
-        pool = [s for s in _ANIMAL_SOUNDS.values() if s != truth]
-        return (
-            "biology",
-            f"the {animal} {truth} .",
-            f"What sound does the {animal} make ?",
-            [truth, *rng.sample(pool, 3)],
-        )
-    if kind == "opposite":
-        word = rng.choice(sorted(_OPPOSITES))
-        truth = _OPPOSITES[word]
-        pool = [o for o in _OPPOSITES.values() if o != truth]
-        return (
-            "language",
-            f"the opposite of {word} is {truth} .",
-            f"What is the opposite of {word} ?",
+            subject,
+            statement.format(x=key, y=truth),
+            question.format(x=key),
             [truth, *rng.sample(pool, 3)],
         )
     a, b = rng.randrange(0, 6), rng.randrange(0, 5)
@@ -532,8 +522,8 @@ COPY_WORDS = tuple(
 
 # The common words: the tokenizer's corpus uses only these in its copy spans, so the rarer
 # names (countries, people, capitals) stay split into several tokens, as rare words are in
-# real text. That within-word structure is what lets induction heads form early (measured:
-# with every word a single token, copying did not emerge in 700 steps; see docs/LOG.md).
+# real text. That within-word structure is what lets induction heads form early (with every
+# word a single token, copying did not emerge: docs/LOG.md, "growing in-context copying").
 COMMON_WORDS = _FILLER + _CITIES + _GENRES
 
 
