@@ -84,27 +84,30 @@ def test_two_sharded_sdft_workers_follow_one_workers_trajectory(small_world, tut
     _close_states(lineage, "fsdp-sdft-one", "fsdp-sdft-two", atol=1e-4)
 
 
-def test_a_killed_sharded_worker_resumes_and_matches_an_unkilled_run(
-    small_world, tmp_path, monkeypatch
+@pytest.mark.parametrize("fsdp", [True, False], ids=["fsdp", "ddp"])
+def test_a_killed_worker_of_two_resumes_and_matches_an_unkilled_run(
+    small_world, tmp_path, monkeypatch, fsdp
 ):
     import ray
 
     world, lineage, _ = small_world
     monkeypatch.setenv("SDFTLAB_STORAGE", str(tmp_path / "ray"))
-    sharded = {"max_failures": 1, "num_workers": 2, "memory": {**SFT["memory"], "fsdp": True}}
+    sharded = {"max_failures": 1, "num_workers": 2, "memory": {**SFT["memory"], "fsdp": fsdp}}
     cfg = SFTConfig(**{**SFT, **sharded})
-    run_sft(lineage, "base", "fsdp-clean", cfg, data_dir=world.data_dir, log=lambda _: None,
+    clean, killed = f"kill-{fsdp}-clean", f"kill-{fsdp}-killed"
+    run_sft(lineage, "base", clean, cfg, data_dir=world.data_dir, log=lambda _: None,
             overwrite=True)  # fmt: skip
     marker = tmp_path / "killed"
     ray.shutdown()  # workers of a fresh cluster inherit the kill switch from this process
     monkeypatch.setenv("SDFTLAB_KILL_AT_STEP", f"3:{marker}")
     try:
-        run_sft(lineage, "base", "fsdp-killed", cfg, data_dir=world.data_dir,
+        run_sft(lineage, "base", killed, cfg, data_dir=world.data_dir,
                 log=lambda _: None, overwrite=True)  # fmt: skip
     finally:
         ray.shutdown()
     assert marker.read_text() == "killed after step 3\n"  # one of the two workers died
-    _close_states(lineage, "fsdp-clean", "fsdp-killed", atol=1e-5)
+    _close_states(lineage, clean, killed, atol=1e-5)
+    lineage.verify(killed)  # the lineage holds a whole, verifiable state
 
 
 def test_fsdp_refuses_what_it_cannot_shard():

@@ -19,22 +19,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "sdftlab"
 # checked against the lineage, the reference loaded in a worker) stands on the store: plumbing.
 CKA_CORE = ("cka.stats", "cka.capture")
 CKA_UNITS = (*CKA_CORE, "cka.live")  # units of their own, not of the `cka` package
+FOUNDATIONS = {"errors", "config", "paths", "specs", "modes", "chunked", "allocator", "provenance"}
+PLUMBING = {"models", "lineage", "verify", "train", "sharding", "raycluster", "data", "rollout"}
 LAYERS = [
-    # foundations
-    {"errors", "config", "paths", "specs", "modes", "chunked", "allocator", "provenance",
-     *CKA_CORE},  # fmt: skip
-    # store, plumbing
-    {
-        "models",
-        "lineage",
-        "train",
-        "sharding",
-        "raycluster",
-        "data",
-        "rollout",
-        "tracking",
-        "cka.live",
-    },
+    {*FOUNDATIONS, *CKA_CORE},  # foundations
+    {*PLUMBING, "tracking", "cka.live"},  # the store, and the plumbing around Ray and models
     {"world", "degrade", "distill", "evaluate", "cka", "importer"},  # the algorithms
     {"report", "runs", "pipelines", "sweep", "plan", "cli"},  # recipes and entry points
 ]

@@ -8,6 +8,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from sdftlab.errors import LineageError
 from sdftlab.lineage import META_FILE, Lineage
+from sdftlab.models import load_model
 
 
 @pytest.fixture(scope="module")
@@ -157,11 +158,13 @@ def test_a_model_with_its_own_code_is_refused_and_its_code_never_runs(tmp_path, 
     lineage.save_dir("mapped", src, kind="import")
     # A known architecture: transformers' own class is used, the mapped code is ignored.
     assert type(lineage.load_model("mapped")).__name__ == "Qwen2ForCausalLM"
-    # An architecture only the directory's code defines: refused.
+    # An architecture only the directory's code defines: refused, before it is committed.
     (src / "config.json").write_text(json.dumps({**config, "model_type": "sdftlab_custom"}))
-    lineage.save_dir("custom", src, kind="import")
-    with pytest.raises(ValueError, match="trust_remote_code"):
-        lineage.load_model("custom")
+    with pytest.raises(LineageError, match="trust_remote_code"):
+        lineage.save_dir("custom", src, kind="import")
+    assert not lineage.exists("custom")
+    with pytest.raises(ValueError, match="trust_remote_code"):  # nor loaded from a folder
+        load_model(src)
     assert not marker.exists()
 
 

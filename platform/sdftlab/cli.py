@@ -9,7 +9,8 @@
     sdftlab degrade quantize --from expert --to nf4
     sdftlab degrade prune --from expert --to pruned10 --ratio 0.1 [--importance taylor]
     sdftlab cka --a forgot --b expert [--data science] [--actors 2] [--plot cka.png] [key=value]
-    sdftlab lineage [tree | list | show NAME | rm NAME]   (show: provenance, then metadata)
+    sdftlab lineage [tree | list | show NAME | verify [NAME] | rm NAME]
+                                 (show: provenance, then metadata; verify: sha256 + loads)
     sdftlab runs [--dir runs]                    every pipeline run with its headline metrics
     sdftlab runs compare A B [--metrics m,...]   per-state differences between two runs
     sdftlab plan CONFIG [key=value ...]   each stage's memory per device, before any work
@@ -109,9 +110,12 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from sdftlab.config import load_config
     from sdftlab.evaluate.run import default_task_files, evaluate_state, metrics_table, parse_tasks
-    from sdftlab.specs import EvalEngineSpec
+    from sdftlab.specs import EvalEngineSpec, EvalSpec
     from sdftlab.world.build import current_world
 
+    engine = load_config(EvalEngineSpec, None, [f"engine={args.engine}", *args.overrides])
+    if args.limit is not None:  # the pipelines' rule for eval.limit: a positive count
+        load_config(EvalSpec, None, [f"limit={args.limit}"])
     tasks = parse_tasks(args.tasks)
     overrides = _data_overrides(args.data)
     unknown = sorted(set(overrides) - set(tasks))
@@ -124,7 +128,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     files.update(overrides)
     files = {t: files[t] for t in tasks}
     lineage = _lineage(args)
-    engine = load_config(EvalEngineSpec, None, [f"engine={args.engine}", *args.overrides])
     print(f"evaluating {args.state} on {', '.join(tasks)} (generation: {engine.engine})")
     metrics = evaluate_state(
         lineage,
@@ -266,6 +269,18 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         print(f"{meta.name}  <{meta.kind}>  made {meta.created_at}")
         print("\n".join(summary(meta.provenance)))
         print(meta.model_dump_json(indent=2))
+    elif args.action == "verify":
+        names = [args.name] if args.name else lineage.names()
+        bad = 0
+        for name in names:
+            try:
+                lineage.verify(name)
+                print(f"ok   {name}")
+            except SdftlabError as err:
+                bad += 1
+                print(f"BAD  {name}: {err}")
+        print(f"{len(names) - bad} of {len(names)} states whole" if names else "no states")
+        return 1 if bad else 0
     elif args.action == "rm":
         if not args.name:
             raise SdftlabError("sdftlab lineage rm NAME: give the state's name")
@@ -357,7 +372,9 @@ def _state_commands(sub: Any) -> None:
     cka.set_defaults(func=cmd_cka)
 
     lin = sub.add_parser("lineage", help="show the model states as a tree")
-    lin.add_argument("action", nargs="?", default="tree", choices=["tree", "list", "show", "rm"])
+    lin.add_argument(
+        "action", nargs="?", default="tree", choices=["tree", "list", "show", "verify", "rm"]
+    )
     lin.add_argument("name", nargs="?")
     lin.set_defaults(func=cmd_lineage)
 

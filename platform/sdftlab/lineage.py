@@ -7,9 +7,13 @@ hash, and its provenance: commit, lock hash, library versions, machine and seeds
 later stage picks its teacher by name. The root is a local path or any URI `pyarrow.fs` understands
 (`s3://bucket/lineage`, `gs://…`, `file:///…`), so a cluster can share one store.
 
-Writes are atomic: a state is written under `.staging/` and moved into `states/<name>` only
-when complete (a rename on a local disk); its metadata file is the last thing written, and a
-state without one is never listed. An interrupted save leaves nothing visible.
+Nothing invalid is committed: a state's directory is checked before it is copied
+(`sdftlab.verify.check_state_dir`: its config, every weight file whole, the weights' names
+and shapes against the config, the tokenizer, one forward pass), then written under
+`.staging/` and moved into `states/<name>` only when complete (a rename on a local disk); its
+metadata file is the last thing written, and a state without one is never listed. An
+interrupted save leaves nothing visible. `verify(name)` checks a committed state again
+against its recorded sha256 (`sdftlab lineage verify`).
 
     sdftlab lineage                    # the states as a tree, with key metrics
 
@@ -20,6 +24,7 @@ state without one is never listed. An interrupted save leaves nothing visible.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -32,11 +37,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 from pydantic import BaseModel, Field
 
 from sdftlab import provenance
 from sdftlab.errors import LineageError
+from sdftlab.verify import check_state_dir
 
 META_FILE = "sdftlab_state.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -93,7 +100,12 @@ def content_hash(directory: str | os.PathLike[str]) -> str:
 def _filesystem(root: str) -> tuple[pafs.FileSystem, str, bool]:
     """(filesystem, path inside it, is_local) for a local path or a URI."""
     if "://" in root:
-        fs, path = pafs.FileSystem.from_uri(root)
+        try:
+            fs, path = pafs.FileSystem.from_uri(root)
+        except (pa.ArrowInvalid, ValueError) as err:
+            raise LineageError(
+                f"lineage root {root}: {err}; give a local path or a file://, s3:// or gs:// URI"
+            ) from None
         return fs, path.rstrip("/"), isinstance(fs, pafs.LocalFileSystem)
     return pafs.LocalFileSystem(), str(Path(root).expanduser().resolve()), True
 
@@ -114,11 +126,12 @@ class Lineage:
     def names(self) -> list[str]:
         """Names of the complete states, sorted by creation time."""
         selector = pafs.FileSelector(f"{self._base}/states", allow_not_found=True)
-        found = [
-            info.base_name
-            for info in self.fs.get_file_info(selector)
-            if info.type == pafs.FileType.Directory
-        ]
+        try:
+            infos = self.fs.get_file_info(selector)
+        except OSError as err:
+            self.check_writable()  # names the root's problem, if it has one
+            raise LineageError(f"lineage root {self.root} cannot be listed ({err})") from None
+        found = [info.base_name for info in infos if info.type == pafs.FileType.Directory]
         complete = [n for n in found if self._exists_meta(n)]
         return sorted(complete, key=lambda n: (self.meta(n).created_at, n))
 
@@ -189,6 +202,7 @@ class Lineage:
                 f"{src} holds pickle-format weights; states are safetensors only "
                 "(save with safe_serialization=True)"
             )
+        check_state_dir(src)  # a state that does not load is never committed
         meta = StateMeta(
             name=name,
             parents=list(parents or []),
@@ -201,27 +215,57 @@ class Lineage:
             provenance=provenance.collect(config),
         )
         staging = f"{self._base}/.staging/{name}.{uuid.uuid4().hex[:8]}"
-        self.fs.create_dir(staging, recursive=True)
-        for path in sorted(src.iterdir()):
-            if path.is_file():
-                pafs.copy_files(
-                    str(path),
-                    f"{staging}/{path.name}",
-                    source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=self.fs,
-                )
-        self._write_meta(staging, meta)  # last: a state without metadata is not a state
-        self.fs.create_dir(f"{self._base}/states", recursive=True)
+        try:
+            self.fs.create_dir(staging, recursive=True)
+            for path in sorted(src.iterdir()):
+                if path.is_file():
+                    pafs.copy_files(
+                        str(path),
+                        f"{staging}/{path.name}",
+                        source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.fs,
+                    )
+            self._write_meta(staging, meta)  # last: a state without metadata is not a state
+            self.fs.create_dir(f"{self._base}/states", recursive=True)
+            self._commit(name, staging, overwrite)
+        except BaseException as err:
+            self._discard(staging)
+            if isinstance(err, OSError):
+                raise LineageError(
+                    f"state {name!r} could not be written to {self.root} ({err}); nothing of it "
+                    "was kept: free space there, or give another lineage"
+                ) from None
+            raise
+        return meta
+
+    def _commit(self, name: str, staging: str, overwrite: bool) -> None:
+        """Move the staged state into place: one rename, which fails rather than merge into a
+        state another writer committed meanwhile (`overwrite` moves the old one aside first)."""
         final = self._state_path(name)
+        trash = None
         if overwrite and self.fs.get_file_info(final).type != pafs.FileType.NotFound:
             trash = f"{self._base}/.trash/{name}.{uuid.uuid4().hex[:8]}"
             self.fs.create_dir(f"{self._base}/.trash", recursive=True)
-            self.fs.move(final, trash)
+            try:
+                self.fs.move(final, trash)
+            except OSError:  # another writer moved it first
+                trash = None
+        try:
             self.fs.move(staging, final)
-            self.fs.delete_dir(trash)
-        else:
-            self.fs.move(staging, final)
-        return meta
+        except OSError:
+            if self.exists(name):
+                raise LineageError(
+                    f"state {name!r} was committed by another writer while this one wrote it; "
+                    "this copy was discarded (give another name, or overwrite it)"
+                ) from None
+            raise
+        finally:
+            if trash is not None:
+                self._discard(trash)
+
+    def _discard(self, path: str) -> None:
+        with contextlib.suppress(OSError):
+            self.fs.delete_dir(path)
 
     def check_new(
         self, name: str, *, parents: list[str], overwrite: bool = False, warn: bool = True
@@ -230,6 +274,7 @@ class Lineage:
         `parents`, which all exist. `warn`: one line on stderr for each parent made under
         other library versions than this process has."""
         check_name(name)
+        self.check_writable()
         for parent in parents:
             self.require(parent)
             changed = provenance.drift(self.meta(parent).provenance) if warn else []
@@ -247,6 +292,35 @@ class Lineage:
                 "overwrite=True (`--overwrite`) to replace it"
             )
 
+    def check_writable(self) -> None:
+        """Before any work: the root is a folder this process can write to (or can become
+        one), and its storage answers. One `LineageError` naming the root and the fix."""
+        try:
+            info = self.fs.get_file_info(self._base)
+        except OSError as err:
+            reason = str(err).splitlines()[0][:200]
+            raise LineageError(
+                f"lineage root {self.root} is unreachable ({reason}); check the bucket, the "
+                "endpoint and the credentials, or give a local --lineage"
+            ) from None
+        if info.type == pafs.FileType.File:
+            raise LineageError(
+                f"lineage root {self.root} is a file, not a folder; give a folder (or a new "
+                "path) as --lineage / $SDFTLAB_LINEAGE"
+            )
+        if self.is_local:
+            existing = Path(self._base)
+            while not existing.exists():
+                existing = existing.parent
+            if not existing.is_dir():
+                raise LineageError(f"lineage root {self.root}: {existing} is a file, not a "
+                                   "folder; give another --lineage")  # fmt: skip
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise LineageError(
+                    f"lineage root {self.root} is not writable ({existing} is read-only); "
+                    "give another --lineage, or make it writable"
+                )
+
     def _write_meta(self, state_dir: str, meta: StateMeta) -> None:
         tmp = f"{state_dir}/{META_FILE}.{uuid.uuid4().hex[:8]}.tmp"
         with self.fs.open_output_stream(tmp) as fh:
@@ -259,6 +333,21 @@ class Lineage:
         meta.metrics.update({k: float(v) for k, v in metrics.items()})
         self._write_meta(self._state_path(name), meta)
         return meta
+
+    def verify(self, name: str) -> None:
+        """Raise a `LineageError` unless state `name` is whole: its files there, its weights'
+        sha256 the recorded one, and it loads (`verify.check_state_dir`)."""
+        meta = self.meta(name)
+        path = self.local_path(name)  # a remote state is downloaded and its hash checked
+        missing = [f for f in meta.files if not (path / f).is_file()]
+        if missing:
+            raise LineageError(f"state {name!r}: {', '.join(missing)} missing from {path}")
+        if self.is_local and content_hash(path) != meta.content_hash:
+            raise LineageError(
+                f"state {name!r}: its weights' sha256 differs from the one recorded when it "
+                "was saved (changed or corrupt on disk)"
+            )
+        check_state_dir(path)
 
     def delete(self, name: str) -> None:
         self.require(name)

@@ -87,7 +87,9 @@ class SweepConfig(StrictModel):
         None, description="the tiny world's task files without its model (an imported model's)"
     )
     recover: RecoverConfig = RecoverConfig(steps=20, prompts_per_step=8)
-    space: dict[str, SearchDim]
+    space: dict[str, SearchDim] = Field(
+        min_length=1, description="the parameters the trials vary (e.g. lr: {grid: [...]})"
+    )
     num_samples: int = Field(1, gt=0, description="samples per grid point")
     metric: str = "science/acc"
     mode: Literal["max", "min"] = "max"

@@ -126,7 +126,7 @@ class CKACommand(CKASpec):
     """
 
     a: str = Field(description="the state to measure; its metrics receive the summary")
-    actors: int | None = Field(None, description="Ray actors (None: in this process)")
+    actors: int | None = Field(None, gt=0, description="Ray actors (None: in this process)")
     limit: int | None = Field(None, ge=4, description="the first N rows (default all)")
     batch_size: int = Field(8, gt=0)
     layers: Any = Field("diagonal", description="diagonal | last | all | 0,2,4")

@@ -265,12 +265,12 @@ def run_sft(
     for name in names:  # one version warning, not one a round
         lineage.check_new(name, parents=[src], overwrite=overwrite, warn=name == names[0])
     tokenizer = lineage.load_tokenizer(src)
-    probe = live_probe(lineage, cfg.live_cka, reference=src, data=cfg.data[0], data_dir=data_dir)
     round_rows = {}
-    for entry in dict.fromkeys(cfg.data):
+    for entry in dict.fromkeys(cfg.data):  # the stage's own data first: its errors are its own
         rows = sft_rows(entry, cfg, data_dir)
         count_assistant_tokens(tokenizer, rows, cfg.max_len, f"data {entry!r}")
         round_rows[entry] = rows
+    probe = live_probe(lineage, cfg.live_cka, reference=src, data=cfg.data[0], data_dir=data_dir)
 
     ensure_ray()
     parent = src

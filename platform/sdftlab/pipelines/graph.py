@@ -262,6 +262,7 @@ def run_pipeline(
     from sdftlab.tracking import Tracker
 
     names = order(cfg.stages)
+    lineage.check_writable()
     plans = plan_pipeline(cfg, names, lineage, built_data_dir(cfg, home))
     check(plans, cfg.resources)  # a stage that cannot fit: refused now
     resolved = cfg.model_dump(mode="json", by_alias=True)
