@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from sdftlab.degrade.prune import ffn_importance, kept_width, prune_ffn, prune_state
+from sdftlab.degrade.quantize import quantize_state
 from sdftlab.errors import ConfigError, LineageError
 from sdftlab.lineage import Lineage
 
@@ -73,16 +74,10 @@ def inputs():
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_tokenizer):
-    """A lineage holding `base` (a tiny Qwen2) and `fakeq` (a config claiming 4-bit)."""
+    """A lineage holding `base` (a tiny Qwen2) and `fakeq` (its NF4 quantization)."""
     lineage = Lineage(tmp_path_factory.mktemp("prune") / "lineage")
     lineage.save("base", tiny_qwen(tiny_tokenizer), tiny_tokenizer, kind="world")
-    fake = tmp_path_factory.mktemp("fakeq")
-    tiny_qwen(tiny_tokenizer).save_pretrained(fake)
-    config = json.loads((fake / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
-    (fake / "config.json").write_text(json.dumps(config))
-    tiny_tokenizer.save_pretrained(fake)
-    lineage.save_dir("fakeq", fake, kind="quantize")
+    quantize_state(lineage, "base", "fakeq")
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=64, n_layer=1,
                                       n_head=2, n_positions=64))  # fmt: skip
     lineage.save("gpt2", gpt2, tiny_tokenizer, kind="world")

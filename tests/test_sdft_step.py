@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from reference_losses import sdft_loss
 from sdftlab.cka.stats import linear_cka_torch
 from sdftlab.config import load_config
 from sdftlab.distill.batch import RolloutBatch, completion_hidden, from_rollouts
 from sdftlab.distill.config import RecoverConfig
-from sdftlab.distill.losses import sdft_loss
 from sdftlab.distill.step import sdft_step
 from sdftlab.distill.teachers import (
     adapters_off_teacher,

@@ -9,7 +9,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sdftlab.config import DEFAULT_MIXTURE
 from sdftlab.data.chat import off_path
 from sdftlab.data.loaders import load_task_file
 from sdftlab.data.templates import teacher_messages
@@ -25,6 +24,7 @@ from sdftlab.world.build import (
     pretrain_documents,
     world_digest,
 )
+from sdftlab.world.config import DEFAULT_MIXTURE
 
 
 def test_generators_are_seeded():

@@ -160,7 +160,7 @@ def _load(directory: Path, what: str, loader: Any) -> Any:
         raise
     except Exception as err:  # transformers raises many kinds; each means "does not load"
         reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        raise LineageError(f"{directory}: the {what} does not load ({reason})") from None
+        raise LineageError(f"{directory}: the {what} fails ({reason})") from None
 
 
 def _forward(directory: Path, tokenizer: Any) -> None:
@@ -170,7 +170,11 @@ def _forward(directory: Path, tokenizer: Any) -> None:
 
     model = _load(directory, "model", load_model).eval()
     ids = tokenizer("The state loads.", return_tensors="pt")["input_ids"][:, :8]
-    with torch.no_grad():
-        logits = model(input_ids=ids.to(next(model.parameters()).device)).logits
+
+    def forward(_: Path) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=ids.to(next(model.parameters()).device)).logits
+
+    logits = _load(directory, "model's forward pass", forward)
     if not torch.isfinite(logits).all():
         raise LineageError(f"{directory}: the model's logits on a few tokens are not finite")
