@@ -25,7 +25,8 @@ LAYERS = [
     {*FOUNDATIONS, *CKA_CORE},  # foundations
     {*PLUMBING, "tracking", "cka.live"},  # the store, and the plumbing around Ray and models
     {"world", "degrade", "distill", "evaluate", "cka", "importer"},  # the algorithms
-    {"report", "runs", "pipelines", "sweep", "plan", "cli"},  # recipes and entry points
+    # recipes and entry points
+    {"report", "runs", "pipelines", "sweep", "plan", "config_files", "cli"},
 ]
 ALGORITHMS = LAYERS[2]
 

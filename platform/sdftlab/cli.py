@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sdftlab import __version__
 from sdftlab.allocator import tune_cpu_allocator
 from sdftlab.errors import SdftlabError
 
@@ -144,36 +145,58 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _endpoints(args: argparse.Namespace) -> tuple[str, str]:
+    """(the state read, the state written): --from / --to, else `from:` / `to:` at the top of
+    the --config file."""
+    import yaml
+
+    given: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        if not path.is_file():
+            raise SdftlabError(f"--config {path}: no such file")
+        given = yaml.safe_load(path.read_text()) or {}
+    src = args.src or given.get("from") or given.get("student")
+    dst = args.dst or given.get("to")
+    for flag, value in (("--from", src), ("--to", dst)):
+        if not value:
+            raise SdftlabError(f"sdftlab {args.command}: give {flag} STATE (or `{flag[2:]}:` "
+                               "at the top of the --config file)")  # fmt: skip
+    return str(src), str(dst)
+
+
 def cmd_degrade(args: argparse.Namespace) -> int:
     from sdftlab.config import load_config
 
-    lineage = _lineage(args)
     if args.op == "sft":
         from sdftlab.degrade.sft import SFTConfig, run_sft
 
         overrides = _flag_overrides(args, "data", "steps", "rounds")
         cfg = load_config(SFTConfig, args.config, overrides, section="sft" if args.config else None)
+        src, dst = _endpoints(args)
+        lineage = _lineage(args)
         data_dir = _world_data_dir(args)
-        run_sft(lineage, args.src, args.dst, cfg, data_dir=data_dir, overwrite=args.overwrite)
+        run_sft(lineage, src, dst, cfg, data_dir=data_dir, overwrite=args.overwrite)
     elif args.op == "prune":
         from sdftlab.degrade.prune import PruneSpec, run_prune
 
-        spec = load_config(PruneSpec, None, [
-            f"ratio={args.ratio}", f"importance={args.importance}",
-            f"multiple_of={args.multiple_of}", f"calibration={args.calibration}",
-        ])  # fmt: skip
-        meta = run_prune(lineage, args.src, args.dst, spec, data_dir=_world_data_dir(args),
+        overrides = _flag_overrides(args, "ratio", "importance", "multiple_of", "calibration")
+        spec = load_config(PruneSpec, None, overrides)
+        src, dst = _endpoints(args)
+        lineage = _lineage(args)
+        meta = run_prune(lineage, src, dst, spec, data_dir=_world_data_dir(args),
                          overwrite=args.overwrite)  # fmt: skip
         print(json.dumps(meta.config))
-    elif args.op == "quantize":
+    else:
         from sdftlab.degrade.quantize import QuantizeSpec, quantize_state
 
-        spec = load_config(QuantizeSpec, None, [
-            f"quant_type={args.quant_type}", f"double_quant={not args.no_double_quant}",
-            f"compute_dtype={args.compute_dtype}",
-        ])  # fmt: skip
-        meta = quantize_state(lineage, args.src, args.dst, overwrite=args.overwrite,
-                              **spec.model_dump())  # fmt: skip
+        overrides = _flag_overrides(args, "quant_type", "compute_dtype")
+        if args.no_double_quant:
+            overrides.append("double_quant=false")
+        spec = load_config(QuantizeSpec, None, overrides)
+        src, dst = _endpoints(args)
+        lineage = _lineage(args)
+        meta = quantize_state(lineage, src, dst, overwrite=args.overwrite, **spec.model_dump())
         print(json.dumps(meta.config))
     print(lineage.tree())
     return 0
@@ -197,20 +220,41 @@ def cmd_recover(args: argparse.Namespace) -> int:
     cfg = load_config(
         RecoverConfig, args.config, overrides, section="recover" if args.config else None
     )
+    src, dst = _endpoints(args)
     lineage = _lineage(args)
     data_dir = _world_data_dir(args)
-    recover(lineage, args.student, args.dst, cfg, data_dir=data_dir, overwrite=args.overwrite)
+    recover(lineage, src, dst, cfg, data_dir=data_dir, overwrite=args.overwrite)
     print(lineage.tree())
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace) -> int:
+    """`sdftlab run CONFIG` (any pipeline config) and `sdftlab demo` (the packaged
+    forgetting pipeline by default)."""
     from sdftlab.config import load_config
-    from sdftlab.pipelines.graph import PipelineConfig, project_config, run_pipeline
+    from sdftlab.config_files import kind_of_file, packaged_config
+    from sdftlab.pipelines.graph import PipelineConfig, run_pipeline
 
-    path = args.config or project_config("forgetting")
+    path = Path(args.config) if args.config else packaged_config("forgetting")
+    kind = kind_of_file(path)
+    if kind != "pipeline":
+        hint = {"sweep": f"sdftlab sweep {path}", "world": f"sdftlab world build --config {path}"}
+        raise SdftlabError(f"{path} is a {kind} config, not a pipeline's (it has no `stages`); "
+                           f"run it with: {hint.get(kind, 'its own command')}")  # fmt: skip
     cfg = load_config(PipelineConfig, path, args.overrides)
     run_pipeline(cfg, _lineage(args, cfg.lineage), _home(args))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """`sdftlab config show|validate [CONFIG] [--kind K] [key=value ...]`."""
+    from sdftlab.config_files import load_any, show
+
+    kind, cfg = load_any(args.config, args.kind, args.overrides)
+    if args.action == "validate":
+        print(f"{args.config or '(defaults)'}: a valid {kind} config")
+    else:
+        print(show(cfg, title=f"{args.config or '(defaults)'} — {kind} config"))
     return 0
 
 
@@ -306,13 +350,56 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+EXAMPLES = """examples:
+  sdftlab demo                                   the forgetting pipeline on the tiny world
+  sdftlab run jobs/configs/compression.yaml      any pipeline config
+  sdftlab config show jobs/configs/forgetting.yaml stages.expert.steps=100
+  sdftlab degrade sft --from base --to expert --data science steps=300 lr=1e-3
+  sdftlab recover --from forgot --teacher expert --to rec_expert --data science
+  sdftlab eval rec_expert --tasks science,tooluse --engine vllm dtype=bfloat16
+  sdftlab cka --state forgot --reference expert --data science
+  sdftlab lineage show expert
+  sdftlab runs compare forgetting/latest forgetting/20261207-091502-3fa9c1
+
+Every command that takes a config takes key=value overrides anywhere on its line; a bad value
+is one error naming the key and the fix (exit status 2). Docs: README.md, docs/."""
+
+
+def _sub(sub: Any, name: str, help: str, example: str, func: Any) -> argparse.ArgumentParser:
+    """A subcommand with its help line and an example."""
+    parser = sub.add_parser(
+        name, help=help, description=help, epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _overrides(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=what)
+
+
+def _state_flags(parser: argparse.ArgumentParser, source: str, *old: str) -> None:
+    """--from (the state read; `old` names kept as aliases) and --to (the state written)."""
+    parser.add_argument("--from", *old, dest="src", help=f"{source} (or `from:` in --config)")
+    parser.add_argument("--to", dest="dst", help="the new state's name (or `to:` in --config)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a state of that name")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdftlab", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="sdftlab",
+        description="Degrade a language model, recover it with self-distillation (SDFT), and "
+        "measure why with CKA — on Ray, a laptop or a cluster.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"sdftlab {__version__}")
     parser.add_argument(
         "--home", help="worlds and default lineage (default $SDFTLAB_HOME or ./.sdftlab)"
     )
     parser.add_argument("--lineage", help="lineage root: a path or a pyarrow.fs URI")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _state_commands(sub)
     _degrade_command(sub)
     _run_commands(sub)
@@ -321,24 +408,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _state_commands(sub: Any) -> None:
     """The commands on single states: world, import, eval, recover, cka, lineage."""
-    world = sub.add_parser("world", help="build or inspect the embedded tiny world")
+    world = _sub(sub, "world", "build or inspect the embedded tiny world",
+                 "sdftlab world build --config jobs/configs/world.yaml seed=1",
+                 cmd_world)  # fmt: skip
     world.add_argument("action", choices=["build", "info"])
     world.add_argument("--config", help="a WorldConfig YAML file")
     world.add_argument("--overwrite", action="store_true", help="rebuild and replace `base`")
-    world.add_argument("overrides", nargs="*", metavar="key=value")
-    world.set_defaults(func=cmd_world)
+    _overrides(world, "WorldConfig fields (`sdftlab config show jobs/configs/world.yaml`)")
 
-    imp = sub.add_parser("import", help="bring a pretrained model into the lineage")
+    imp = _sub(sub, "import", "bring a pretrained model into the lineage",
+               "sdftlab import smollm2-135m --to base", cmd_import)  # fmt: skip
     imp.add_argument(
         "source", help="an HF model folder, a .gguf file, a hub id (org/name) or smollm2-135m"
     )
     imp.add_argument("--to", dest="dst", required=True, help="the new state's name")
     imp.add_argument("--overwrite", action="store_true")
-    imp.set_defaults(func=cmd_import)
 
-    ev = sub.add_parser("eval", help="evaluate a state and record its metrics")
+    from sdftlab.evaluate.run import ALL_TASKS
+
+    ev = _sub(sub, "eval", "evaluate a state and record its metrics",
+              "sdftlab eval expert --tasks science,tooluse --demo --limit 100",
+              cmd_eval)  # fmt: skip
     ev.add_argument("state", help="a lineage state name or a Hugging Face model directory")
-    ev.add_argument("--tasks", default="science,tooluse,mmlu,winogrande")
+    ev.add_argument("--tasks", default="science,tooluse,mmlu,winogrande",
+                    help=f"comma separated, of: {', '.join(ALL_TASKS)}")  # fmt: skip
     ev.add_argument(
         "--demo", action="store_true", help="also score with the demonstration in context"
     )
@@ -349,86 +442,128 @@ def _state_commands(sub: Any) -> None:
     ev.add_argument(
         "--engine", choices=["hf", "vllm"], default="hf", help="generate with transformers or vLLM"
     )
-    ev.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="engine options, e.g. kv_cache_gb=2"
-    )
-    ev.set_defaults(func=cmd_eval)
+    _overrides(ev, "engine options (EvalEngineSpec), e.g. dtype=bfloat16 kv_cache_gb=2")
 
-    rec = sub.add_parser("recover", help="SDFT recovery of a state from a teacher")
-    rec.add_argument("--student", required=True, help="the degraded state")
+    rec = _sub(sub, "recover", "SDFT recovery of a state from a teacher",
+               "sdftlab recover --from forgot --teacher expert --to rec_expert steps=100",
+               cmd_recover)  # fmt: skip
+    _state_flags(rec, "the degraded state (the student)", "--student")
     rec.add_argument("--teacher", help="state name, model path, `ema` or `live` (default expert)")
-    rec.add_argument("--to", dest="dst", required=True, help="the new state's name")
     rec.add_argument("--data", help="tasks (comma separated; world train split) or task=PATH")
-    rec.add_argument("--steps", type=int)
-    rec.add_argument("--config", help="a YAML file (its `recover:` section)")
-    rec.add_argument("--overwrite", action="store_true")
-    rec.add_argument("overrides", nargs="*", metavar="key=value", help="RecoverConfig overrides")
-    rec.set_defaults(func=cmd_recover)
+    rec.add_argument("--steps", type=int, help="optimizer steps")
+    rec.add_argument("--config", help="a YAML file: its `recover:` section (+ `from:`, `to:`)")
+    _overrides(rec, "RecoverConfig fields (`sdftlab config show --kind recover`)")
 
     from sdftlab.cka.run import add_cli_arguments
 
-    cka = sub.add_parser("cka", help="per-layer CKA between two states on the same inputs")
+    cka = _sub(sub, "cka", "per-layer CKA between two states on the same inputs",
+               "sdftlab cka --state forgot --reference expert --data science --actors 2",
+               cmd_cka)  # fmt: skip
     add_cli_arguments(cka)
-    cka.set_defaults(func=cmd_cka)
 
-    lin = sub.add_parser("lineage", help="show the model states as a tree")
+    lin = _sub(sub, "lineage", "the model states: tree, list, show, verify, rm",
+               "sdftlab lineage verify", cmd_lineage)  # fmt: skip
     lin.add_argument(
         "action", nargs="?", default="tree", choices=["tree", "list", "show", "verify", "rm"]
     )
     lin.add_argument("name", nargs="?")
-    lin.set_defaults(func=cmd_lineage)
 
 
 def _degrade_command(sub: Any) -> None:
-    deg = sub.add_parser("degrade", help="SFT (forgetting), NF4 quantization, FFN pruning")
-    deg.add_argument("op", choices=["sft", "quantize", "prune"])
-    deg.add_argument("--from", dest="src", required=True, help="the state to degrade")
-    deg.add_argument("--to", dest="dst", required=True, help="the new state's name")
-    deg.add_argument("--overwrite", action="store_true")
-    deg.add_argument("--config", help="sft: a YAML file (its `sft:` section)")
-    deg.add_argument("--data", help="sft: tasks (comma separated) or task=PATH")
-    deg.add_argument("--steps", type=int, help="sft: optimizer steps per round")
-    deg.add_argument("--rounds", type=int, help="sft: rounds (default one per data entry)")
-    deg.add_argument("--ratio", type=float, default=0.1, help="prune: fraction of FFN neurons")
-    deg.add_argument("--importance", choices=["magnitude", "taylor"], default="magnitude")
-    deg.add_argument("--multiple-of", type=int, default=64, help="prune: round the new width")
-    deg.add_argument(
-        "--calibration", default="science", help="prune taylor: task (or task=PATH) to score on"
-    )
-    deg.add_argument("--quant-type", default="nf4", help="quantize: nf4 or fp4")
-    deg.add_argument("--compute-dtype", default="float32", help="quantize: float32|bfloat16")
-    deg.add_argument("--no-double-quant", action="store_true")
-    deg.add_argument("overrides", nargs="*", metavar="key=value", help="sft config overrides")
-    deg.set_defaults(func=cmd_degrade)
+    deg = _sub(sub, "degrade", "SFT (forgetting), NF4 quantization, FFN pruning",
+               "sdftlab degrade sft --from base --to expert --data science",
+               cmd_degrade)  # fmt: skip
+    ops = deg.add_subparsers(dest="op", required=True, metavar="OP")
+    sft = _sub(ops, "sft", "multi-round SFT on Ray Train (full or LoRA, replay)",
+               "sdftlab degrade sft --from expert --to forgot --data tooluse lr=1e-3",
+               cmd_degrade)  # fmt: skip
+    _state_flags(sft, "the state fine-tuned")
+    sft.add_argument("--config", help="a YAML file: its `sft:` section (+ `from:`, `to:`)")
+    sft.add_argument("--data", help="tasks (comma separated) or task=PATH")
+    sft.add_argument("--steps", type=int, help="optimizer steps per round")
+    sft.add_argument("--rounds", type=int, help="rounds (default one per data entry)")
+    _overrides(sft, "SFTConfig fields (`sdftlab config show --kind sft`)")
+
+    prune = _sub(ops, "prune", "structured FFN pruning, loadable by from_pretrained and vLLM",
+                 "sdftlab degrade prune --from expert --to pruned10 --ratio 0.1 "
+                 "calibration_rows=32", cmd_degrade)  # fmt: skip
+    _state_flags(prune, "the state pruned")
+    prune.add_argument("--ratio", type=float, help="fraction of FFN neurons (default 0.1)")
+    prune.add_argument("--importance", choices=["magnitude", "taylor"])
+    prune.add_argument("--multiple-of", type=int, help="round the new width (default 64)")
+    prune.add_argument("--calibration", help="taylor: task (or task=PATH) to score on")
+    _overrides(prune, "PruneSpec fields (`sdftlab config show --kind prune`)")
+
+    quant = _sub(ops, "quantize", "4-bit NF4 (or FP4) with bitsandbytes, trainable with QLoRA",
+                 "sdftlab degrade quantize --from expert --to nf4", cmd_degrade)  # fmt: skip
+    _state_flags(quant, "the state quantized")
+    quant.add_argument("--quant-type", choices=["nf4", "fp4"])
+    quant.add_argument("--compute-dtype", choices=["float32", "bfloat16"])
+    quant.add_argument("--no-double-quant", action="store_true")
+    _overrides(quant, "QuantizeSpec fields (`sdftlab config show --kind quantize`)")
 
 
 def _run_commands(sub: Any) -> None:
-    """The commands on whole configs and their runs: demo, plan, sweep, runs."""
-    demo = sub.add_parser("demo", help="the forgetting pipeline on the embedded tiny world")
-    demo.add_argument("--config", help="a pipeline YAML (default: jobs/configs/forgetting.yaml)")
-    demo.add_argument("overrides", nargs="*", metavar="key=value")
-    demo.set_defaults(func=cmd_demo)
+    """The commands on whole configs and their runs: demo, run, config, plan, sweep, runs."""
+    demo = _sub(sub, "demo", "the forgetting pipeline on the embedded tiny world",
+                "sdftlab demo stages.rec_base=null", cmd_run)  # fmt: skip
+    demo.add_argument("--config", help="a pipeline YAML (default: the packaged forgetting.yaml)")
+    _overrides(demo, "pipeline overrides, e.g. stages.expert.steps=100")
 
-    plan = sub.add_parser("plan", help="each stage's memory per device, before any work")
+    run = _sub(sub, "run", "run a pipeline config: forgetting, compression, small-model",
+               "sdftlab run jobs/configs/compression.yaml eval.limit=50", cmd_run)  # fmt: skip
+    run.add_argument("config", help="a pipeline YAML (jobs/configs/*.yaml)")
+    _overrides(run, "pipeline overrides, e.g. stages.expert.steps=100")
+
+    cfg = _sub(sub, "config", "show a config resolved (every field: value, default, meaning), "
+               "or validate it", "sdftlab config show jobs/configs/forgetting.yaml",
+               cmd_config)  # fmt: skip
+    cfg.add_argument("action", choices=["show", "validate"])
+    cfg.add_argument("config", nargs="?", help="a YAML file (pipeline, sweep, world, …)")
+    cfg.add_argument(
+        "--kind",
+        help="what the file (or the defaults) configure: pipeline, sweep, world, sft, recover, "
+        "prune, quantize (default: from its keys)",
+    )
+    _overrides(cfg, "overrides applied before showing")
+
+    plan = _sub(sub, "plan", "each stage's memory per device, before any work",
+                "sdftlab plan jobs/configs/forgetting_qwen7b.yaml", cmd_plan)  # fmt: skip
     plan.add_argument("config", help="a pipeline YAML (jobs/configs/*.yaml)")
-    plan.add_argument("overrides", nargs="*", metavar="key=value")
-    plan.set_defaults(func=cmd_plan)
+    _overrides(plan, "pipeline overrides")
 
-    sweep = sub.add_parser("sweep", help="Ray Tune sweep: teacher × pruning ratio × lr (× loss)")
+    sweep = _sub(sub, "sweep", "Ray Tune sweep: teacher × pruning ratio × lr (× loss)",
+                 "sdftlab sweep jobs/configs/sweep_teacher_lr.yaml", cmd_sweep)  # fmt: skip
     sweep.add_argument("config", help="a SweepConfig YAML (jobs/configs/sweep_*.yaml)")
-    sweep.add_argument("overrides", nargs="*", metavar="key=value")
-    sweep.set_defaults(func=cmd_sweep)
+    _overrides(sweep, "sweep overrides")
 
-    rn = sub.add_parser("runs", help="list pipeline runs, or compare two of them")
+    rn = _sub(sub, "runs", "list pipeline runs, or compare two of them",
+              "sdftlab runs compare forgetting/latest forgetting/20261207-091502-3fa9c1",
+              cmd_runs)  # fmt: skip
     rn.add_argument("action", nargs="?", default="list", choices=["list", "compare"])
     rn.add_argument("runs", nargs="*", metavar="RUN", help="compare: two run ids or paths")
     rn.add_argument("--dir", default="runs", help="where the pipelines' runs are (default runs)")
     rn.add_argument("--metrics", help="compare: only these metrics (comma separated)")
-    rn.set_defaults(func=cmd_runs)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, `key=value` overrides anywhere on it: after the positional arguments,
+    between options, or before them (argparse alone takes them in one place only)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    loose = [x for x in extra if "=" in x and not x.startswith("-")]
+    unknown = [x for x in extra if x not in loose]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if loose:
+        if not hasattr(args, "overrides"):
+            parser.error(f"sdftlab {args.command} takes no key=value: {' '.join(loose)}")
+        args.overrides = [*args.overrides, *loose]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         tune_cpu_allocator()  # world builds, evaluation and CKA in this process reuse freed memory
         return int(args.func(args) or 0)

@@ -144,8 +144,8 @@ _FLAGS = {  # flag -> CKACommand field
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``sdftlab cka``: flags for the common fields, ``key=value`` for all."""
-    parser.add_argument("--a", help="the state to measure (metrics go here)")
-    parser.add_argument("--b", help="the reference state")
+    parser.add_argument("--state", "--a", dest="a", help="the state measured (metrics go here)")
+    parser.add_argument("--reference", "--b", dest="b", help="the reference state")
     parser.add_argument("--data", help="TASK or TASK=PATH (default science)")
     parser.add_argument("--limit", help="first N examples only")
     parser.add_argument("--actors", help="Ray actors (default: in this process)")

@@ -49,7 +49,7 @@ from typing import Annotated, Any, Union
 from pydantic import Field, field_validator, model_validator
 
 from sdftlab.config import TRUST_REMOTE_CODE_ENV, StrictModel
-from sdftlab.errors import ConfigError, SdftlabError
+from sdftlab.errors import SdftlabError
 from sdftlab.lineage import Lineage
 from sdftlab.pipelines.stages import KINDS, Job, Log, WorldStage, kind_of, options
 from sdftlab.specs import CKASpec, EvalSpec, ResourcesSpec
@@ -448,14 +448,3 @@ def main(argv: list[str] | None, default_config: Path, doc: str) -> int:
         print(f"sdftlab: error: {err}")
         return 2
     return 0
-
-
-def project_config(name: str) -> Path:
-    """`jobs/configs/<name>.yaml` of the project checkout sdftlab is installed from."""
-    path = Path(__file__).resolve().parents[3] / "jobs" / "configs" / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(
-            f"{path} not found: sdftlab is not installed from its project checkout "
-            f"(`pip install -e .`); pass --config with a pipeline YAML"
-        )
-    return path
