@@ -231,19 +231,33 @@ def cmd_recover(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """`sdftlab run CONFIG` (any pipeline config) and `sdftlab demo` (the packaged
     forgetting pipeline by default)."""
-    from sdftlab.config import load_config
-    from sdftlab.config_files import kind_of_file, packaged_config
-    from sdftlab.pipelines.graph import PipelineConfig, run_pipeline
+    from sdftlab.config_files import packaged_config
+    from sdftlab.pipelines.graph import run_pipeline
 
-    path = Path(args.config) if args.config else packaged_config("forgetting")
-    kind = kind_of_file(path)
-    if kind != "pipeline":
-        hint = {"sweep": f"sdftlab sweep {path}", "world": f"sdftlab world build --config {path}"}
-        raise SdftlabError(f"{path} is a {kind} config, not a pipeline's (it has no `stages`); "
-                           f"run it with: {hint.get(kind, 'its own command')}")  # fmt: skip
-    cfg = load_config(PipelineConfig, path, args.overrides)
+    cfg = _pipeline_config(args.config or packaged_config("forgetting"), args.overrides)
     run_pipeline(cfg, _lineage(args, cfg.lineage), _home(args))
     return 0
+
+
+def _pipeline_config(path: str | Path, overrides: list[str]) -> Any:
+    """The pipeline config at `path`, or one line saying which command a file of another
+    kind (a sweep's, a world's) is for."""
+    from sdftlab.config import load_config
+    from sdftlab.config_files import kind_of_file
+    from sdftlab.pipelines.graph import PipelineConfig
+
+    path = Path(path)
+    kind = kind_of_file(path)
+    if kind != "pipeline":
+        hint = {
+            "sweep": f"sdftlab sweep {path}",
+            "world": f"sdftlab world build --config {path}",
+            "sft": "sdftlab degrade sft --config",
+            "recover": "sdftlab recover --config",
+        }
+        raise SdftlabError(f"{path} is a {kind} config, not a pipeline's (it has no `stages`); "
+                           f"use it with: {hint.get(kind, 'its own command')}")  # fmt: skip
+    return load_config(PipelineConfig, path, overrides)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -261,11 +275,10 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     """Each training stage's memory per device and the devices it holds; status 2 when a
     stage cannot fit (the same check a pipeline makes before it starts)."""
-    from sdftlab.config import load_config
-    from sdftlab.pipelines.graph import PipelineConfig, built_data_dir, order
+    from sdftlab.pipelines.graph import built_data_dir, order
     from sdftlab.plan import check, plan_pipeline, table
 
-    cfg = load_config(PipelineConfig, args.config, args.overrides)
+    cfg = _pipeline_config(args.config, args.overrides)
     home = _home(args)
     lineage = _lineage(args, cfg.lineage)
     plans = plan_pipeline(cfg, order(cfg.stages), lineage, built_data_dir(cfg, home))

@@ -128,33 +128,36 @@ def _user_path(loc: tuple[Any, ...], data: Any) -> str:
     return ".".join(parts) or "(top level)"
 
 
+DEFAULTS = "defaults"  # the source of a config built from defaults and key=value alone
+
+
 def format_validation_error(err: ValidationError, source: str = "config", data: Any = None) -> str:
     """One message per problem: `field: what (got value). Fix: ...`."""
     lines = []
+    where = "" if source == DEFAULTS else f" in {source}"
     for problem in err.errors():
         field = _user_path(problem["loc"], data)
         got = problem.get("input")
         if problem["type"] == "extra_forbidden":
-            lines.append(f"{field}: unknown key in {source}. Fix: remove it or check the spelling")
+            lines.append(f"{field}: unknown key{where}. Fix: remove it or check the spelling "
+                         "(`sdftlab config show` lists the keys)")  # fmt: skip
         elif problem["type"] == "missing":
-            lines.append(f"{field}: required but missing in {source}. Fix: set {field}=VALUE")
+            lines.append(f"{field}: required but missing{where}. Fix: set {field}=VALUE")
         elif problem["type"] == "union_tag_invalid":
             ctx = problem.get("ctx", {})
             lines.append(
-                f"{field}: unknown {ctx.get('discriminator', 'kind')} {ctx.get('tag')!r} in "
-                f"{source}. Fix: use one of {ctx.get('expected_tags')}"
+                f"{field}: unknown {ctx.get('discriminator', 'kind')} {ctx.get('tag')!r}{where}. "
+                f"Fix: use one of {ctx.get('expected_tags')}"
             )
         elif problem["type"] == "value_error" and isinstance(got, dict):
             # a check across fields: its message names the fields and the fix
-            where = source if field == "(top level)" else field
-            lines.append(f"{where}: {problem['msg'].removeprefix('Value error, ')}")
+            at = source if field == "(top level)" else field
+            lines.append(f"{at}: {problem['msg'].removeprefix('Value error, ')}")
         else:
             shown = json.dumps(got, default=str)
             shown = shown if len(shown) <= 60 else shown[:57] + "..."
-            lines.append(
-                f"{field}: {problem['msg']} (got {shown}). "
-                f"Fix: set {field} to a valid value in {source} or with {field}=VALUE"
-            )
+            fix = f"{field}=VALUE" if source == DEFAULTS else f"in {source} or with {field}=VALUE"
+            lines.append(f"{field}: {problem['msg']} (got {shown}). Fix: set {fix}")
     return "; ".join(lines)
 
 
@@ -167,7 +170,7 @@ def load_config(
 ) -> M:
     """`model` from a YAML file (or one `section` of it) plus `key=value` overrides."""
     data: dict[str, Any] = {}
-    source = "defaults"
+    source = DEFAULTS
     if path is not None:
         data = read_yaml(path)
         source = str(path)

@@ -301,11 +301,17 @@ def _finish(plan: StagePlan, stage: Any) -> StagePlan:
         return plan
     parts = plan.parts
     largest = max(parts, key=parts.get)
-    if largest in ("weights", "gradients + AdamW") and not stage.memory.fsdp:
-        need = _workers_needed(plan, stage)
-        plan.fix = f"shard it (memory.fsdp=true, num_workers ≥ {need}) or train LoRA (lora.r=16)"
+    need = _workers_needed(plan, stage)
+    if largest in ("weights", "gradients + AdamW") and need == 0:
+        plan.fix = ("even sharded, the rest of the step does not fit one device: train LoRA "
+                    "(lora.r=16), smaller micro-batches (memory.micro_batch_size) with "
+                    "checkpointing, or a device with more memory")  # fmt: skip
+    elif largest in ("weights", "gradients + AdamW") and not stage.memory.fsdp:
+        plan.fix = (f"shard it over {need} workers or more (memory.fsdp=true num_workers={need}, "
+                    "and as many GPUs in resources.gpus) or train LoRA (lora.r=16)")  # fmt: skip
     elif largest in ("weights", "gradients + AdamW"):
-        plan.fix = f"more workers (num_workers ≥ {_workers_needed(plan, stage)}) or lora.r=16"
+        plan.fix = (f"shard it over {need} workers or more (num_workers={need}, and as many GPUs "
+                    "in resources.gpus) or train LoRA (lora.r=16)")  # fmt: skip
     elif largest == "teacher copy":
         plan.fix = "score the teacher on vLLM actors (scoring=vllm, loss.topk=20)"
     elif largest in ("activations", "logits"):
@@ -427,9 +433,12 @@ def table(plans: list[StagePlan]) -> str:
     """The plan as a text table: per stage, device, GPUs, each part, total and budget."""
     lines = [f"{'stage':<16} {'kind':<5} {'dev':<4} {'GPUs':>4} {'GiB':>7} {'of':>7}  parts"]
     for p in plans:
-        parts = ", ".join(f"{k} {v:.2f}" for k, v in p.parts.items())
+        parts = ", ".join(f"{k} {v:.3g}" for k, v in p.parts.items())
         mark = "" if p.fits else "  ← does not fit: " + p.fix
         lines.append(f"{p.name:<16} {p.kind:<5} {p.device:<4} {p.devices:>4} {p.total:>7.2f} "
                      f"{p.budget:>7.1f}  {parts}{mark}")  # fmt: skip
         lines += [f"{'':<16} {note}" for note in p.notes]
+    lines += ["", "dev: the device a worker trains on; GPUs: held at once by the stage (workers "
+              "and engines); GiB: its peak on one device; of: one device's memory (resources); "
+              "parts: the peak's terms, GiB"]  # fmt: skip
     return "\n".join(lines)

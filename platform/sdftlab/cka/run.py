@@ -41,6 +41,7 @@ from sdftlab.cka.capture import diagonal_rows, summary_metrics  # noqa: F401 (re
 from sdftlab.cka.pool import DEFAULT, CKAOptions, cka_local, cka_over_dataset
 from sdftlab.config import load_config
 from sdftlab.data.loaders import load_task_file, task_source
+from sdftlab.errors import ConfigError
 from sdftlab.lineage import Lineage
 from sdftlab.specs import CKASpec
 
@@ -160,6 +161,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def command_from_args(args: argparse.Namespace) -> CKACommand:
     """The validated `CKACommand` of parsed ``sdftlab cka`` arguments."""
+    given = " ".join(args.overrides)
+    for flag, field in (("a", "--state"), ("b", "--reference")):
+        if getattr(args, flag) is None and f"{_FLAGS[flag]}=" not in given:
+            raise ConfigError(f"sdftlab cka: give {field} STATE (the state measured, and the "
+                              "reference it is compared with)")  # fmt: skip
     overrides = [f"{field}={getattr(args, flag)}" for flag, field in _FLAGS.items()
                  if getattr(args, flag) is not None]  # fmt: skip
     if args.debiased:
