@@ -19,7 +19,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "sdftlab"
 # checked against the lineage, the reference loaded in a worker) stands on the store: plumbing.
 CKA_CORE = ("cka.stats", "cka.capture")
 CKA_UNITS = (*CKA_CORE, "cka.live")  # units of their own, not of the `cka` package
-FOUNDATIONS = {"errors", "config", "paths", "specs", "modes", "chunked", "allocator", "provenance"}
+FOUNDATIONS = {"errors", "config", "paths", "specs", "modes", "chunked", "allocator", "provenance",
+               "stats"}  # fmt: skip
 PLUMBING = {"models", "lineage", "verify", "train", "sharding", "raycluster", "data", "rollout"}
 LAYERS = [
     {*FOUNDATIONS, *CKA_CORE},  # foundations

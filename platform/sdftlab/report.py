@@ -26,6 +26,7 @@ import pandas as pd
 from sdftlab.evaluate.general import GENERAL_METRICS, LOWER_IS_BETTER
 from sdftlab.lineage import Lineage
 from sdftlab.provenance import summary
+from sdftlab.stats import wilson_interval
 
 TASK_COLUMNS = ("science/acc", "science/acc_demo", "tooluse/acc", "tooluse/acc_demo")
 # mmlu/acc, mmlu/acc_cloze, winogrande/acc (accuracies); english/bpb (bits per byte)
@@ -59,6 +60,35 @@ def _table(wide: pd.DataFrame, columns: Sequence[str], fmt=_pct) -> str:
     lines = ["| state | " + " | ".join(present) + " |", "|---|" + "---:|" * len(present)]
     for state, row in wide.iterrows():
         lines.append(f"| {state} | " + " | ".join(fmt(row.get(c)) for c in present) + " |")
+    return "\n".join(lines)
+
+
+def _rows_of(metric: str) -> str:
+    """The metric counting the rows an accuracy was taken on (`science/acc_demo` →
+    `science/n_demo`)."""
+    task = metric.split("/")[0]
+    return f"{task}/n_demo" if metric.endswith("_demo") else f"{task}/n"
+
+
+def accuracy_table(wide: pd.DataFrame, columns: Sequence[str]) -> str:
+    """Accuracies (%) with their 95% Wilson interval over the eval rows, and the rows."""
+    present = [c for c in columns if c in wide.columns]
+    lines = ["| state | " + " | ".join(present) + " |", "|---|" + "---:|" * len(present)]
+    counts: dict[str, set[int]] = {}
+    for state, row in wide.iterrows():
+        cells = []
+        for column in present:
+            acc, n = row.get(column), row.get(_rows_of(column))
+            if acc is None or math.isnan(acc) or n is None or math.isnan(n):
+                cells.append(_pct(acc))
+                continue
+            low, high = wilson_interval(acc * n, n)
+            cells.append(f"{100 * acc:.1f} ({100 * low:.1f}–{100 * high:.1f})")
+            counts.setdefault(column.split("/")[0], set()).add(int(n))
+        lines.append(f"| {state} | " + " | ".join(cells) + " |")
+    rows = ", ".join(f"{task} {'/'.join(map(str, sorted(n)))}" for task, n in counts.items())
+    lines += ["", f"In brackets: the 95% Wilson interval over the eval rows (n: {rows}); one "
+              "seed, so run-to-run variation is not in it."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -126,8 +156,7 @@ def write_report(
                                  accuracy_metric=accuracy_metric)  # fmt: skip
         lines += ["## Wall time per stage (s)", "", "| stage | seconds |", "|---|---:|"]
         lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
-        lines += ["", "Figures: accuracy.png, cka_by_layer.png, misalignment_vs_accuracy.png;"]
-        lines += ["every metric: results.parquet (one row per state × metric)."]
+        lines += ["", "Every metric: results.parquet (one row per state × metric)."]
         (tmp / "report.md").write_text("\n".join(lines) + "\n")
         for path in sorted(tmp.iterdir(), key=lambda p: p.name == "report.md"):  # report last
             os.replace(path, out_dir / path.name)
@@ -157,10 +186,12 @@ def accuracy_sections(
     wide: pd.DataFrame, states: Sequence[str], reference: str, degraded: str, metric: str
 ) -> list[str]:
     """Task accuracy, the recovery table, general capability and held-out English."""
-    lines = ["## Task accuracy (%)", "", _table(wide, TASK_COLUMNS), ""]
+    lines = ["## Task accuracy (%)", "", accuracy_table(wide, TASK_COLUMNS), "",
+             "![accuracy by stage](accuracy.png)", ""]  # fmt: skip
     lines += recovery_rows(wide, states, reference=reference, degraded=degraded, metric=metric)
     if any(c in wide.columns for c in GENERAL_COLUMNS):
-        lines += ["## General capability (%, lm-eval)", "", _table(wide, GENERAL_COLUMNS), ""]
+        lines += ["## General capability (%, lm-eval)", "", accuracy_table(wide, GENERAL_COLUMNS),
+                  ""]  # fmt: skip
     if any(c in wide.columns for c in TEXT_COLUMNS):
         lines += [
             "## Held-out English (bits per byte, lower is better; lm-eval)",
@@ -208,11 +239,13 @@ def cka_section(
                      f"{mean - base_mean:+.4f} | {seq:.4f} |")  # fmt: skip
         if ref_acc is not None and not math.isnan(wide.loc[state, accuracy_metric]):
             points.append((state, 1 - cka, wide.loc[state, accuracy_metric] - ref_acc))
-    lines.append("")
+    lines += ["", "![CKA to the reference by layer](cka_by_layer.png)", ""]
     if points:
         r = plot_misalignment_vs_accuracy(points, figures / "misalignment_vs_accuracy.png")
         why = " (undefined: fewer than 3 states or a constant axis)" if math.isnan(r) else ""
         lines += [f"Pearson r between CKA misalignment (1 − CKA) and the change in "
                   f"{accuracy_metric} against `{reference}`: {r:.3f} over {len(points)} "
-                  f"states{why}.", ""]  # fmt: skip
+                  f"states{why}.", "",
+                  "![misalignment against the accuracy change](misalignment_vs_accuracy.png)",
+                  ""]  # fmt: skip
     return lines
