@@ -8,16 +8,21 @@
     sdftlab degrade sft --from base --to expert --data science [--steps N] [key=value ...]
     sdftlab degrade quantize --from expert --to nf4
     sdftlab degrade prune --from expert --to pruned10 --ratio 0.1 [--importance taylor]
-    sdftlab cka --a forgot --b expert [--data science] [--actors 2] [--plot cka.png] [key=value]
+    sdftlab cka --state forgot --reference expert [--data science] [--actors 2] [--plot cka.png]
     sdftlab lineage [tree | list | show NAME | verify [NAME] | rm NAME]
                                  (show: provenance, then metadata; verify: sha256 + loads)
     sdftlab runs [--dir runs]                    every pipeline run with its headline metrics
     sdftlab runs compare A B [--metrics m,...]   per-state differences between two runs
     sdftlab plan CONFIG [key=value ...]   each stage's memory per device, before any work
+    sdftlab demo | run CONFIG [key=value ...]   the forgetting pipeline | any pipeline config
+    sdftlab sweep CONFIG [key=value ...]  a Ray Tune sweep
+    sdftlab config show|validate [CONFIG] [--kind KIND] [key=value ...]   every field resolved
 
 Global: `--home DIR` (worlds and the default lineage; `$SDFTLAB_HOME`, else `./.sdftlab`) and
 `--lineage ROOT` (a path or a pyarrow.fs URI; `$SDFTLAB_LINEAGE`, else `<home>/lineage`).
-User errors print one line naming the field and the fix, and exit with status 2.
+User errors print one line naming the field and the fix, and exit with status 2. A command
+that runs stages prints sdftlab's lines only; the libraries' go to a log file (sdftlab.console)
+unless `--verbose`.
 """
 
 from __future__ import annotations
@@ -25,11 +30,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-from sdftlab import __version__
+from sdftlab import __version__, console
 from sdftlab.allocator import tune_cpu_allocator
 from sdftlab.errors import SdftlabError
 
@@ -378,13 +382,20 @@ Every command that takes a config takes key=value overrides anywhere on its line
 is one error naming the key and the fix (exit status 2). Docs: README.md, docs/."""
 
 
-def _sub(sub: Any, name: str, help: str, example: str, func: Any) -> argparse.ArgumentParser:
-    """A subcommand with its help line and an example."""
+def _sub(
+    sub: Any, name: str, help: str, example: str, func: Any, runs: bool = False
+) -> argparse.ArgumentParser:
+    """A subcommand with its help line and an example; one that `runs` work is quiet unless
+    --verbose (sdftlab.console)."""
     parser = sub.add_parser(
         name, help=help, description=help, epilog=f"example:\n  {example}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     parser.set_defaults(func=func)
+    if runs:
+        parser.add_argument("--verbose", action="store_true",
+                            help="show the libraries' output here (else: in the log file named "
+                            "on the first line)")  # fmt: skip
     return parser
 
 
@@ -423,7 +434,7 @@ def _state_commands(sub: Any) -> None:
     """The commands on single states: world, import, eval, recover, cka, lineage."""
     world = _sub(sub, "world", "build or inspect the embedded tiny world",
                  "sdftlab world build --config jobs/configs/world.yaml seed=1",
-                 cmd_world)  # fmt: skip
+                 cmd_world, runs=True)  # fmt: skip
     world.add_argument("action", choices=["build", "info"])
     world.add_argument("--config", help="a WorldConfig YAML file")
     world.add_argument("--overwrite", action="store_true", help="rebuild and replace `base`")
@@ -441,7 +452,7 @@ def _state_commands(sub: Any) -> None:
 
     ev = _sub(sub, "eval", "evaluate a state and record its metrics",
               "sdftlab eval expert --tasks science,tooluse --demo --limit 100",
-              cmd_eval)  # fmt: skip
+              cmd_eval, runs=True)  # fmt: skip
     ev.add_argument("state", help="a lineage state name or a Hugging Face model directory")
     ev.add_argument("--tasks", default="science,tooluse,mmlu,winogrande",
                     help=f"comma separated, of: {', '.join(ALL_TASKS)}")  # fmt: skip
@@ -459,7 +470,7 @@ def _state_commands(sub: Any) -> None:
 
     rec = _sub(sub, "recover", "SDFT recovery of a state from a teacher",
                "sdftlab recover --from forgot --teacher expert --to rec_expert steps=100",
-               cmd_recover)  # fmt: skip
+               cmd_recover, runs=True)  # fmt: skip
     _state_flags(rec, "the degraded state (the student)", "--student")
     rec.add_argument("--teacher", help="state name, model path, `ema` or `live` (default expert)")
     rec.add_argument("--data", help="tasks (comma separated; world train split) or task=PATH")
@@ -471,7 +482,7 @@ def _state_commands(sub: Any) -> None:
 
     cka = _sub(sub, "cka", "per-layer CKA between two states on the same inputs",
                "sdftlab cka --state forgot --reference expert --data science --actors 2",
-               cmd_cka)  # fmt: skip
+               cmd_cka, runs=True)  # fmt: skip
     add_cli_arguments(cka)
 
     lin = _sub(sub, "lineage", "the model states: tree, list, show, verify, rm",
@@ -489,7 +500,7 @@ def _degrade_command(sub: Any) -> None:
     ops = deg.add_subparsers(dest="op", required=True, metavar="OP")
     sft = _sub(ops, "sft", "multi-round SFT on Ray Train (full or LoRA, replay)",
                "sdftlab degrade sft --from expert --to forgot --data tooluse lr=1e-3",
-               cmd_degrade)  # fmt: skip
+               cmd_degrade, runs=True)  # fmt: skip
     _state_flags(sft, "the state fine-tuned")
     sft.add_argument("--config", help="a YAML file: its `sft:` section (+ `from:`, `to:`)")
     sft.add_argument("--data", help="tasks (comma separated) or task=PATH")
@@ -499,7 +510,7 @@ def _degrade_command(sub: Any) -> None:
 
     prune = _sub(ops, "prune", "structured FFN pruning, loadable by from_pretrained and vLLM",
                  "sdftlab degrade prune --from expert --to pruned10 --ratio 0.1 "
-                 "calibration_rows=32", cmd_degrade)  # fmt: skip
+                 "calibration_rows=32", cmd_degrade, runs=True)  # fmt: skip
     _state_flags(prune, "the state pruned")
     prune.add_argument("--ratio", type=float, help="fraction of FFN neurons (default 0.1)")
     prune.add_argument("--importance", choices=["magnitude", "taylor"])
@@ -508,7 +519,8 @@ def _degrade_command(sub: Any) -> None:
     _overrides(prune, "PruneSpec fields (`sdftlab config show --kind prune`)")
 
     quant = _sub(ops, "quantize", "4-bit NF4 (or FP4) with bitsandbytes, trainable with QLoRA",
-                 "sdftlab degrade quantize --from expert --to nf4", cmd_degrade)  # fmt: skip
+                 "sdftlab degrade quantize --from expert --to nf4", cmd_degrade,
+                 runs=True)  # fmt: skip
     _state_flags(quant, "the state quantized")
     quant.add_argument("--quant-type", choices=["nf4", "fp4"])
     quant.add_argument("--compute-dtype", choices=["float32", "bfloat16"])
@@ -519,12 +531,13 @@ def _degrade_command(sub: Any) -> None:
 def _run_commands(sub: Any) -> None:
     """The commands on whole configs and their runs: demo, run, config, plan, sweep, runs."""
     demo = _sub(sub, "demo", "the forgetting pipeline on the embedded tiny world",
-                "sdftlab demo stages.rec_base=null", cmd_run)  # fmt: skip
+                "sdftlab demo stages.rec_base=null", cmd_run, runs=True)  # fmt: skip
     demo.add_argument("--config", help="a pipeline YAML (default: the packaged forgetting.yaml)")
     _overrides(demo, "pipeline overrides, e.g. stages.expert.steps=100")
 
     run = _sub(sub, "run", "run a pipeline config: forgetting, compression, small-model",
-               "sdftlab run jobs/configs/compression.yaml eval.limit=50", cmd_run)  # fmt: skip
+               "sdftlab run jobs/configs/compression.yaml eval.limit=50", cmd_run,
+               runs=True)  # fmt: skip
     run.add_argument("config", help="a pipeline YAML (jobs/configs/*.yaml)")
     _overrides(run, "pipeline overrides, e.g. stages.expert.steps=100")
 
@@ -546,7 +559,8 @@ def _run_commands(sub: Any) -> None:
     _overrides(plan, "pipeline overrides")
 
     sweep = _sub(sub, "sweep", "Ray Tune sweep: teacher × pruning ratio × lr (× loss)",
-                 "sdftlab sweep jobs/configs/sweep_teacher_lr.yaml", cmd_sweep)  # fmt: skip
+                 "sdftlab sweep jobs/configs/sweep_teacher_lr.yaml", cmd_sweep,
+                 runs=True)  # fmt: skip
     sweep.add_argument("config", help="a SweepConfig YAML (jobs/configs/sweep_*.yaml)")
     _overrides(sweep, "sweep overrides")
 
@@ -577,11 +591,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    command = " ".join(x for x in (args.command, getattr(args, "op", None)) if x)
     try:
-        tune_cpu_allocator()  # world builds, evaluation and CKA in this process reuse freed memory
-        return int(args.func(args) or 0)
+        with console.session(_home(args), command, getattr(args, "verbose", True)):
+            tune_cpu_allocator()  # world builds, evaluation and CKA here reuse freed memory
+            return int(args.func(args) or 0)
     except SdftlabError as err:
-        print(f"sdftlab: error: {err}", file=sys.stderr)
+        console.error(str(err))
         return 2
 
 

@@ -29,7 +29,6 @@ import hashlib
 import os
 import re
 import shutil
-import sys
 import tempfile
 import uuid
 from collections.abc import Mapping
@@ -41,7 +40,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from pydantic import BaseModel, Field
 
-from sdftlab import provenance
+from sdftlab import console, provenance
 from sdftlab.errors import LineageError
 from sdftlab.verify import check_state_dir
 
@@ -279,11 +278,8 @@ class Lineage:
             self.require(parent)
             changed = provenance.drift(self.meta(parent).provenance) if warn else []
             if changed:
-                print(
-                    f"sdftlab: warning: {parent!r} was made under other library versions "
-                    f"({', '.join(changed)}); {name!r} continues from it",
-                    file=sys.stderr,
-                )
+                console.warn(f"{parent!r} was made under other library versions "
+                             f"({', '.join(changed)}); {name!r} continues from it")  # fmt: skip
         if name in parents:
             raise LineageError(f"dst {name!r} is the source state; a stage writes a new state")
         if self.exists(name) and not overwrite:

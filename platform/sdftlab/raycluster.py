@@ -29,6 +29,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sdftlab import console
 from sdftlab.config import TRUST_REMOTE_CODE_ENV, trust_remote_code
 
 RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
@@ -64,6 +65,7 @@ def ensure_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
     runtime_env = {"env_vars": worker_env()}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, **kwargs)
+        console.route_worker_lines()
         return
     os.environ.setdefault("RAY_worker_niceness", "0")  # read by the raylet ray.init starts
     ray.init(
@@ -74,3 +76,4 @@ def ensure_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
         log_to_driver=True,
         **kwargs,
     )
+    console.route_worker_lines()  # a quiet command: sdftlab's worker lines only, unprefixed

@@ -48,6 +48,7 @@ from typing import Annotated, Any, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from sdftlab import console
 from sdftlab.config import TRUST_REMOTE_CODE_ENV, StrictModel
 from sdftlab.errors import SdftlabError
 from sdftlab.lineage import Lineage
@@ -436,15 +437,17 @@ def main(argv: list[str] | None, default_config: Path, doc: str) -> int:
 
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--config", default=str(default_config), help="a pipeline YAML")
+    parser.add_argument("--verbose", action="store_true", help="the libraries' output here too")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    home = sdftlab_home()
     try:
-        tune_cpu_allocator()  # the world build, evaluation and CKA in this process
-        cfg = load_config(PipelineConfig, args.config, args.overrides)
-        home = sdftlab_home()
-        root = cfg.lineage or os.environ.get("SDFTLAB_LINEAGE") or str(home / "lineage")
-        run_pipeline(cfg, Lineage(root), home)
+        with console.session(home, Path(default_config).stem, args.verbose):
+            tune_cpu_allocator()  # the world build, evaluation and CKA in this process
+            cfg = load_config(PipelineConfig, args.config, args.overrides)
+            root = cfg.lineage or os.environ.get("SDFTLAB_LINEAGE") or str(home / "lineage")
+            run_pipeline(cfg, Lineage(root), home)
     except SdftlabError as err:
-        print(f"sdftlab: error: {err}")
+        console.error(str(err))
         return 2
     return 0
