@@ -155,7 +155,8 @@ def write_report(
                                  reference=reference, degraded=degraded,
                                  accuracy_metric=accuracy_metric)  # fmt: skip
         lines += ["## Wall time per stage (s)", "", "| stage | seconds |", "|---|---:|"]
-        lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+        lines += [f"| {k} | {'up to date, not rerun' if v == 0.0 else f'{v:.0f}'} |"
+                  for k, v in timings.items()]  # fmt: skip
         lines += ["", "Every metric: results.parquet (one row per state × metric)."]
         (tmp / "report.md").write_text("\n".join(lines) + "\n")
         for path in sorted(tmp.iterdir(), key=lambda p: p.name == "report.md"):  # report last
