@@ -151,11 +151,13 @@ def test_a_pipeline_job_submitted_with_the_token_runs_and_reports(ray_head, smal
     logs = _ray(env, "job", "logs", "--address", address, job_id).stdout
     assert f"job '{job_id}' succeeded" in status, status + logs[-4000:]
     assert "── stage 2/2 SFT base on science: expert" in logs
-    assert f"report: {tmp_path / 'report' / 'report.md'}" in logs
+    run_dir = (tmp_path / "report" / "latest").resolve()  # the run's own folder, never reused
+    assert run_dir.parent == tmp_path / "report"
+    assert f"report: {run_dir / 'report.md'}" in logs
 
-    report = (tmp_path / "report" / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
     assert "expert" in report
-    results = pd.read_parquet(tmp_path / "report" / "results.parquet")
+    results = pd.read_parquet(run_dir / "results.parquet")
     assert {"base", "expert"} <= set(results["state"])
     assert job_lineage.meta("expert").parents == ["base"]
     assert env["RAY_AUTH_TOKEN"] not in logs + report  # the token never lands in logs/reports
