@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -151,6 +152,18 @@ def test_a_pipeline_job_submitted_with_the_token_runs_and_reports(ray_head, smal
     logs = _ray(env, "job", "logs", "--address", address, job_id).stdout
     assert f"job '{job_id}' succeeded" in status, status + logs[-4000:]
     assert "── stage 2/2 SFT base on science: expert" in logs
+    # The job's console is sdftlab's own: stage headers, unprefixed progress lines, results;
+    # Ray's, vLLM's and the other libraries' lines are in the log file its first line names.
+    # (`ray job logs` opens with lines of its own, from its cli.py, before the job's.)
+    lines = [line for line in logs.splitlines() if line.strip()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("log: "))
+    assert all("cli.py:" in line for line in lines[:start]), logs
+    lines = lines[start:]
+    own = re.compile(r"^(log: |run |tracking: |report: |── |   |\[(sft|sdft)\] step )")
+    assert not [line for line in lines if not own.match(line)], logs
+    assert any(line.startswith("[sft] step    2/2") for line in lines), logs
+    log_file = Path(lines[0].split()[1])
+    assert log_file.parent == home / "logs" and "pid=" in log_file.read_text()
     run_dir = (tmp_path / "report" / "latest").resolve()  # the run's own folder, never reused
     assert run_dir.parent == tmp_path / "report"
     assert f"report: {run_dir / 'report.md'}" in logs
