@@ -1,6 +1,9 @@
 """Sharded training (FSDP2 over Ray Train workers, gloo on CPU): 2 sharded workers follow 1
 worker's trajectory on the same global batches, the saved states load in transformers and
-vLLM, and a killed sharded worker resumes from its checkpoint."""
+vLLM, and a killed sharded worker resumes from its checkpoint to the unkilled run's weights.
+The killed run is the unkilled sharded run of the trajectory test done again (one Ray Train
+run fewer than a test of its own; the DDP variant shares this checkpoint path and is left out
+of CI for its time)."""
 
 from __future__ import annotations
 
@@ -33,11 +36,18 @@ def _close_states(lineage, a: str, b: str, atol: float) -> None:
         )
 
 
-def test_two_sharded_sft_workers_follow_one_workers_trajectory(small_world, tmp_path, monkeypatch):
+def test_two_sharded_sft_workers_follow_one_worker_and_a_killed_one_resumes_to_it(
+    small_world, tmp_path, monkeypatch
+):
+    """One worker, two sharded workers, and two sharded workers of which one is killed after
+    step 3 (Ray Train restarts the group from the step-2 checkpoint): the same trajectory and
+    the same weights, and the killed run's state is whole."""
+    import ray
+
     world, lineage, _ = small_world
     monkeypatch.setenv("SDFTLAB_STORAGE", str(tmp_path / "ray"))
     losses = {}
-    sharded = {"num_workers": 2, "memory": {**SFT["memory"], "fsdp": True}}
+    sharded = {"num_workers": 2, "max_failures": 1, "memory": {**SFT["memory"], "fsdp": True}}
     for name, extra in (("one", {}), ("two", sharded)):
         cfg = SFTConfig(**{**SFT, **extra})
         path = tmp_path / f"{name}.jsonl"
@@ -48,6 +58,19 @@ def test_two_sharded_sft_workers_follow_one_workers_trajectory(small_world, tmp_
     assert losses["two"] == pytest.approx(losses["one"], rel=1e-4), losses
     assert losses["one"][-1] < losses["one"][0]  # it trained
     _close_states(lineage, "fsdp-sft-one", "fsdp-sft-two", atol=1e-4)
+
+    marker = tmp_path / "killed"
+    ray.shutdown()  # workers of a fresh cluster inherit the kill switch from this process
+    monkeypatch.setenv("SDFTLAB_KILL_AT_STEP", f"3:{marker}")
+    try:
+        run_sft(lineage, "base", "fsdp-sft-killed", SFTConfig(**{**SFT, **sharded}),
+                data_dir=world.data_dir, log=lambda _: None, overwrite=True)  # fmt: skip
+    finally:
+        ray.shutdown()
+        monkeypatch.delenv("SDFTLAB_KILL_AT_STEP")
+    assert marker.read_text() == "killed after step 3\n"  # one of the two workers died
+    _close_states(lineage, "fsdp-sft-two", "fsdp-sft-killed", atol=1e-5)
+    lineage.verify("fsdp-sft-killed")  # the lineage holds a whole, verifiable state
 
     # the sharded run's state is a plain checkpoint: transformers and vLLM load it
     from sdftlab.rollout.engines import SamplingSettings, VLLMEngine
@@ -82,32 +105,6 @@ def test_two_sharded_sdft_workers_follow_one_workers_trajectory(small_world, tut
         one, two = [r[key] for r in runs["one"]], [r[key] for r in runs["two"]]
         assert two == pytest.approx(one, rel=1e-4), (key, one, two)
     _close_states(lineage, "fsdp-sdft-one", "fsdp-sdft-two", atol=1e-4)
-
-
-@pytest.mark.parametrize("fsdp", [True, False], ids=["fsdp", "ddp"])
-def test_a_killed_worker_of_two_resumes_and_matches_an_unkilled_run(
-    small_world, tmp_path, monkeypatch, fsdp
-):
-    import ray
-
-    world, lineage, _ = small_world
-    monkeypatch.setenv("SDFTLAB_STORAGE", str(tmp_path / "ray"))
-    sharded = {"max_failures": 1, "num_workers": 2, "memory": {**SFT["memory"], "fsdp": fsdp}}
-    cfg = SFTConfig(**{**SFT, **sharded})
-    clean, killed = f"kill-{fsdp}-clean", f"kill-{fsdp}-killed"
-    run_sft(lineage, "base", clean, cfg, data_dir=world.data_dir, log=lambda _: None,
-            overwrite=True)  # fmt: skip
-    marker = tmp_path / "killed"
-    ray.shutdown()  # workers of a fresh cluster inherit the kill switch from this process
-    monkeypatch.setenv("SDFTLAB_KILL_AT_STEP", f"3:{marker}")
-    try:
-        run_sft(lineage, "base", killed, cfg, data_dir=world.data_dir,
-                log=lambda _: None, overwrite=True)  # fmt: skip
-    finally:
-        ray.shutdown()
-    assert marker.read_text() == "killed after step 3\n"  # one of the two workers died
-    _close_states(lineage, clean, killed, atol=1e-5)
-    lineage.verify(killed)  # the lineage holds a whole, verifiable state
 
 
 def test_fsdp_refuses_what_it_cannot_shard():
