@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sysconfig
 import tomllib
 
 from packaging.requirements import Requirement
@@ -27,20 +28,25 @@ def test_the_installed_libraries_are_the_locked_versions():
 
 
 def test_every_installed_distribution_the_lock_holds_is_at_its_locked_version():
-    """Not only the ten that decide a figure: nothing the lock pins drifted (a tool installed
-    beside it, such as py-spy, is not the lock's business)."""
+    """Not only the ten that decide a figure: nothing the lock pins drifted in the environment
+    (a tool installed beside it, such as py-spy, is not the lock's business, nor is a package
+    on a path outside the environment, such as one on the machine's PYTHONPATH)."""
     lock = tomllib.loads(LOCK_FILE.read_text())
     versions: dict[str, set[str]] = {}
     for pkg in lock["package"]:
         versions.setdefault(pkg["name"], set()).add(pkg["version"])
-    off = []
-    for dist in metadata.distributions():
+    site = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    off, held = [], 0
+    for dist in metadata.distributions(path=sorted(site)):
         name = re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower()
-        if name == "sdftlab":
+        if name == "sdftlab" or name not in versions:
             continue
-        if name in versions and dist.version not in versions[name]:
-            off.append(f"{name} {dist.version} (lock: {sorted(versions.get(name, []))})")
+        held += 1
+        if dist.version not in versions[name]:
+            off.append(f"{name} {dist.version} at {dist.locate_file('')} (lock: "
+                       f"{sorted(versions[name])})")  # fmt: skip
     assert not off, off
+    assert held > 150, f"only {held} of the lock's packages found in {site}"
 
 
 def _requirement(name: str, extras: list[str], specifier: str, marker: str) -> tuple:
