@@ -75,7 +75,7 @@ def test_a_bad_graph_fails_the_job_before_any_work(tmp_path, monkeypatch, capsys
     monkeypatch.setenv("SDFTLAB_HOME", str(tmp_path))
     code = main(["stages.rec_expert.teacher=nobody"], CONFIGS / "forgetting.yaml", "forgetting")
     assert code == 2
-    assert "teacher 'nobody' is made by no stage" in capsys.readouterr().out
+    assert "teacher 'nobody' is made by no stage" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no world built, no lineage written
 
 
