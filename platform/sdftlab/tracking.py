@@ -221,12 +221,16 @@ def mlflow_reports(uri: str, run_id: str) -> Any:
     from ray.train import UserCallback
 
     class MLflowReports(UserCallback):
-        def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
-            from mlflow import MlflowClient
+        client: Any = None  # opened at the first report, in the controller; kept for the run
 
-            logging.getLogger("mlflow").setLevel(logging.WARNING)
+        def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+            if self.client is None:
+                from mlflow import MlflowClient
+
+                logging.getLogger("mlflow").setLevel(logging.WARNING)
+                self.client = MlflowClient(uri)
             report = metrics[0]
-            log_metrics(MlflowClient(uri), run_id, report, int(report.get("step", 0)))
+            log_metrics(self.client, run_id, report, int(report.get("step", 0)))
 
     return MLflowReports()
 
