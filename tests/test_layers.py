@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "sdftlab"
 CKA_CORE = ("cka.stats", "cka.capture")
 CKA_UNITS = (*CKA_CORE, "cka.live")  # units of their own, not of the `cka` package
 FOUNDATIONS = {"errors", "config", "paths", "specs", "modes", "chunked", "allocator", "provenance",
-               "stats"}  # fmt: skip
+               "stats", "console"}  # fmt: skip
 PLUMBING = {"models", "lineage", "verify", "train", "sharding", "raycluster", "data", "rollout"}
 LAYERS = [
     {*FOUNDATIONS, *CKA_CORE},  # foundations
@@ -50,8 +50,8 @@ def _imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sdftlab"):
-            if node.module == "sdftlab":  # `from sdftlab import sharding`
-                found |= {f"sdftlab.{a.name}" for a in node.names}
+            if node.module == "sdftlab":  # `from sdftlab import sharding` (not __version__)
+                found |= {f"sdftlab.{a.name}" for a in node.names if not a.name.startswith("__")}
             else:
                 found.add(node.module)
         elif isinstance(node, ast.Import):
