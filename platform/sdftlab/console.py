@@ -28,7 +28,6 @@ only for a process whose stdout is its own, and gives the descriptors back when 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import re
 import sys
@@ -41,7 +40,7 @@ OWN_WORKER_LINE = re.compile(r"^\[(sft|sdft|world|cka|eval)\] ")
 
 _terminal: dict[str, IO[str]] = {}
 _log: list[IO[str]] = []
-_routed: list[bool] = []
+_routed: list[tuple[str, Any]] = []  # Ray's printer, while replaced
 
 
 def log_path(home: Path, command: str) -> Path:
@@ -89,16 +88,10 @@ def _restore() -> None:
     os.dup2(_terminal["err"].fileno(), 2)
     sys.stdout = sys.__stdout__
     if _routed:
-        from ray._private import worker
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
         dispatcher.remove_handler("sdftlab_console")
-        ignore_prefix = worker._should_ignore_worker_log_prefix(worker.global_worker)
-        dispatcher.add_handler(
-            "ray_print_logs",
-            functools.partial(worker.print_to_stdstream, ignore_prefix=ignore_prefix),
-        )
-        _routed.clear()
+        dispatcher.add_handler(*_routed.pop())  # Ray's own printer, as it was
     for stream in (*_terminal.values(), *_log):
         stream.close()
     _terminal.clear()
@@ -122,9 +115,11 @@ def route_worker_lines() -> None:
 
     if _routed:
         return
+    _routed.extend(pair for pair in dispatcher.handlers if pair[0] == "ray_print_logs")
+    if not _routed:  # Ray forwards no worker lines to this driver (log_to_driver=False)
+        return
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("sdftlab_console", _route)
-    _routed.append(True)
 
 
 def _route(data: dict[str, Any]) -> None:
