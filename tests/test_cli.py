@@ -19,7 +19,7 @@ def test_degrade_prune_then_cka_through_the_cli(small_world, capsys):
     width = lineage.meta("base").config["world"]["model"]["intermediate_size"]
     assert lineage.meta("cli_pruned").config["new_width"] == width // 2
 
-    code = main([*base, "cka", "--a", "cli_pruned", "--b", "base", "--data", "science",
+    code = main([*base, "cka", "--state", "cli_pruned", "--reference", "base", "--data", "science",
                  "--limit", "8", "--layers", "last"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0 and "CKA of cli_pruned with base" in out
@@ -39,11 +39,11 @@ def test_degrade_errors_are_one_line_and_write_nothing(small_world, capsys):
     assert main([*base, "degrade", "sft", "--from", "base", "--to", "bad", "--data", "chess"]) == 2
     assert "chess" in capsys.readouterr().err
     before_metrics = dict(lineage.meta("base").metrics)
-    assert main([*base, "cka", "--a", "base", "--b", "base", "--limit", "2"]) == 2
+    assert main([*base, "cka", "--state", "base", "--reference", "base", "--limit", "2"]) == 2
     assert "limit" in capsys.readouterr().err
-    assert main([*base, "cka", "--b", "base"]) == 2  # no state to measure
-    assert "a: required" in capsys.readouterr().err
-    assert main([*base, "cka", "--a", "base", "--b", "base", "pooling=max"]) == 2
+    assert main([*base, "cka", "--reference", "base"]) == 2  # no state to measure
+    assert "give --state STATE" in capsys.readouterr().err
+    assert main([*base, "cka", "--state", "base", "--reference", "base", "pooling=max"]) == 2
     assert "pooling" in capsys.readouterr().err
     assert lineage.names() == before and lineage.meta("base").metrics == before_metrics
 

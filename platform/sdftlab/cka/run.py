@@ -20,7 +20,7 @@ process, or on the Ray actor pool with ``actors=n``) and records on state ``a``:
 
 The recorded values use the call's `CKAOptions`; the defaults are the forms above.
 
-    sdftlab cka --a forgot --b expert --data science
+    sdftlab cka --state forgot --reference expert --data science
 
     >>> df = compare_states(lineage, "forgot", "expert", examples)
     >>> print(format_table(df))
