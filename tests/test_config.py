@@ -74,3 +74,51 @@ def test_every_shipped_world_config_validates():
     assert paths, "jobs/configs/world*.yaml: no world configs found"
     for path in paths:
         load_config(WorldConfig, path)
+
+
+def test_a_merged_section_is_merged_deeply_and_a_key_set_to_null_is_dropped(tmp_path):
+    from sdftlab.config import read_yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "x-shared: &shared {steps: 100, rollout: {engine: vllm, max_new_tokens: 1024, "
+        "dtype: bfloat16}, loss: {topk: 20}}\n"
+        "a: {<<: *shared, rollout: {engine: hf}, loss: {}}\n"
+        "b: {<<: *shared, steps: 5, loss: {topk: null}}\n"
+    )
+    data = read_yaml(path)
+    assert data["a"] == {
+        "steps": 100,
+        "loss": {"topk": 20},
+        "rollout": {"engine": "hf", "max_new_tokens": 1024, "dtype": "bfloat16"},
+    }
+    assert data["b"]["steps"] == 5 and data["b"]["loss"] == {"topk": None}
+    assert data["b"]["rollout"]["engine"] == "vllm"  # the anchor itself is left as written
+
+
+# What the shipped pipelines' reports set side by side: recoveries that differ only in the
+# factor a config studies (teacher, its context, on/off-policy, seed, the degraded state, and
+# the optimizer a QLoRA student needs), never in how they learn or sample.
+COMPARED = ["loss", "steps", "prompts_per_step", "data", "live_cka"]
+COMPARED_ROLLOUT = ["n", "temperature", "top_p", "max_new_tokens", "dtype"]
+
+
+def _pipelines() -> list[Path]:
+    from sdftlab.config_files import kind_of_file
+
+    shipped = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
+    return [path for path in shipped if kind_of_file(path) == "pipeline"]
+
+
+@pytest.mark.parametrize("path", _pipelines(), ids=lambda p: p.name)
+def test_the_recoveries_a_shipped_pipeline_compares_learn_and_sample_alike(path):
+    from sdftlab.config_files import load_any
+
+    _, cfg = load_any(str(path), "pipeline", [])
+    recoveries = {name: s for name, s in cfg.stages.items() if s.kind == "sdft"}
+    for field in COMPARED:
+        values = {name: repr(getattr(s, field)) for name, s in recoveries.items()}
+        assert len(set(values.values())) <= 1, (path.name, field, values)
+    for field in COMPARED_ROLLOUT:
+        values = {name: getattr(s.rollout, field) for name, s in recoveries.items()}
+        assert len(set(values.values())) <= 1, (path.name, f"rollout.{field}", values)

@@ -152,14 +152,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _endpoints(args: argparse.Namespace) -> tuple[str, str]:
     """(the state read, the state written): --from / --to, else `from:` / `to:` at the top of
     the --config file."""
-    import yaml
+    from sdftlab.config import load_yaml
 
     given: dict[str, Any] = {}
     if getattr(args, "config", None):
         path = Path(args.config)
         if not path.is_file():
             raise SdftlabError(f"--config {path}: no such file")
-        given = yaml.safe_load(path.read_text()) or {}
+        given = load_yaml(path.read_text()) or {}
     src = args.src or given.get("from") or given.get("student")
     dst = args.dst or given.get("to")
     for flag, value in (("--from", src), ("--to", dst)):

@@ -96,17 +96,56 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _DeepMergeLoader(yaml.SafeLoader):
+    """YAML whose merge key (`<<: *shared`) merges sections deeply: a mapping that also sets
+    some keys of a merged section keeps the section's other keys. YAML's own merge is
+    shallow — `rollout: {engine: hf}` beside `<<: *sdft` would drop every other rollout
+    setting of `*sdft` without a word. To drop a merged key, set it (to null, or another
+    value)."""
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        super().flatten_mapping(node)  # merged pairs first, the mapping's own after them
+        node.value = self._deep(node.value)
+
+    def _deep(self, pairs: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+        out: list[tuple[Any, Any]] = []
+        where: dict[str, int] = {}
+        for key, value in pairs:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name is None or name not in where:
+                if name is not None:
+                    where[name] = len(out)
+                out.append((key, value))
+                continue
+            earlier = out[where[name]][1]
+            if isinstance(earlier, yaml.MappingNode) and isinstance(value, yaml.MappingNode):
+                self.flatten_mapping(earlier)
+                self.flatten_mapping(value)
+                value = yaml.MappingNode(
+                    value.tag, self._deep(earlier.value + value.value),
+                    value.start_mark, value.end_mark, value.flow_style,
+                )  # fmt: skip
+            out[where[name]] = (key, value)
+        return out
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text with deep merges (`_DeepMergeLoader`); otherwise `yaml.safe_load`."""
+    return yaml.load(text, Loader=_DeepMergeLoader)  # a SafeLoader: no Python objects
+
+
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML mapping, with errors that name the file and line.
 
     Top-level keys starting with `x-` are dropped after parsing: they hold YAML anchors that
-    other sections merge in (`<<: *sft`), as in docker-compose files.
+    other sections merge in (`<<: *sft`), as in docker-compose files. Merges are deep
+    (`load_yaml`): a stage that sets one key of a shared section keeps the rest of it.
     """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist; pass the path of a YAML file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = load_yaml(p.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -18,10 +18,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel
 
-from sdftlab.config import load_config
+from sdftlab.config import load_config, load_yaml
 from sdftlab.errors import ConfigError
 
 CHECKOUT_CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
@@ -61,7 +60,7 @@ def packaged_config(name: str) -> Path:
 def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path.read_text()) or {}
     if not isinstance(data, dict):
         what = type(data).__name__
         raise ConfigError(f"{path}: a config is a YAML mapping of keys, not a {what}")
