@@ -22,7 +22,9 @@ pytestmark = pytest.mark.slow
 SFT = {
     "data": ["science"], "steps": 4, "batch_size": 8, "max_len": 160, "lr": 3e-3,
     "log_every": 1, "checkpoint_every": 2, "cpus_per_worker": 0.5, "warmup_steps": 0,
-    "memory": {"bf16_autocast": False},  # fp32: the trajectories compared to float rounding
+    # fp32: the trajectories compared to float rounding; two micro-batches a worker's step:
+    # sharded, the gradients are kept whole between them (fsdp_accumulate's default)
+    "memory": {"bf16_autocast": False, "micro_batch_size": 2},
 }  # fmt: skip
 
 
@@ -87,7 +89,8 @@ def test_two_sharded_sft_workers_follow_one_worker_and_a_killed_one_resumes_to_i
 
 def test_two_sharded_sdft_workers_follow_one_workers_trajectory(small_world, tutor, tmp_path):
     """Greedy rollouts (transformers `generate`, synced across the sharded ranks) make the
-    completions independent of how the prompts are split."""
+    completions independent of how the prompts are split. The sharded workers take their
+    rows one micro-batch at a time and reduce-scatter each (`memory.fsdp_accumulate=sharded`)."""
     world, lineage, _ = small_world
     base = [
         "steps=3", "prompts_per_step=4", "rollout.max_new_tokens=10", "log_every=1",
@@ -95,7 +98,9 @@ def test_two_sharded_sdft_workers_follow_one_workers_trajectory(small_world, tut
         "rollout.engine=hf", "rollout.temperature=0", "cpus_per_worker=0.5",
     ]  # fmt: skip
     runs = {}
-    for name, extra in (("one", []), ("two", ["num_workers=2", "memory.fsdp=true"])):
+    sharded = ["num_workers=2", "memory.fsdp=true", "memory.micro_batch_size=1",
+               "memory.fsdp_accumulate=sharded"]  # fmt: skip
+    for name, extra in (("one", []), ("two", sharded)):
         cfg = load_config(RecoverConfig, None, [*base, *extra])
         path = tmp_path / f"{name}.jsonl"
         recover(lineage, "base", f"fsdp-sdft-{name}", cfg, data_dir=world.data_dir,

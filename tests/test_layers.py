@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "sdftlab"
 CKA_CORE = ("cka.stats", "cka.capture")
 CKA_UNITS = (*CKA_CORE, "cka.live")  # units of their own, not of the `cka` package
 FOUNDATIONS = {"errors", "config", "paths", "specs", "modes", "chunked", "allocator", "provenance",
-               "stats", "console"}  # fmt: skip
+               "stats", "console", "placement"}  # fmt: skip
 PLUMBING = {"models", "lineage", "verify", "train", "sharding", "raycluster", "data", "rollout"}
 LAYERS = [
     {*FOUNDATIONS, *CKA_CORE},  # foundations

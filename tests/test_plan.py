@@ -104,3 +104,78 @@ def test_sdft_stages_are_planned_at_their_datas_longest_prompt(small_world):
     ratio = measured["rec_expert"].parts["activations"] / assumed["rec_expert"].parts["activations"]
     assert ratio == pytest.approx((student + new) / (SDFT_PROMPT_TOKENS + new))
     assert measured["expert"].parts == assumed["expert"].parts  # SFT: sized by max_len
+
+
+QWEN7B = CONFIGS / "forgetting_qwen7b.yaml"
+
+
+def test_a_7b_cka_pair_in_fp32_on_a_48gb_gpu_is_refused_and_fits_in_bf16():
+    cfg = load_config(PipelineConfig, QWEN7B, ["cka.dtype=float32"])
+    plans = plan_pipeline(cfg, order(cfg.stages))
+    cka = next(p for p in plans if p.name == "cka" and p.device == "gpu")
+    assert cka.parts["two models"] == pytest.approx(2 * 4 * KNOWN["qwen2.5-7b-instruct"].params
+                                                    / 2**30)  # fmt: skip
+    with pytest.raises(PlanError, match=r"'cka' \(cka\) needs 6\d\.\d GiB per GPU.*cka\.dtype=bf"):
+        check(plans, cfg.resources)
+    auto = load_config(PipelineConfig, QWEN7B, [])  # cka.dtype auto: bf16 on GPU actors
+    bf16 = next(p for p in plan_pipeline(auto, order(auto.stages)) if p.name == "cka")
+    assert bf16.fits and bf16.parts["two models"] == pytest.approx(cka.parts["two models"] / 2)
+
+
+def test_a_7b_training_worker_on_a_32gb_host_is_refused_naming_the_host():
+    cfg = load_config(PipelineConfig, QWEN7B, ["resources.host_memory_gb=32"])
+    plans = plan_pipeline(cfg, order(cfg.stages))
+    host = next(p for p in plans if p.name == "expert" and p.device == "host")
+    assert host.parts["fp32 model, as loaded"] == pytest.approx(
+        4 * KNOWN["qwen2.5-7b-instruct"].params / 2**30
+    )
+    refusal = r"'expert' \(host\) needs .* GPU node's host .*host_memory_gb.*live_cka\.every=0"
+    with pytest.raises(PlanError, match=refusal):
+        check(plans, cfg.resources)
+    # two GPUs a node: two workers load their copies on one host
+    two = load_config(PipelineConfig, QWEN7B, ["resources.gpus_per_node=2"])
+    doubled = next(p for p in plan_pipeline(two, order(two.stages))
+                   if p.name == "expert" and p.device == "host")  # fmt: skip
+    assert doubled.total == pytest.approx(2 * host.total)
+
+
+def test_fsdp_accumulation_that_keeps_whole_gradients_is_refused_with_the_sharded_fix():
+    cfg = load_config(PipelineConfig, QWEN7B, ["stages.expert.memory.fsdp_accumulate=unsharded"])
+    plans = plan_pipeline(cfg, order(cfg.stages))
+    expert = next(p for p in plans if p.name == "expert" and p.kind == "sft")
+    trainable = KNOWN["qwen2.5-7b-instruct"].params
+    assert expert.parts["whole gradients"] == pytest.approx(4 * trainable / 2**30)
+    with pytest.raises(PlanError, match=r"'expert' \(sft\).*memory\.fsdp_accumulate=sharded"):
+        check(plans, cfg.resources)
+    # one micro-batch a step (no accumulation) keeps no whole gradients
+    memory = "stages.expert.memory"
+    whole = load_config(PipelineConfig, QWEN7B, [f"{memory}.fsdp_accumulate=unsharded",
+                                                 f"{memory}.micro_batch_size=8"])  # fmt: skip
+    plan = next(p for p in plan_pipeline(whole, order(whole.stages)) if p.name == "expert")
+    assert "whole gradients" not in plan.parts
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.stem)
+def test_the_plan_counts_the_gpus_the_runtime_asks_ray_for(path):
+    """Each stage's GPUs in the plan are those of the Ray requests its runner makes: Ray
+    Train's ScalingConfig (`make_trainer`), the vLLM pools (`start_engines`), the evaluation
+    task and the CKA actors — all built by `sdftlab.placement` from the stage's own config."""
+    from sdftlab import placement
+    from sdftlab.pipelines.stages import options
+
+    cfg = load_config(PipelineConfig, path, [])
+    plans = {(p.name, p.kind): p for p in plan_pipeline(cfg, order(cfg.stages))}
+    for name, stage in cfg.stages.items():
+        if stage.kind not in ("sft", "sdft"):
+            continue
+        runtime = options(stage)  # the SFTConfig / RecoverConfig the stage runs with
+        scaling = placement.scaling_config(runtime)
+        gpus = scaling.num_workers * scaling.num_gpus_per_worker
+        if stage.kind == "sdft":
+            gpus += sum(r.count * r.gpus for r in placement.engines(runtime))
+        assert plans[(name, stage.kind)].devices == gpus, name
+        assert scaling.num_cpus_per_worker == stage.cpus_per_worker
+    evaluation = placement.evaluation(cfg.eval.generation)
+    assert plans[("eval", "generate")].devices == evaluation.gpus
+    pool = placement.cka_actors(cfg.cka)
+    assert plans[("cka", "cka")].devices == (pool.count * pool.gpus if pool else 0)

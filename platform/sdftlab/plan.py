@@ -26,8 +26,29 @@ stream and norms, then q/k/v/o inputs and outputs and the gated MLP's at e bytes
 4 in fp32). The sum is the right figure for a CPU, where freed pages are kept by the
 allocator rather than reused by the next phase. Attention runs through SDPA kernels that
 keep no [t, t] scores (measured: a term for them overestimated SmolLM2's SFT peak by 36%).
-`benchmarks/plan_memory.py` compares the plan with measured peaks. vLLM actors are planned
-as weights + KV cache; evaluation and CKA as the model(s) in fp32 where they run.
+`benchmarks/plan_memory.py` compares the plan with measured peaks.
+
+Under FSDP with several micro-batches a step, `memory.fsdp_accumulate=unsharded` (the default)
+keeps every trainable parameter's gradient whole until the last micro-batch: 4 T bytes more
+on each worker ("whole gradients"); `sharded` reduce-scatters each micro-batch and adds none.
+
+Every other process a pipeline starts is planned too, in the dtype it runs in, each against
+the device it runs on and the GPUs it asks Ray for (`sdftlab.placement`, the requests the
+runtime makes):
+
+- `<stage>` host — a GPU node's host memory (`resources.host_memory_gb`, `gpus_per_node`
+  workers on each): the fp32 model each worker loads whole before it moves or shards it, the
+  live CKA probe, the runtime;
+- `<stage>` rollout / teacher engine — a GPU (within vLLM's share of it) or the CPU machine:
+  weights in the engine's dtype, one sequence's KV cache (GPU) or `kv_cache_gb` (CPU);
+- eval generate — `eval.generation`'s device: weights in its dtype, `generate`'s KV cache for
+  a batch (hf) or vLLM's share (vllm); eval lm-eval — the same device: weights, a batch's
+  logits and log-probabilities;
+- cka — a CKA actor's device (`cka.gpus_per_actor`): both models in `cka.dtype`, a batch of
+  every layer's hidden states; the fp64 statistics on the host.
+
+Evaluation and CKA are planned for the largest state a pipeline makes. Rows of tokens whose
+length the plan cannot read are taken as `LONG_ROW_TOKENS`.
 """
 
 from __future__ import annotations
@@ -36,8 +57,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from sdftlab import placement
 from sdftlab.errors import ConfigError, SdftlabError
-from sdftlab.specs import ResourcesSpec
+from sdftlab.specs import ResourcesSpec, gpu_share, resolve_dtype
 
 GiB = 2**30
 RUNTIME_GIB = {"cpu": 1.0, "gpu": 1.5}
@@ -47,6 +69,8 @@ RUNTIME_GIB = {"cpu": 1.0, "gpu": 1.5}
 SDFT_PROMPT_TOKENS = 512
 # The live CKA probe's rows are encoded up to this many tokens (`LiveCKA`'s max_len).
 LIVE_CKA_TOKENS = 512
+# An evaluation prompt, an lm-eval request or a CKA row as planned (CKAOptions.max_len).
+LONG_ROW_TOKENS = 512
 
 
 class PlanError(ConfigError):
@@ -130,7 +154,7 @@ def import_architecture(path: str) -> Architecture:
 class StagePlan:
     name: str
     kind: str
-    device: str  # "cpu" or "gpu"
+    device: str  # "cpu", "gpu" or "host" (a GPU node's host memory)
     parts: dict[str, float]  # GiB per device of the stage's largest process
     budget: float  # GiB of that device
     devices: int = 0  # GPUs the stage holds at once (0 on CPU)
@@ -211,28 +235,35 @@ def _memory(
     stage: Any, arch: Architecture, rows: int, seq: int, device: str, **kwargs: Any
 ) -> dict[str, float]:
     mem = stage.memory
-    trainable = arch.params if stage.lora is None else lora_params(
-        arch, stage.lora.r, stage.lora.target_modules
-    )  # fmt: skip
+    trainable = _trainable(stage, arch)
+    micro = min(mem.micro_batch_size or rows, rows)
     parts = trainer_parts(
         arch, trainable=trainable, shards=stage.num_workers if mem.fsdp else 1,
-        rows=min(mem.micro_batch_size or rows, rows), seq=seq,
-        checkpointing=mem.gradient_checkpointing,
+        rows=micro, seq=seq, checkpointing=mem.gradient_checkpointing,
         bf16=mem.autocast_on(stage.use_gpu, cpu_default=stage.kind == "sft"),
         chunk=mem.chunk_for(arch.vocab), device=device, **kwargs,
     )  # fmt: skip
+    sharded = mem.fsdp and stage.num_workers > 1
+    if sharded and micro < rows and mem.fsdp_accumulate == "unsharded":
+        parts["whole gradients"] = 4 * trainable / GiB  # kept between micro-batches
     if device == "gpu":  # the probe's states and sums live in host memory, not the GPU's
         return parts
     live = live_cka_bytes(arch, stage.live_cka, min(seq, LIVE_CKA_TOKENS)) / GiB
     return parts | ({"live CKA": live} if live else {})
 
 
+def _trainable(stage: Any, arch: Architecture) -> int:
+    if stage.lora is None:
+        return arch.params
+    return lora_params(arch, stage.lora.r, stage.lora.target_modules)
+
+
 def plan_sft(name: str, stage: Any, arch: Architecture, res: ResourcesSpec) -> StagePlan:
     device = "gpu" if stage.use_gpu else "cpu"
     rows = stage.batch_size // stage.num_workers
     parts = _memory(stage, arch, rows, stage.max_len, device)
-    return _finish(StagePlan(name, "sft", device, parts, _budget(res, device),
-                             stage.num_workers if stage.use_gpu else 0), stage)  # fmt: skip
+    gpus = int(placement.gpus(placement.stage_requests(stage)))
+    return _finish(StagePlan(name, "sft", device, parts, _budget(res, device), gpus), stage)
 
 
 def plan_sdft(
@@ -258,30 +289,156 @@ def plan_sdft(
         parts["teacher copy"] = 4 * arch.params / GiB
     if stage.rollout.engine == "hf" and stage.mode == "on_policy":  # generate's KV cache
         parts["rollout KV cache"] = rows * seq * arch.layers * 2 * arch.kv_dim * 4 / GiB
-    engines = stage.rollout.actors * (stage.scoring == "vllm" and stage.teacher != "live")
-    actors = stage.rollout.actors if stage.rollout.engine == "vllm" else 0
-    gpus = (stage.num_workers if stage.use_gpu else 0) + int(
-        (actors + engines) * stage.rollout.gpus_per_actor
-    )
+    gpus = int(placement.gpus(placement.stage_requests(stage)))
     plan = StagePlan(name, "sdft", device, parts, _budget(res, device), gpus)
     plan.notes.append(
         f"prompts up to {prompts['student']} tokens, {prompts['teacher']} with the "
         "demonstration (the data's longest)" if prompts
         else f"prompts of {SDFT_PROMPT_TOKENS} tokens assumed (no task files or tokenizer yet)"
     )  # fmt: skip
-    if actors and stage.rollout.gpus_per_actor >= 1:
-        engine_gib = engine_weights(arch, stage.rollout.dtype)
-        plan.notes.append(f"each vLLM actor: weights {engine_gib:.1f} GiB + its KV cache")
-        if res.gpu_memory_gb is not None and engine_gib > 0.9 * res.gpu_memory_gb:
-            plan.parts = {"vLLM engine weights": engine_gib}
-            plan.budget = 0.9 * res.gpu_memory_gb
-            plan.fix = "give the engines more GPUs (tensor parallelism) or a smaller model"
-            return plan
     return _finish(plan, stage)
 
 
+def element_bytes(dtype: str) -> int:
+    return {"float64": 8, "float32": 4}.get(dtype, 2)
+
+
 def engine_weights(arch: Architecture, dtype: str) -> float:
-    return arch.params * (4 if dtype == "float32" else 2) / GiB
+    return arch.params * element_bytes(dtype) / GiB
+
+
+def kv_bytes_per_token(arch: Architecture, dtype: str) -> int:
+    return arch.layers * 2 * arch.kv_dim * element_bytes(dtype)
+
+
+def plan_engines(
+    name: str, stage: Any, arch: Architecture, res: ResourcesSpec, seq: int
+) -> list[StagePlan]:
+    """An SDFT stage's vLLM engines (`placement.engines`), one row per pool: on a GPU within
+    vLLM's share of it (`gpu_memory_utilization`), on a CPU beside the training workers."""
+    r = stage.rollout
+    plans = []
+    for request in placement.engines(stage):
+        dtype = resolve_dtype(r.dtype, request.gpus)
+        parts = {"weights": engine_weights(arch, dtype)}
+        if request.gpus > 0:
+            share = gpu_share(r.gpu_memory_utilization, request.gpus)
+            parts["KV cache, one sequence"] = seq * kv_bytes_per_token(arch, dtype) / GiB
+            plan = StagePlan(name, request.role, "gpu", parts,
+                             share * _budget(res, "gpu"), 0)  # fmt: skip
+            plan.notes.append(f"vLLM's share: {share:.2f} of a GPU ({dtype})")
+            plan.fix = ("give each engine more GPUs (rollout.gpus_per_actor, tensor "
+                        "parallelism), engines in bf16 (rollout.dtype=bfloat16) or a GPU with "
+                        "more memory")  # fmt: skip
+        else:
+            parts |= {"KV cache": r.kv_cache_gb, "runtime": RUNTIME_GIB["cpu"]}
+            plan = StagePlan(name, request.role, "cpu", parts, _budget(res, "cpu"), 0)
+            plan.fix = "a smaller KV cache (rollout.kv_cache_gb) or a machine with more memory"
+        plans.append(plan)
+    return plans
+
+
+def plan_host(name: str, stage: Any, arch: Architecture, res: ResourcesSpec) -> StagePlan | None:
+    """A GPU stage's node: each of its workers there loads the whole model in fp32 in host
+    memory (before it moves or shards it) and keeps the live CKA probe there. None when the
+    stage trains on CPUs or `resources.host_memory_gb` is not given."""
+    if not stage.use_gpu or res.host_memory_gb is None:
+        return None
+    workers = min(stage.num_workers, res.gpus_per_node)
+    tokens = min(stage.max_len if stage.kind == "sft" else SDFT_PROMPT_TOKENS, LIVE_CKA_TOKENS)
+    one = {
+        "fp32 model, as loaded": weight_bytes(arch) / GiB,
+        "live CKA": live_cka_bytes(arch, stage.live_cka, tokens) / GiB,
+        "runtime": RUNTIME_GIB["cpu"],
+    }
+    parts = {k: v * workers for k, v in one.items() if v}
+    plan = StagePlan(name, "host", "host", parts, res.host_memory_gb, 0)
+    plan.notes.append(f"{workers} worker(s) a node (resources.gpus_per_node)")
+    if not plan.fits:
+        need = plan.total
+        plan.fix = (f"nodes with {need:.0f} GiB of host memory or more (resources."
+                    "host_memory_gb, the worker instance type of cluster.yaml)")  # fmt: skip
+        if parts.get("live CKA", 0) > plan.total - plan.budget:
+            plan.fix += ", or the live CKA probe off (live_cka.every=0)"
+        if workers > 1:
+            plan.fix += ", or one GPU per node (resources.gpus_per_node=1)"
+    return plan
+
+
+def plan_evaluation(cfg: Any, arch: Architecture, res: ResourcesSpec) -> list[StagePlan]:
+    """Evaluation of the largest state: the generation task (its engine) and the lm-eval task
+    (`evaluate.run.evaluate_on_worker` runs them one after the other, each in its own task)."""
+    from sdftlab.evaluate.general import GENERAL_TASKS
+    from sdftlab.evaluate.run import GENERATION_TASKS
+
+    spec = cfg.eval.generation
+    request = placement.evaluation(spec)
+    device = "gpu" if request.gpus > 0 else "cpu"
+    dtype = resolve_dtype(spec.dtype, request.gpus)
+    budget = _budget(res, device)
+    weights = engine_weights(arch, dtype)
+    seq = LONG_ROW_TOKENS + spec.max_new_tokens
+    plans = []
+    if any(t in GENERATION_TASKS for t in cfg.eval.tasks):
+        if spec.engine == "vllm" and device == "gpu":
+            share = gpu_share(spec.gpu_memory_utilization, request.gpus)
+            parts = {
+                "weights": weights,
+                "KV cache, one sequence": seq * kv_bytes_per_token(arch, dtype) / GiB,
+            }
+            plan = StagePlan("eval", "generate", device, parts, share * budget,
+                             int(request.gpus))  # fmt: skip
+        else:
+            kv = spec.kv_cache_gb if spec.engine == "vllm" else (
+                spec.batch_size * seq * kv_bytes_per_token(arch, dtype) / GiB
+            )  # fmt: skip
+            parts = {"weights": weights, "KV cache": kv, "runtime": RUNTIME_GIB[device]}
+            plan = StagePlan("eval", "generate", device, parts, budget, int(request.gpus))
+        plan.notes.append(f"{spec.engine} in {dtype}, the largest state")
+        plan.fix = ("evaluate in bf16 (eval.generation.dtype=bfloat16), fewer prompts a call "
+                    "(eval.generation.batch_size) or a device with more memory")  # fmt: skip
+        plans.append(plan)
+    if any(t in GENERAL_TASKS for t in cfg.eval.tasks):
+        logits = spec.batch_size * LONG_ROW_TOKENS * arch.vocab * 4 * 2 / GiB
+        parts = {"weights": weights, "logits + log-probs": logits, "runtime": RUNTIME_GIB[device]}
+        plan = StagePlan("eval", "lm-eval", device, parts, budget, int(request.gpus))
+        plan.fix = ("fewer requests a batch (eval.generation.batch_size) or bf16 "
+                    "(eval.generation.dtype=bfloat16)")  # fmt: skip
+        plans.append(plan)
+    return plans
+
+
+def plan_cka(cfg: Any, arch: Architecture, res: ResourcesSpec) -> list[StagePlan]:
+    """A CKA actor (or the calling process): the state and the reference in `cka.dtype`, a
+    batch of every layer's hidden states of both; the fp64 statistics of every layer pair
+    (the diagonal), on the host."""
+    from sdftlab.cka.pool import DEFAULT
+
+    spec = cfg.cka
+    request = placement.cka_actors(spec)
+    gpus = request.gpus if request else 0.0
+    device = "gpu" if gpus > 0 else "cpu"
+    dtype = spec.model_dtype()
+    size = element_bytes(dtype)
+    states = 2 * (arch.layers + 1) * DEFAULT.batch_size * DEFAULT.max_len * arch.hidden * size
+    statistics = (arch.layers + 1) * 3 * arch.hidden**2 * 8 / GiB
+    parts = {"two models": 2 * engine_weights(arch, dtype), "hidden states": states / GiB}
+    if device == "cpu":
+        parts["statistics (fp64)"] = statistics
+    parts["runtime"] = RUNTIME_GIB[device]
+    devices = int(request.count * gpus) if request else 0
+    plan = StagePlan("cka", "cka", device, parts, _budget(res, device), devices)
+    plan.notes.append(f"both models in {dtype}, the largest state")
+    plan.fix = ("CKA in bf16 (cka.dtype=bfloat16)" if size > 2
+                else "a GPU with more memory for the pair")  # fmt: skip
+    plans = [plan]
+    if device == "gpu" and res.host_memory_gb is not None:
+        one = engine_weights(arch, dtype)
+        host = {"one model, as loaded": one, "statistics (fp64)": statistics, "runtime": 1.0}
+        row = StagePlan("cka", "host", "host", host, res.host_memory_gb, 0)
+        row.fix = "nodes with more host memory (resources.host_memory_gb) or fewer layers"
+        plans.append(row)
+    return plans
 
 
 def _budget(res: ResourcesSpec, device: str) -> float:
@@ -302,7 +459,11 @@ def _finish(plan: StagePlan, stage: Any) -> StagePlan:
     parts = plan.parts
     largest = max(parts, key=parts.get)
     need = _workers_needed(plan, stage)
-    if largest in ("weights", "gradients + AdamW") and need == 0:
+    if "whole gradients" in parts and parts["whole gradients"] > plan.total - plan.budget:
+        plan.fix = ("reduce-scatter the gradients after each micro-batch "
+                    "(memory.fsdp_accumulate=sharded), or micro-batches of a worker's whole "
+                    "batch (memory.micro_batch_size)")  # fmt: skip
+    elif largest in ("weights", "gradients + AdamW") and need == 0:
         plan.fix = ("even sharded, the rest of the step does not fit one device: train LoRA "
                     "(lora.r=16), smaller micro-batches (memory.micro_batch_size) with "
                     "checkpointing, or a device with more memory")  # fmt: skip
@@ -378,24 +539,37 @@ def prompt_tokens(
 def plan_pipeline(
     cfg: Any, in_order: list[str], lineage: Any = None, data_dir: Path | None = None
 ) -> list[StagePlan]:
-    """The plan of every training stage of a pipeline config (`pipelines.graph.order` gives
-    `in_order`). With the `lineage` and the task files' `data_dir`, SDFT stages are planned at
-    their data's longest prompt (the tokenizer of the first built state up their sources)."""
+    """The plan of a pipeline config (`pipelines.graph.order` gives `in_order`): every
+    training stage, its GPU nodes' host memory and its vLLM engines, then the evaluation and
+    the CKA of the largest state. With the `lineage` and the task files' `data_dir`, SDFT
+    stages are planned at their data's longest prompt (the tokenizer of the first built
+    state up their sources)."""
     arch = architectures(cfg.stages, in_order)
     res = cfg.resources
     plans = []
     measured: dict[tuple, dict[str, int] | None] = {}  # stages on the same rows: read once
     for name in in_order:
         stage = cfg.stages[name]
+        if stage.kind not in ("sft", "sdft"):
+            continue
+        source = arch[stage.source]
         if stage.kind == "sft":
-            plans.append(plan_sft(name, stage, arch[stage.source], res))
-        elif stage.kind == "sdft":
+            plans.append(plan_sft(name, stage, source, res))
+        else:
             tokenizer = _built_ancestor(cfg.stages, name, lineage)
             key = (tokenizer, tuple(stage.data), stage.teacher_context, stage.template)
             if key not in measured:
                 measured[key] = prompt_tokens(stage, data_dir, tokenizer)
-            plans.append(plan_sdft(name, stage, arch[stage.source], res, measured[key]))
-    return plans
+            prompts = measured[key]
+            plans.append(plan_sdft(name, stage, source, res, prompts))
+            seq = (prompts["teacher"] if prompts else SDFT_PROMPT_TOKENS) + (
+                stage.rollout.max_new_tokens
+            )  # fmt: skip
+            plans += plan_engines(name, stage, source, res, stage.rollout.max_model_len or seq)
+        host = plan_host(name, stage, source, res)
+        plans += [host] if host else []
+    largest = max(arch.values(), key=lambda a: a.params)
+    return plans + plan_evaluation(cfg, largest, res) + plan_cka(cfg, largest, res)
 
 
 def _built_ancestor(stages: dict[str, Any], name: str, lineage: Any) -> Path | None:
@@ -412,10 +586,10 @@ def check(plans: list[StagePlan], res: ResourcesSpec) -> None:
     """One error for the first stage that does not fit (its figure and the fix)."""
     for plan in plans:
         if not plan.fits:
+            where = "GPU node's host" if plan.device == "host" else plan.device.upper()
             raise PlanError(
                 f"stage {plan.name!r} ({plan.kind}) needs {plan.total:.1f} GiB per "
-                f"{plan.device.upper()} ({_largest(plan)}) but one has {plan.budget:.1f} GiB: "
-                f"{plan.fix}"
+                f"{where} ({_largest(plan)}) but one has {plan.budget:.1f} GiB: {plan.fix}"
             )
         if res.gpus is not None and plan.devices > res.gpus:
             raise PlanError(
@@ -431,14 +605,16 @@ def _largest(plan: StagePlan) -> str:
 
 def table(plans: list[StagePlan]) -> str:
     """The plan as a text table: per stage, device, GPUs, each part, total and budget."""
-    lines = [f"{'stage':<16} {'kind':<5} {'dev':<4} {'GPUs':>4} {'GiB':>7} {'of':>7}  parts"]
+    lines = [f"{'stage':<16} {'kind':<14} {'dev':<4} {'GPUs':>4} {'GiB':>7} {'of':>7}  parts"]
     for p in plans:
         parts = ", ".join(f"{k} {v:.3g}" for k, v in p.parts.items())
         mark = "" if p.fits else "  ← does not fit: " + p.fix
-        lines.append(f"{p.name:<16} {p.kind:<5} {p.device:<4} {p.devices:>4} {p.total:>7.2f} "
+        lines.append(f"{p.name:<16} {p.kind:<14} {p.device:<4} {p.devices:>4} {p.total:>7.2f} "
                      f"{p.budget:>7.1f}  {parts}{mark}")  # fmt: skip
         lines += [f"{'':<16} {note}" for note in p.notes]
-    lines += ["", "dev: the device a worker trains on; GPUs: held at once by the stage (workers "
-              "and engines); GiB: its peak on one device; of: one device's memory (resources); "
+    lines += ["", "kind: the stage, or one of its processes (engines, a GPU node's host) and the "
+              "evaluation and CKA of the largest state; dev: where that process runs (host: a "
+              "GPU node's host memory); GPUs: held at once, as Ray is asked for them; GiB: its "
+              "peak on one device; of: one device's memory (resources; vLLM: its share); "
               "parts: the peak's terms, GiB"]  # fmt: skip
     return "\n".join(lines)

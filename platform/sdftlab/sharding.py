@@ -84,13 +84,17 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def no_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+def no_sync(
+    model: torch.nn.Module, sync: bool, fsdp_accumulate: str = "unsharded"
+) -> contextlib.AbstractContextManager:
     """Gradients of a micro-batch not yet to be reduced across workers: DDP's `no_sync`,
-    FSDP2's `set_requires_gradient_sync(False)`."""
+    FSDP2's `set_requires_gradient_sync(False)` — which keeps them whole until the step's last
+    micro-batch. With `fsdp_accumulate="sharded"` FSDP2 reduce-scatters every micro-batch's
+    gradients into the shards instead (`MemorySpec.fsdp_accumulate`)."""
     if sync:
         return contextlib.nullcontext()
     if is_sharded(model):
-        return _fsdp_no_sync(model)
+        return _fsdp_no_sync(model) if fsdp_accumulate == "unsharded" else contextlib.nullcontext()
     if hasattr(model, "no_sync"):
         return model.no_sync()
     return contextlib.nullcontext()

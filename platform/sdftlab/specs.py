@@ -27,7 +27,10 @@ activations — never the model or the arithmetic of the step:
   AMX), fp32 weights and optimizer state. `None` means on for GPU workers, and off on CPU for
   SDFT (its documented tiny-world figures are fp32); SFT's default is on.
 - `fsdp`: shard weights, gradients and optimizer state over the stage's workers (FSDP2,
-  `sdftlab.sharding`) instead of a whole replica on each (DDP).
+  `sdftlab.sharding`) instead of a whole replica on each (DDP). With several micro-batches a
+  step, `fsdp_accumulate` chooses between keeping the gradients whole until the last one
+  (one reduce-scatter a step; `sdftlab plan` counts the whole gradients) and reducing them
+  into their shards after each (more communication, no whole gradients).
 
 `TrainSpec` holds what every training stage shares — steps, optimizer and schedule, LoRA,
 memory, live CKA, workers, checkpoint and report cadence, seed — once: `SFTConfig` and
@@ -83,6 +86,12 @@ class MemorySpec(StrictModel):
         description="shard weights, gradients and optimizer state over the workers (FSDP2, a "
         "group per decoder layer); off: every worker holds the whole model (DDP)",
     )
+    fsdp_accumulate: Literal["unsharded", "sharded"] = Field(
+        "unsharded",
+        description="FSDP with micro-batches: unsharded (gradients kept whole until the step's "
+        "last micro-batch, one reduce-scatter a step, 4 bytes a trainable parameter more per "
+        "worker) or sharded (a reduce-scatter after every micro-batch, no whole gradients)",
+    )
     cpu_allocator: Literal["auto", "heap", "system"] = Field(
         "auto",
         description="CPU workers: heap (reuse freed memory), system (the C library's), auto: "
@@ -111,11 +120,21 @@ def gpu_share(asked: float | None, gpus: float) -> float:
     return round(0.85 * min(gpus, 1.0), 3) if gpus > 0 else 0.85
 
 
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def resolve_dtype(dtype: str, gpus: float) -> str:
+    """A model's dtype where it runs: `auto` is bfloat16 on a GPU, float32 on a CPU."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if gpus > 0 else "float32"
+
+
 class VLLMEngineSpec(StrictModel):
     """The vLLM engine options rollout pools and evaluation engines share."""
 
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="the engine's weights and activations"
+    dtype: DType = Field(
+        "float32", description="the engine's weights and activations (auto: bf16 on a GPU)"
     )
     kv_cache_gb: float = Field(1.0, gt=0, description="KV cache per engine, on CPU")
     gpu_memory_utilization: float | None = Field(
@@ -132,7 +151,7 @@ class VLLMEngineSpec(StrictModel):
     def engine_kwargs(self, gpus: float) -> dict[str, Any]:
         """`VLLMEngine` keyword arguments, for an engine holding `gpus` GPUs."""
         return {
-            "dtype": self.dtype,
+            "dtype": resolve_dtype(self.dtype, gpus),
             "kv_cache_bytes": int(self.kv_cache_gb * 2**30),
             "max_model_len": self.max_model_len,
             "gpu_memory_utilization": gpu_share(self.gpu_memory_utilization, gpus),
@@ -149,6 +168,11 @@ class EvalEngineSpec(VLLMEngineSpec):
     An NF4 state, which vLLM does not serve here, is evaluated with `hf` whatever this says."""
 
     engine: Literal["hf", "vllm"] = "hf"
+    dtype: DType = Field(
+        "auto",
+        description="the model's weights and activations, on either engine and in "
+        "lm-eval: auto is bf16 where the evaluation has a GPU, fp32 on a CPU",
+    )
     max_new_tokens: int = Field(96, gt=0, description="answer budget per prompt")
     batch_size: int = Field(32, gt=0, description="hf: prompts per generate call")
     cpus: float = Field(1.0, gt=0, description="CPUs of the evaluation worker (or engine actor)")
@@ -181,6 +205,14 @@ class CKASpec(StrictModel):
     gpus_per_actor: float = Field(
         0.0, ge=0, description="GPUs of each CKA actor (its two models on it); 0: the CPU"
     )
+    dtype: Literal["auto", "float32", "bfloat16", "float64"] = Field(
+        "auto",
+        description="both models' weights and hidden states (the statistics are fp64 "
+        "whatever this is): auto is bf16 on GPU actors, fp32 on a CPU",
+    )
+
+    def model_dtype(self) -> str:
+        return resolve_dtype(self.dtype, self.gpus_per_actor if self.actors else 0.0)
 
 
 class LiveCKASpec(StrictModel):
@@ -236,6 +268,12 @@ class ResourcesSpec(StrictModel):
     gpu_memory_gb: float | None = Field(None, gt=0, description="memory of one GPU")
     cpu_memory_gb: float | None = Field(
         None, gt=0, description="memory of the machine the CPU stages run on (None: this one's)"
+    )
+    host_memory_gb: float | None = Field(
+        None, gt=0, description="host memory of each GPU node (None: not checked)"
+    )
+    gpus_per_node: int = Field(
+        1, gt=0, description="GPUs of each GPU node: the workers that share one host"
     )
 
     def cpu_budget(self) -> float:

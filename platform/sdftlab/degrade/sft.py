@@ -154,7 +154,7 @@ def sft_step(
         if not cfg.padding_free:
             part = trim_padding(part)
         labels_BT = part.pop("labels")
-        with no_sync(model, sync=i == len(parts) - 1):
+        with no_sync(model, i == len(parts) - 1, cfg.memory.fsdp_accumulate):
             with autocast(device, cfg.memory.autocast_on(cfg.use_gpu, SFTMethod.cpu_autocast)):
                 # position t predicts token t + 1; packed rows keep apart without a cache
                 hidden_BTD, _ = last_hidden(model, **part)

@@ -449,6 +449,7 @@ def check_recovery(
 def start_engines(cfg: RecoverConfig, student_dir: Path, teacher_dir: Path | None) -> tuple:
     """The vLLM pools the run needs — student rollouts, teacher scoring — loading in the
     background while the Ray Train worker group starts: (rollout pool, teacher pool)."""
+    from sdftlab.placement import engines
     from sdftlab.rollout.pool import RolloutPool
 
     engine_kwargs = {
@@ -456,18 +457,20 @@ def start_engines(cfg: RecoverConfig, student_dir: Path, teacher_dir: Path | Non
         "max_logprobs": max(20, cfg.loss.topk or 0),  # top-k scoring
     }
 
-    def pool(path: Path, seed: int) -> RolloutPool:
+    def pool(path: Path, seed: int, request: Any) -> RolloutPool:
         return RolloutPool.start(
-            path, actors=cfg.rollout.actors, cpus_per_actor=cfg.rollout.cpus_per_actor,
-            gpus_per_actor=cfg.rollout.gpus_per_actor, seed=seed, engine_kwargs=engine_kwargs,
+            path, actors=request.count, cpus_per_actor=request.cpus,
+            gpus_per_actor=request.gpus, seed=seed, engine_kwargs=engine_kwargs,
             weight_transfer=cfg.weight_transfer(), wait=False,
         )  # fmt: skip
 
+    # the pools `sdftlab plan` counts (`placement.engines`): student rollouts, teacher scoring
+    pools = {request.role: request for request in engines(cfg)}
     rollout_pool = teacher_pool = None
-    if cfg.mode == "on_policy" and cfg.rollout.engine == "vllm":
-        rollout_pool = pool(student_dir, cfg.seed)
-    if cfg.scoring == "vllm" and cfg.teacher != "live":
-        teacher_pool = pool(teacher_dir or student_dir, cfg.seed + 1000)  # ema: the student
+    if "rollout engine" in pools:
+        rollout_pool = pool(student_dir, cfg.seed, pools["rollout engine"])
+    if "teacher engine" in pools:  # ema: the student's own weights, then synced
+        teacher_pool = pool(teacher_dir or student_dir, cfg.seed + 1000, pools["teacher engine"])
     return rollout_pool, teacher_pool
 
 

@@ -78,7 +78,7 @@ def sdft_step(
         same_on_every_worker(len(parts), "micro-batches")
     for i, rows in enumerate(parts):
         part = batch.rows(rows)
-        with no_sync(student, sync=i == len(parts) - 1):
+        with no_sync(student, i == len(parts) - 1, cfg.memory.fsdp_accumulate):
             with autocast(device, autocast_on):
                 s = completion_hidden(
                     student, part.student_prompts, part.completions, pad_id, device, layers

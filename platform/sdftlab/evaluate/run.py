@@ -95,6 +95,16 @@ def evaluate_generation(
     return metrics
 
 
+def local_dtype(spec: EvalEngineSpec) -> torch.dtype:
+    """The dtype a model evaluated in this process runs in: `spec.dtype`, auto resolved by
+    whether this process has a GPU."""
+    from sdftlab.models import local_device
+    from sdftlab.specs import resolve_dtype
+
+    gpus = 1.0 if local_device().type == "cuda" else 0.0
+    return getattr(torch, resolve_dtype(spec.dtype, gpus))
+
+
 @contextlib.contextmanager
 def generator_for(
     lineage: Lineage, ref: str, tokenizer: Any, spec: EvalEngineSpec, *, in_process: bool = False
@@ -106,7 +116,7 @@ def generator_for(
 
     path = lineage.resolve(ref)
     if spec.engine == "hf" or is_quantized(path):  # vLLM does not serve NF4 states here
-        model = lineage.load_model(ref, dtype=torch.float32).to(local_device())
+        model = lineage.load_model(ref, dtype=local_dtype(spec)).to(local_device())
         yield HFGenerator(model, tokenizer, batch_size=spec.batch_size)
         return
     if in_process:
@@ -161,7 +171,7 @@ def evaluate_state(
         t0 = time.perf_counter()
         from sdftlab.models import local_device
 
-        model = lineage.load_model(ref, dtype=torch.float32).to(local_device())
+        model = lineage.load_model(ref, dtype=local_dtype(spec)).to(local_device())
         metrics |= general_capability(
             model, tokenizer, general, batch_size=spec.batch_size, limit=limit
         )
@@ -189,13 +199,13 @@ def evaluate_on_worker(
     GPU memory back). Each task's log lines are printed here, in order, when it returns."""
     import ray
 
+    from sdftlab.placement import evaluation
     from sdftlab.raycluster import ensure_ray
 
     spec = engine or EvalEngineSpec()
     ensure_ray()
-    task = ray.remote(num_cpus=spec.cpus, num_gpus=spec.gpus, max_calls=1 if spec.gpus else 0)(
-        _evaluate_task
-    )
+    request = evaluation(spec)  # what `sdftlab plan` counts
+    task = ray.remote(**request.options(), max_calls=1 if request.gpus else 0)(_evaluate_task)
     metrics: dict[str, float] = {}
     for kinds in (GENERATION_TASKS, GENERAL_TASKS):
         part = {t: p for t, p in files.items() if t in kinds}

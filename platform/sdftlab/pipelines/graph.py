@@ -405,19 +405,24 @@ def compare_to_reference(
     cfg: PipelineConfig, lineage: Lineage, names: list[str], data_dir: Path, log: Log
 ) -> dict[str, Any]:
     """CKA of every state against `cka.reference`, layer by layer: {state: frame}."""
+    from sdftlab.cka.pool import CKAOptions
     from sdftlab.cka.run import compare_states, load_examples
+    from sdftlab.placement import cka_actors
 
     log(f"── CKA against {cfg.cka.reference} on {cfg.cka.data}")
     examples = load_examples(cfg.cka.data, data_dir, limit=cfg.cka.limit)
+    opts = CKAOptions(dtype=cfg.cka.model_dtype())
+    pool = cka_actors(cfg.cka)  # what `sdftlab plan` counts; None: in this process
     return {
         s: compare_states(
             lineage,
             s,
             cfg.cka.reference,
             examples,
-            actors=cfg.cka.actors,
-            cpus_per_actor=cfg.cka.cpus_per_actor,
-            gpus_per_actor=cfg.cka.gpus_per_actor,
+            opts,
+            actors=pool and pool.count,
+            cpus_per_actor=pool.cpus if pool else 1.0,
+            gpus_per_actor=pool.gpus if pool else 0.0,
         )
         for s in names
         if s != cfg.cka.reference

@@ -46,11 +46,11 @@ def make_trainer(
         FailureConfig,
         LoggingConfig,
         RunConfig,
-        ScalingConfig,
     )
     from ray.train.torch import TorchTrainer
 
     from sdftlab.paths import storage_path
+    from sdftlab.placement import scaling_config
 
     spec = job.spec
     with warnings.catch_warnings():  # Ray's own use of its deprecated `exclude_resources`
@@ -60,11 +60,7 @@ def make_trainer(
     return TorchTrainer(
         loop,
         train_loop_config={"job": job},
-        scaling_config=ScalingConfig(
-            num_workers=spec.num_workers,
-            use_gpu=spec.use_gpu,
-            resources_per_worker={"CPU": spec.cpus_per_worker},
-        ),
+        scaling_config=scaling_config(spec),  # what `sdftlab plan` counts (`placement`)
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path(),
