@@ -80,4 +80,6 @@ fi
 # source at each import — each Ray actor and worker, about 15 s apiece on 2 cores.
 "$UV" sync --frozen --quiet --compile-bytecode --python "$PY" --extra "$variant" "${extras[@]}" "${skip[@]}"
 .venv/bin/python -m compileall -q platform/sdftlab >/dev/null
+# the lock this environment holds, for the provenance of every state and report
+sha256sum uv.lock > .venv/sdftlab-lock.sha256
 .venv/bin/python -c "import torch, transformers, ray, vllm, peft, lm_eval; print('sdftlab installed ($variant, uv.lock):', 'torch', torch.__version__, '| transformers', transformers.__version__, '| ray', ray.__version__, '| vllm', vllm.__version__)" 2>&1 | grep -v "kernels"

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -94,9 +95,11 @@ def _kill_session(sid: int) -> None:
                 os.kill(int(stat.parent.name), signal.SIGKILL)
 
 
-def _ray(env: dict[str, str], *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def _ray(
+    env: dict[str, str], *args: str, timeout: int = 120, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(BIN / "ray"), *args], env=env, cwd=REPO, capture_output=True, text=True,
+        [str(BIN / "ray"), *args], env=env, cwd=cwd, capture_output=True, text=True,
         timeout=timeout,
     )  # fmt: skip
 
@@ -132,12 +135,23 @@ def test_a_pipeline_job_submitted_with_the_token_runs_and_reports(ray_head, smal
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
     job_id = f"sdftlab-test-{secrets.token_hex(4)}"
-    runtime_env = json.dumps({"env_vars": {"SDFTLAB_HOME": str(home)}})
+    # Submitted as docs/CLUSTER.md says, from a copy of the project (a user's edited checkout):
+    # `py_modules` ships its sdftlab to the driver and every worker, ahead of the copy the
+    # environment was installed from (this checkout, through the editable install).
+    submitted = tmp_path / "checkout"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
+                             check=True).stdout.decode().split("\0")  # fmt: skip
+    for name in filter(None, tracked):
+        (submitted / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, submitted / name)
+    runtime_env = json.dumps(
+        {"py_modules": ["platform/sdftlab"], "env_vars": {"SDFTLAB_HOME": str(home)}}
+    )
 
     submit = _ray(
         env, "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
         "--working-dir", ".", "--runtime-env-json", runtime_env,
-        "--", "python", "jobs/forgetting.py", "--config", str(path),
+        "--", "python", "jobs/forgetting.py", "--config", str(path), cwd=submitted,
     )  # fmt: skip
     assert submit.returncode == 0, submit.stdout + submit.stderr
 
@@ -174,4 +188,8 @@ def test_a_pipeline_job_submitted_with_the_token_runs_and_reports(ray_head, smal
     results = pd.read_parquet(run_dir / "results.parquet")
     assert {"base", "expert"} <= set(results["state"])
     assert job_lineage.meta("expert").parents == ["base"]
+    # the code that ran is the submitted copy's, unpacked by Ray, not this checkout's
+    code = Path(job_lineage.meta("expert").provenance["code"])
+    assert code.name == "sdftlab" and not code.is_relative_to(REPO), code
+    assert (code / "lineage.py").read_bytes() == (REPO / "platform/sdftlab/lineage.py").read_bytes()
     assert env["RAY_AUTH_TOKEN"] not in logs + report  # the token never lands in logs/reports

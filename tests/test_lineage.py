@@ -187,3 +187,23 @@ def test_delete_refuses_parents(tmp_path, tiny):
         store.delete("base")
     store.delete("expert")
     assert store.names() == ["base"]
+
+
+def test_the_lineage_is_the_flag_then_the_config_then_the_environment_then_home(
+    tmp_path, monkeypatch, capsys
+):
+    from sdftlab.paths import lineage_root
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("SDFTLAB_LINEAGE", "s3://bucket/sdftlab/lineage")
+    assert lineage_root("/flag", "/shared/lineage", home) == "/flag"
+    assert capsys.readouterr().err == ""  # an explicit --lineage overrules both, silently
+    assert lineage_root(None, "/shared/lineage", home) == "/shared/lineage"
+    warning = capsys.readouterr().err
+    assert "/shared/lineage" in warning and "s3://bucket/sdftlab/lineage" in warning
+    assert warning.count("\n") == 1
+    assert lineage_root(None, "s3://bucket/sdftlab/lineage", home) == "s3://bucket/sdftlab/lineage"
+    assert lineage_root(None, None, home) == "s3://bucket/sdftlab/lineage"
+    assert capsys.readouterr().err == ""  # the two agree, or the config is silent
+    monkeypatch.delenv("SDFTLAB_LINEAGE")
+    assert lineage_root(None, None, home) == str(home / "lineage")

@@ -27,6 +27,16 @@ def test_the_installed_libraries_are_the_locked_versions():
     assert installed == locked
 
 
+def test_the_environment_records_the_lock_it_was_installed_from():
+    """`scripts/setup.sh` writes the lock's sha256 into the environment: the provenance of a
+    state made anywhere this environment runs (a job's shipped copy too) names its lock."""
+    import hashlib
+
+    recorded = provenance.INSTALLED_LOCK.read_text().split()[0]
+    assert recorded == hashlib.sha256(LOCK_FILE.read_bytes()).hexdigest()
+    assert provenance.lock_hash() == recorded
+
+
 def test_every_installed_distribution_the_lock_holds_is_at_its_locked_version():
     """Not only the ten that decide a figure: nothing the lock pins drifted in the environment
     (a tool installed beside it, such as py-spy, is not the lock's business, nor is a package

@@ -39,16 +39,12 @@ from sdftlab.errors import SdftlabError
 
 
 def _lineage(args: argparse.Namespace, from_config: str | None = None):
-    """--lineage, else the experiment config's `lineage`, else $SDFTLAB_LINEAGE, else home."""
+    """--lineage, else the experiment config's `lineage`, else $SDFTLAB_LINEAGE, else home
+    (`paths.lineage_root`)."""
     from sdftlab.lineage import Lineage
+    from sdftlab.paths import lineage_root
 
-    root = (
-        args.lineage
-        or from_config
-        or os.environ.get("SDFTLAB_LINEAGE")
-        or str(_home(args) / "lineage")
-    )
-    return Lineage(root)
+    return Lineage(lineage_root(args.lineage, from_config, _home(args)))
 
 
 def _flag_overrides(args: argparse.Namespace, *flags: str) -> list[str]:

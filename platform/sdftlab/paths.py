@@ -2,6 +2,9 @@
 
 - `sdftlab_home()`: worlds, task data, evaluation text and (by default) the lineage —
   `$SDFTLAB_HOME`, else `./.sdftlab`;
+- `lineage_root(...)`: the lineage — `--lineage`, else the config's `lineage:`, else
+  `$SDFTLAB_LINEAGE`, else `<home>/lineage`; a config that names another lineage than the
+  environment wins with one warning line naming both;
 - `atomic_write(path)`: a file written whole or not at all (a temporary file beside it,
   synced, then renamed over the path);
 - `storage_path()`: Ray Train and Ray Tune runs (checkpoints to resume from) —
@@ -22,6 +25,29 @@ from typing import IO, Any
 def sdftlab_home() -> Path:
     """Where worlds and the default lineage live: `$SDFTLAB_HOME`, else `./.sdftlab`."""
     return Path(os.environ.get("SDFTLAB_HOME", ".sdftlab")).expanduser().resolve()
+
+
+LINEAGE_ENV = "SDFTLAB_LINEAGE"
+
+
+def lineage_root(given: str | None, configured: str | None, home: Path) -> str:
+    """The lineage's root: `given` (the command's --lineage), else `configured` (the
+    experiment config's `lineage:`), else $SDFTLAB_LINEAGE, else `<home>/lineage`. An
+    environment set for every job of a cluster is overruled by a config that names a lineage,
+    never silently: one warning line names both."""
+    env = os.environ.get(LINEAGE_ENV)
+    if given:
+        return given
+    if configured:
+        if env and env != configured:
+            from sdftlab import console
+
+            console.warn(
+                f"the config's lineage {configured} is used, not ${LINEAGE_ENV}={env}; "
+                "remove `lineage:` from the config to use the environment's"
+            )
+        return configured
+    return env or str(home / "lineage")
 
 
 def storage_path() -> str:

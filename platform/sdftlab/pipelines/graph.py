@@ -438,7 +438,7 @@ def main(argv: list[str] | None, default_config: Path, doc: str) -> int:
     from sdftlab.allocator import tune_cpu_allocator
     from sdftlab.config import load_config
     from sdftlab.errors import SdftlabError
-    from sdftlab.paths import sdftlab_home
+    from sdftlab.paths import lineage_root, sdftlab_home
 
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--config", default=str(default_config), help="a pipeline YAML")
@@ -450,8 +450,7 @@ def main(argv: list[str] | None, default_config: Path, doc: str) -> int:
         with console.session(home, Path(default_config).stem, args.verbose):
             tune_cpu_allocator()  # the world build, evaluation and CKA in this process
             cfg = load_config(PipelineConfig, args.config, args.overrides)
-            root = cfg.lineage or os.environ.get("SDFTLAB_LINEAGE") or str(home / "lineage")
-            run_pipeline(cfg, Lineage(root), home)
+            run_pipeline(cfg, Lineage(lineage_root(None, cfg.lineage, home)), home)
     except SdftlabError as err:
         console.error(str(err))
         return 2
