@@ -1,5 +1,7 @@
-"""`ray job submit` as the README documents it, against a real local Ray head started by the
-test (`ray start --head`) with Ray's token authentication on."""
+"""`ray job submit` as docs/CLUSTER.md documents it, against a real two-node Ray cluster started
+by the test on this machine (`ray start --head` with no CPUs, as the cluster's head, and a
+worker node that runs the work), with Ray's token authentication on: the submitted copy's code
+runs, and the states and the report land on the storage both nodes share."""
 
 from __future__ import annotations
 
@@ -34,9 +36,10 @@ def _free_port() -> int:
 
 @pytest.fixture
 def ray_head(tmp_path):
-    """A one-node Ray cluster with RAY_AUTH_MODE=token; yields (dashboard address, client env
-    holding the token). Stopped by signalling its process group: other Ray clusters on the
-    machine are left alone."""
+    """A two-node Ray cluster with RAY_AUTH_MODE=token, shaped as `cluster.yaml`'s: a head that
+    runs no work (0 CPUs: the job's driver only) and a worker node that runs every task and
+    actor; yields (dashboard address, client env holding the token). Stopped by signalling
+    the nodes' sessions: other Ray clusters on the machine are left alone."""
     import ray
 
     ray.shutdown()  # this test process must not hold a local Ray of its own
@@ -47,17 +50,19 @@ def ray_head(tmp_path):
         RAY_AUTH_TOKEN=token,
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # `python` in a job: this venv's
     )
-    dashboard = _free_port()
+    dashboard, port = _free_port(), _free_port()
     temp_dir = Path("/tmp") / f"sdftlab-ray-{secrets.token_hex(3)}"  # short: socket paths
-    head = subprocess.Popen(
-        [
-            str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-            f"--temp-dir={temp_dir}", "--disable-usage-stats",
-        ],
-        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
+
+    def node(*args: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args],
+            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+    head = node("--head", f"--port={port}", "--dashboard-host=127.0.0.1", "--num-cpus=0",
+                f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}")  # fmt: skip
+    nodes = [head]
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.time() + 240
@@ -73,13 +78,15 @@ def ray_head(tmp_path):
             time.sleep(3)
         else:
             pytest.fail("the Ray head's job server did not come up in 240 s")
+        nodes.append(node(f"--address=127.0.0.1:{port}", "--num-cpus=2"))
         yield address, env
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            head.wait(timeout=30)
-        _kill_session(head.pid)  # Ray's workers sit in their own process groups
-        head.wait()
+        for process in reversed(nodes):
+            os.killpg(process.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=30)
+            _kill_session(process.pid)  # Ray's workers sit in their own process groups
+            process.wait()
         subprocess.run(["rm", "-rf", str(temp_dir)], check=False)
 
 
