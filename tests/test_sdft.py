@@ -248,11 +248,13 @@ def _vllm_teacher_equals_the_exact_top_k(pool, model) -> None:
     from sdftlab.distill.batch import RolloutBatch, pack
     from sdftlab.distill.losses import mask_first_tokens
     from sdftlab.distill.teachers import VLLMTeacher, frozen_teacher
+    from sdftlab.rollout.sync import WeightSync
 
     prompts = [list(range(20, 30 + 3 * i)) for i in range(4)]
     completions = [list(range(50, 53 + 2 * i)) for i in range(4)]
     batch = RolloutBatch(prompts, prompts, completions)
-    remote, exact = VLLMTeacher(pool, topk=5), frozen_teacher(model, pad_id=0, topk=5)
+    remote = VLLMTeacher(WeightSync(pool), topk=5)
+    exact = frozen_teacher(model, pad_id=0, topk=5)
     remote.prepare(batch)
     for rows in (slice(0, 1), slice(1, 4)):  # micro-batches, in order
         part = batch.rows(rows)

@@ -130,8 +130,9 @@ def test_two_round_sft_on_ray_train_writes_one_state_per_round(small_world, tmp_
 
     # LoRA: trains adapters, saves a plain merged model
     # (padding-free batches here, so the worker's packed path runs through peft too)
-    lora = cfg.model_copy(
-        update={"data": ["science"], "lora": {"r": 4, "alpha": 8}, "steps": 3, "padding_free": True}
+    lora = SFTConfig.model_validate(
+        cfg.model_dump()
+        | {"data": ["science"], "lora": {"r": 4, "alpha": 8}, "steps": 3, "padding_free": True}
     )
     run_sft(lineage, "base", "lora_t", lora, data_dir=world.data_dir, log=lambda _: None)
     merged = lineage.load_model("lora_t")

@@ -382,7 +382,7 @@ class SDFTMethod:
             f"kl {m['divergence']:.4f}{live_cka_text(m)}  {m['tokens_per_s']:6.0f} tok/s  "
             f"ratio {m.get('importance_ratio', 1.0):.3f}{drift}  rollout {m['rollout_s']:.2f}s  "
             f"teacher {m['teacher_s']:.2f}s  train {m['train_s']:.2f}s  "
-            f"sync {m['sync_s'] * 1e3:.0f}ms  data {m['data_s']:.2f}s  "
+            f"sync {m['sync_s'] * 1e3:.0f}ms  data {m.get('data_s', 0.0):.2f}s  "
             f"peak {m['peak_rss_gb']:.1f}GB"
         )
 

@@ -62,10 +62,11 @@ class Phases:
         self._phase, self._t0 = "", 0.0
 
     def start(self, phase: str) -> None:
-        """End the running phase (if any) and start `phase`."""
+        """End the running phase (if any; a phase run twice in a step adds up) and start
+        `phase`."""
         now = time.perf_counter()
         if self._phase:
-            self.seconds[self._phase] = now - self._t0
+            self.seconds[self._phase] = self.seconds.get(self._phase, 0.0) + now - self._t0
         self._phase, self._t0 = phase, now
 
     def stop(self) -> dict[str, float]:
