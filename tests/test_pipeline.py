@@ -267,28 +267,6 @@ def test_sweep_teacher_and_metric_are_checked_before_trials(small_world):
 
 
 @pytest.mark.slow
-def test_sweep_runs_reports_and_restores_without_rerunning_finished_trials(small_world, tmp_path):
-    world, lineage, _ = small_world
-    cfg = load_config(
-        SweepConfig,
-        None,
-        [*SWEEP, "space={lr: {type: grid, values: [0.001, 0.01]}}", f"out_dir={tmp_path}"],
-    )
-    out = run_sweep(cfg, lineage, world.data_dir, log=lambda _: None)
-    trials = pd.read_parquet(out / "trials.parquet")
-    assert len(trials) == 2 and {"lr", "science/acc", "cka/base/last_layer"} <= set(trials.columns)
-    assert "recover:" in (out / "best_recover.yaml").read_text()
-    states = [n for n in lineage.names() if n.startswith("t-sweep-")]
-    created = {n: lineage.meta(n).created_at for n in states}
-    assert len(states) == 2
-
-    # Run again: the sweep is restored and its finished trials are not run again.
-    run_sweep(cfg, lineage, world.data_dir, log=lambda _: None)
-    assert {n: lineage.meta(n).created_at for n in states} == created
-    assert len(pd.read_parquet(out / "trials.parquet")) == 2
-
-
-@pytest.mark.slow
 def test_asha_stops_the_trial_whose_live_cka_lags_at_its_first_measurement(small_world, tmp_path):
     """Two trials (vLLM rollouts: engines outside the trial's placement group, everything on 2
     CPUs) report live CKA every 2 of 6 steps; the one whose lr wrecks the model (CKA to the
@@ -326,7 +304,8 @@ def test_an_interrupted_sweep_restores_without_rerunning_its_finished_trial(
     small_world, tmp_path, monkeypatch
 ):
     """The sweep's process is killed after its first trial finished; `sdftlab sweep` again
-    restores it (Tuner.restore): the finished trial is kept, the others run."""
+    restores it (Tuner.restore): the finished trial is kept, the others run, and the sweep
+    reports every trial (its lr, accuracy and CKA) and the best trial's recover config."""
     import os
     import signal
     import subprocess
@@ -375,10 +354,12 @@ def test_an_interrupted_sweep_restores_without_rerunning_its_finished_trial(
     assert 1 <= len(first) < 3
     created = {n: lineage.meta(n).created_at for n in first}
 
-    run_sweep(cfg, lineage, world.data_dir, log=lambda _: None)
+    out = run_sweep(cfg, lineage, world.data_dir, log=lambda _: None)
     assert {n: lineage.meta(n).created_at for n in first} == created  # not run again
     assert len(finished()) == 3
-    assert len(pd.read_parquet(tmp_path / "out" / "trials.parquet")) == 3
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert len(trials) == 3 and {"lr", "science/acc", "cka/base/last_layer"} <= set(trials.columns)
+    assert "recover:" in (out / "best_recover.yaml").read_text()
 
 
 @pytest.mark.slow
