@@ -69,7 +69,7 @@ def engines(cfg: Any) -> list[Request]:
 def stage_requests(stage: Any) -> list[Request]:
     """Every process a training stage holds at once: its workers, and an SDFT stage's engines."""
     requests = [train_workers(stage)]
-    if getattr(stage, "kind", None) == "sdft" or hasattr(stage, "scoring"):
+    if hasattr(stage, "scoring"):  # a distillation stage (an `sdft` stage, a RecoverConfig)
         requests += engines(stage)
     return requests
 

@@ -288,7 +288,7 @@ def plan_sdft(
     if frozen_copy:  # a frozen teacher state or the EMA average, beside every worker
         parts["teacher copy"] = 4 * arch.params / GiB
     if stage.rollout.engine == "hf" and stage.mode == "on_policy":  # generate's KV cache
-        parts["rollout KV cache"] = rows * seq * arch.layers * 2 * arch.kv_dim * 4 / GiB
+        parts["rollout KV cache"] = rows * seq * kv_bytes_per_token(arch, "float32") / GiB
     gpus = int(placement.gpus(placement.stage_requests(stage)))
     plan = StagePlan(name, "sdft", device, parts, _budget(res, device), gpus)
     plan.notes.append(
@@ -311,6 +311,12 @@ def kv_bytes_per_token(arch: Architecture, dtype: str) -> int:
     return arch.layers * 2 * arch.kv_dim * element_bytes(dtype)
 
 
+def vllm_on_gpu(arch: Architecture, dtype: str, seq: int) -> dict[str, float]:
+    """What must fit in vLLM's share of a GPU: the weights and one sequence's KV cache."""
+    return {"weights": engine_weights(arch, dtype),
+            "KV cache, one sequence": seq * kv_bytes_per_token(arch, dtype) / GiB}  # fmt: skip
+
+
 def plan_engines(
     name: str, stage: Any, arch: Architecture, res: ResourcesSpec, seq: int
 ) -> list[StagePlan]:
@@ -320,10 +326,9 @@ def plan_engines(
     plans = []
     for request in placement.engines(stage):
         dtype = resolve_dtype(r.dtype, request.gpus)
-        parts = {"weights": engine_weights(arch, dtype)}
         if request.gpus > 0:
             share = gpu_share(r.gpu_memory_utilization, request.gpus)
-            parts["KV cache, one sequence"] = seq * kv_bytes_per_token(arch, dtype) / GiB
+            parts = vllm_on_gpu(arch, dtype, seq)
             plan = StagePlan(name, request.role, "gpu", parts,
                              share * _budget(res, "gpu"), 0)  # fmt: skip
             plan.notes.append(f"vLLM's share: {share:.2f} of a GPU ({dtype})")
@@ -331,7 +336,8 @@ def plan_engines(
                         "parallelism), engines in bf16 (rollout.dtype=bfloat16) or a GPU with "
                         "more memory")  # fmt: skip
         else:
-            parts |= {"KV cache": r.kv_cache_gb, "runtime": RUNTIME_GIB["cpu"]}
+            parts = {"weights": engine_weights(arch, dtype), "KV cache": r.kv_cache_gb,
+                     "runtime": RUNTIME_GIB["cpu"]}  # fmt: skip
             plan = StagePlan(name, request.role, "cpu", parts, _budget(res, "cpu"), 0)
             plan.fix = "a smaller KV cache (rollout.kv_cache_gb) or a machine with more memory"
         plans.append(plan)
@@ -382,10 +388,7 @@ def plan_evaluation(cfg: Any, arch: Architecture, res: ResourcesSpec) -> list[St
     if any(t in GENERATION_TASKS for t in cfg.eval.tasks):
         if spec.engine == "vllm" and device == "gpu":
             share = gpu_share(spec.gpu_memory_utilization, request.gpus)
-            parts = {
-                "weights": weights,
-                "KV cache, one sequence": seq * kv_bytes_per_token(arch, dtype) / GiB,
-            }
+            parts = vllm_on_gpu(arch, dtype, seq)
             plan = StagePlan("eval", "generate", device, parts, share * budget,
                              int(request.gpus))  # fmt: skip
         else:

@@ -413,17 +413,11 @@ def compare_to_reference(
     examples = load_examples(cfg.cka.data, data_dir, limit=cfg.cka.limit)
     opts = CKAOptions(dtype=cfg.cka.model_dtype())
     pool = cka_actors(cfg.cka)  # what `sdftlab plan` counts; None: in this process
+    where = {} if pool is None else {
+        "actors": pool.count, "cpus_per_actor": pool.cpus, "gpus_per_actor": pool.gpus,
+    }  # fmt: skip
     return {
-        s: compare_states(
-            lineage,
-            s,
-            cfg.cka.reference,
-            examples,
-            opts,
-            actors=pool and pool.count,
-            cpus_per_actor=pool.cpus if pool else 1.0,
-            gpus_per_actor=pool.gpus if pool else 0.0,
-        )
+        s: compare_states(lineage, s, cfg.cka.reference, examples, opts, **where)
         for s in names
         if s != cfg.cka.reference
     }
