@@ -184,8 +184,8 @@ t0 = time.perf_counter()
 with generator_for(lineage, name, tok, spec) as generate:
     up = time.perf_counter() - t0
     t1 = time.perf_counter()
-    metrics = evaluate_generation(generate, files, with_demonstration=True, limit=limit,
-                                  max_new_tokens=spec.max_new_tokens, log=lambda _: None)
+    metrics, _ = evaluate_generation(generate, files, with_demonstration=True, limit=limit,
+                                     max_new_tokens=spec.max_new_tokens, log=lambda _: None)
     gen = time.perf_counter() - t1
 rows = sum(metrics[f"{t}/n"] + metrics[f"{t}/n_demo"] for t in ("science", "tooluse"))
 print("RESULT " + json.dumps({"startup_s": up, "generate_s": gen, "rows": rows, **metrics}))

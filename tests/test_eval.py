@@ -135,7 +135,7 @@ def test_vllm_greedy_answers_equal_the_transformers_answers(small_world):
                 for ex in examples.values()
                 for demo in (False, True)
             ]
-            metrics[engine] = evaluate_generation(
+            metrics[engine], _ = evaluate_generation(
                 generate, files, with_demonstration=True, limit=12, max_new_tokens=48,
                 log=lambda _: None,
             )  # fmt: skip

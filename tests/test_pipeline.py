@@ -98,6 +98,11 @@ def test_evaluation_is_reused_only_when_every_figure_asked_for_is_there_at_the_s
     assert needs_evaluation({**teacher, "science/n_demo": 100.0}, rows, with_demonstration=True)
     # Without a generation task there is no demonstration figure to wait for.
     assert not needs_evaluation(mmlu, {"mmlu/n": 300.0}, with_demonstration=True)
+    # A state scored before per-row results were kept is scored again (the paired tests
+    # need them); lm-eval's figures have none.
+    assert needs_evaluation(teacher, rows, with_demonstration=True, per_row={"science/acc"})
+    both = {"science/acc", "science/acc_demo"}
+    assert not needs_evaluation(teacher, rows, with_demonstration=True, per_row=both)
     tool = {
         "tooluse/acc": 0.9,
         "tooluse/n": 200.0,
@@ -151,6 +156,10 @@ def test_forgetting_pipeline_reports_and_skips_finished_stages(small_world, tmp_
     )
     assert "| state | mmlu/acc | mmlu/acc_cloze | winogrande/acc |" in text
     assert lineage.meta("rec_expert").parents == ["forgot", "expert"]
+    # every state's answers are kept row by row, and the recovery compared on those rows
+    assert len(lineage.meta("rec_expert").rows["science/acc"].correct) == 8
+    assert "| rec_expert | forgot | science/acc |" in text
+    assert "paired/forgot/science/acc" in set(results[results["state"] == "rec_expert"]["metric"])
 
     # Resubmitted with the same config: every training stage is skipped.
     lines.clear()

@@ -58,6 +58,20 @@ KEY_METRICS = (
 )
 
 
+class EvalRows(BaseModel):
+    """One evaluation's rows, for paired comparisons between states on the same rows: each
+    row's id, its independent unit (the fact a question is about; the row itself where the
+    data names none) and whether the answer was right ("1") or not ("0")."""
+
+    uid: list[str]
+    unit: list[str]
+    correct: str = Field(pattern=r"^[01]*$")
+
+    def scores(self) -> dict[str, tuple[str, float]]:
+        """uid → (unit, 0.0 or 1.0)."""
+        return {u: (g, float(c)) for u, g, c in zip(self.uid, self.unit, self.correct, strict=True)}
+
+
 class StateMeta(BaseModel):
     """What the store knows about one state besides its weights."""
 
@@ -66,6 +80,8 @@ class StateMeta(BaseModel):
     kind: str
     config: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)
+    # per-row results of the generation tasks, by accuracy metric ("science/acc", ...)
+    rows: dict[str, EvalRows] = Field(default_factory=dict)
     created_at: str
     content_hash: str
     files: list[str] = Field(default_factory=list)
@@ -323,10 +339,17 @@ class Lineage:
             fh.write(meta.model_dump_json(indent=2).encode())
         self.fs.move(tmp, f"{state_dir}/{META_FILE}")
 
-    def record_metrics(self, name: str, metrics: Mapping[str, float]) -> StateMeta:
-        """Merge `metrics` into the state's metadata (atomic replace of the metadata file)."""
+    def record_metrics(
+        self,
+        name: str,
+        metrics: Mapping[str, float],
+        rows: Mapping[str, EvalRows] | None = None,
+    ) -> StateMeta:
+        """Merge `metrics` (and per-row results `rows`) into the state's metadata (atomic
+        replace of the metadata file)."""
         meta = self.meta(name)
         meta.metrics.update({k: float(v) for k, v in metrics.items()})
+        meta.rows.update(rows or {})
         self._write_meta(self._state_path(name), meta)
         return meta
 

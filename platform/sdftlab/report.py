@@ -6,8 +6,11 @@ library versions, machine (`sdftlab.provenance`). Each file is written to a temp
 directory and moved into place whole, so an interrupted report never leaves a half-written
 file behind, and other files in the directory (a run's `run.json`) are left alone.
 
-    results.parquet   one row per state × metric (state, kind, parents, metric, value)
-    report.md         accuracy per stage and task, general capability, CKA and ΔCKA
+    results.parquet   one row per state × metric (state, kind, parents, metric, value, and
+                      for accuracies ci_low, ci_high, n_rows, n_seeds; for the paired
+                      comparisons `paired/<versus>/<metric>` also p_value)
+    report.md         accuracy per stage and task with intervals, paired comparisons on the
+                      same rows, general capability, CKA and ΔCKA
     accuracy.png      accuracy by stage;  cka_by_layer.png;  misalignment_vs_accuracy.png
 """
 
@@ -24,31 +27,99 @@ from typing import Any
 import pandas as pd
 
 from sdftlab.evaluate.general import GENERAL_METRICS, LOWER_IS_BETTER
+from sdftlab.evaluate.run import ACCURACY_SUFFIXES
 from sdftlab.lineage import Lineage
 from sdftlab.provenance import summary
-from sdftlab.stats import wilson_interval
+from sdftlab.stats import correlation, paired_difference, wilson_interval
 
 TASK_COLUMNS = ("science/acc", "science/acc_demo", "tooluse/acc", "tooluse/acc_demo")
 # mmlu/acc, mmlu/acc_cloze, winogrande/acc (accuracies); english/bpb (bits per byte)
 GENERAL_COLUMNS = tuple(m for m in GENERAL_METRICS if not m.endswith(LOWER_IS_BETTER))
 TEXT_COLUMNS = tuple(m for m in GENERAL_METRICS if m.endswith(LOWER_IS_BETTER))
+PAIRED_METRICS = ("science/acc", "tooluse/acc")  # compared state against state, row by row
+RESULT_COLUMNS = ["state", "kind", "parents", "metric", "value", "ci_low", "ci_high",
+                  "n_rows", "n_seeds", "p_value"]  # fmt: skip
 
 
 def results_frame(lineage: Lineage, states: Sequence[str]) -> pd.DataFrame:
+    """One row per state × metric; accuracies with their 95% Wilson interval and rows."""
     rows = []
     for state in states:
         meta = lineage.meta(state)
         for metric, value in sorted(meta.metrics.items()):
-            rows.append(
-                {
-                    "state": state,
-                    "kind": meta.kind,
-                    "parents": ",".join(meta.parents),
-                    "metric": metric,
-                    "value": float(value),
-                }
-            )
-    return pd.DataFrame(rows, columns=["state", "kind", "parents", "metric", "value"])
+            row = {"state": state, "kind": meta.kind, "parents": ",".join(meta.parents),
+                   "metric": metric, "value": float(value)}  # fmt: skip
+            n = meta.metrics.get(_rows_of(metric))
+            if metric.endswith(ACCURACY_SUFFIXES) and n:
+                low, high = wilson_interval(value * n, n)
+                row |= {"ci_low": low, "ci_high": high, "n_rows": n, "n_seeds": 1}
+            rows.append(row)
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+def paired_comparisons(
+    lineage: Lineage, states: Sequence[str], reference: str, degraded: str
+) -> list[dict[str, Any]]:
+    """Each state after `reference` against it, and each after `degraded` against that, on
+    the rows both were evaluated on (`paired_difference`: a paired bootstrap interval,
+    resampling units where rows share one, and McNemar's exact p otherwise)."""
+    order = list(states)
+    out = []
+    for metric in PAIRED_METRICS:
+        for versus in dict.fromkeys((reference, degraded)):
+            if versus not in order:
+                continue
+            for state in order[order.index(versus) + 1 :]:
+                compared = _paired(lineage, state, versus, metric)
+                if compared is not None:
+                    out.append(compared)
+    return out
+
+
+def _paired(lineage: Lineage, state: str, versus: str, metric: str) -> dict[str, Any] | None:
+    mine, theirs = lineage.meta(state).rows.get(metric), lineage.meta(versus).rows.get(metric)
+    if mine is None or theirs is None:
+        return None
+    other = theirs.scores()
+    common = [(unit, score, other[uid][1]) for uid, (unit, score) in mine.scores().items()
+              if uid in other]  # fmt: skip
+    if not common:
+        return None
+    units = [u for u, _, _ in common]
+    shared = len(set(units)) < len(units)
+    p = paired_difference([a for _, a, _ in common], [b for _, _, b in common],
+                          units if shared else None)  # fmt: skip
+    return {"state": state, "versus": versus, "metric": metric, "diff": p.diff, "low": p.low,
+            "high": p.high, "p_value": p.p_value, "test": p.test, "n_rows": p.n_rows,
+            "n_units": p.n_units}  # fmt: skip
+
+
+def paired_frame(comparisons: Sequence[Mapping[str, Any]], df: pd.DataFrame) -> pd.DataFrame:
+    """The comparisons as results.parquet rows: metric `paired/<versus>/<metric>`."""
+    meta = df.drop_duplicates("state").set_index("state")
+    rows = [{"state": c["state"], "kind": meta.loc[c["state"], "kind"],
+             "parents": meta.loc[c["state"], "parents"],
+             "metric": f"paired/{c['versus']}/{c['metric']}", "value": c["diff"],
+             "ci_low": c["low"], "ci_high": c["high"], "n_rows": c["n_rows"], "n_seeds": 1,
+             "p_value": c["p_value"]} for c in comparisons if c["state"] in meta.index]  # fmt: skip
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+def paired_section(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not comparisons:
+        return []
+    lines = ["## Paired comparisons on the same rows", "",
+             "| state | versus | metric | Δ (points) | 95% CI | p | test | rows |",
+             "|---|---|---|---:|---:|---:|---|---:|"]  # fmt: skip
+    for c in comparisons:
+        lines.append(f"| {c['state']} | {c['versus']} | {c['metric']} | {100 * c['diff']:+.1f} "
+                     f"| {100 * c['low']:+.1f} to {100 * c['high']:+.1f} | {c['p_value']:.3g} "
+                     f"| {c['test']} | {c['n_rows']} |")  # fmt: skip
+    return [*lines, "",
+            "Δ: the state's accuracy minus the other's, over the eval rows both answered; the "
+            "interval is the paired bootstrap's (rows sharing a unit resampled together); p: "
+            "McNemar's exact test on the rows where the two disagree (`mcnemar-exact`), or "
+            "the bootstrap's where rows share units. One seed.", ""]  # fmt: skip
 
 
 def _pct(x: float) -> str:
@@ -141,15 +212,19 @@ def write_report(
     """Write report.md, results.parquet and the figures into `out_dir`; returns report.md."""
     df = results_frame(lineage, states)
     wide = df.pivot_table(index="state", columns="metric", values="value").reindex(states)
+    comparisons = paired_comparisons(lineage, states, reference, degraded)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
     try:
-        df.to_parquet(tmp / "results.parquet", index=False)
+        pd.concat([df, paired_frame(comparisons, df)], ignore_index=True).to_parquet(
+            tmp / "results.parquet", index=False
+        )
         plot_accuracy(wide, tmp / "accuracy.png")
         lines = [f"# {title}", ""]
         if provenance is not None:
             lines += [f"- {line}" for line in summary(dict(provenance))] + [""]
         lines += accuracy_sections(wide, states, reference, degraded, accuracy_metric)
+        lines += paired_section(comparisons)
         if cka_frames:
             lines += cka_section(wide, states, cka_frames, lineage.label(reference), tmp,
                                  reference=reference, degraded=degraded,
@@ -246,7 +321,15 @@ def cka_section(
         why = " (undefined: fewer than 3 states or a constant axis)" if math.isnan(r) else ""
         lines += [f"Pearson r between CKA misalignment (1 − CKA) and the change in "
                   f"{accuracy_metric} against `{reference}`: {r:.3f} over {len(points)} "
-                  f"states{why}.", "",
+                  f"states{why}{_interval_of(points, r)}.", "",
                   "![misalignment against the accuracy change](misalignment_vs_accuracy.png)",
                   ""]  # fmt: skip
     return lines
+
+
+def _interval_of(points: Sequence[tuple[str, float, float]], r: float) -> str:
+    """The correlation's 95% Fisher-z interval and p-value, where there are states enough."""
+    if math.isnan(r) or len(points) < 4:
+        return "; too few states for an interval (4 needed)" if not math.isnan(r) else ""
+    c = correlation([p[1] for p in points], [p[2] for p in points])
+    return f", 95% CI {c.low:.2f} to {c.high:.2f}, p = {c.p_value:.2g}"

@@ -19,7 +19,9 @@ Row fields (``TASK_FIELDS`` lists the required ones):
   ``description``, ``nl_documentation`` and ``instruction`` go to ``meta`` when present.
 - both: optional ``id``/``uid`` (else ``f"{task}-{index}"``, index 0-based) and optional
   ``golden_response`` (a list of strings joined by newlines, or one string) as the
-  demonstration; without it the demonstration is ``golden_response(task, answer)``.
+  demonstration; without it the demonstration is ``golden_response(task, answer)``;
+  optional ``unit``, the independent unit a row belongs to (rows about one fact or compound
+  share it; the report's bootstrap resamples units, not rows), in ``meta["unit"]``.
 
 Repr strings are parsed with ``ast.literal_eval``, never ``eval``. Every problem raises one
 `DataError` naming the file, the line (JSONL) or row (other formats), the field, and the fix.
@@ -318,6 +320,8 @@ def row_to_example(where: str, task: str, index: int, row: dict[str, Any]) -> Ta
     else:
         answer = _parse_golden(where, row["golden_answer"])
         meta = {k: row[k] for k in TOOLUSE_META_FIELDS if k in row}
+    if row.get("unit") is not None:  # rows about one fact share it: resampled together
+        meta["unit"] = str(row["unit"])
     return TaskExample(
         task=task,
         uid=_uid(row, task, index),

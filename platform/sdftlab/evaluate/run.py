@@ -32,7 +32,7 @@ from sdftlab.evaluate.general import (
     general_capability,
 )
 from sdftlab.evaluate.tasks import Generator, HFGenerator, VLLMGenerator, task_accuracy
-from sdftlab.lineage import Lineage
+from sdftlab.lineage import EvalRows, Lineage
 from sdftlab.specs import EvalEngineSpec
 
 GENERATION_TASKS = ("science", "tooluse")
@@ -74,9 +74,11 @@ def evaluate_generation(
     limit: int | None = None,
     max_new_tokens: int = 96,
     log: Callable[[str], None] = print,
-) -> dict[str, float]:
-    """Accuracy of `generate`'s greedy answers on each generation task in `files`."""
+) -> tuple[dict[str, float], dict[str, EvalRows]]:
+    """Accuracy of `generate`'s greedy answers on each generation task in `files`, and each
+    accuracy's rows (for paired comparisons: `sdftlab.report`)."""
     metrics: dict[str, float] = {}
+    rows: dict[str, EvalRows] = {}
     for task, path in files.items():
         if task not in GENERATION_TASKS:
             continue
@@ -91,8 +93,13 @@ def evaluate_generation(
             metrics[f"{task}/acc{suffix}"] = result.accuracy
             # rows scored: tells a figure taken at another `limit` from a current one
             metrics[f"{task}/n{suffix}"] = float(result.n)
+            rows[f"{task}/acc{suffix}"] = EvalRows(
+                uid=[ex.uid for ex in examples],
+                unit=[str(ex.meta.get("unit", ex.uid)) for ex in examples],
+                correct="".join("1" if c else "0" for c in result.correct),
+            )
         log(f"  {task:<10} n={len(examples):<4} {time.perf_counter() - t0:5.1f}s")
-    return metrics
+    return metrics, rows
 
 
 def local_dtype(spec: EvalEngineSpec) -> torch.dtype:
@@ -160,9 +167,10 @@ def evaluate_state(
     spec = engine or EvalEngineSpec()
     tokenizer = lineage.load_tokenizer(ref)
     metrics: dict[str, float] = {}
+    rows: dict[str, EvalRows] = {}
     if any(t in GENERATION_TASKS for t in files):
         with generator_for(lineage, ref, tokenizer, spec, in_process=in_process) as generate:
-            metrics |= evaluate_generation(
+            metrics, rows = evaluate_generation(
                 generate, files, with_demonstration=with_demonstration, limit=limit,
                 max_new_tokens=spec.max_new_tokens, log=log,
             )  # fmt: skip
@@ -177,7 +185,7 @@ def evaluate_state(
         )
         log(f"  {'+'.join(general):<10} lm-eval {time.perf_counter() - t0:5.1f}s")
     if record and lineage.exists(ref):
-        lineage.record_metrics(ref, metrics)
+        lineage.record_metrics(ref, metrics, rows)
     return metrics
 
 

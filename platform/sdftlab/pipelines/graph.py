@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Union
@@ -220,11 +220,17 @@ def run_stage(
 
 
 def needs_evaluation(
-    metrics: dict[str, float], rows: dict[str, float], *, with_demonstration: bool
+    metrics: dict[str, float],
+    rows: dict[str, float],
+    *,
+    with_demonstration: bool,
+    per_row: Collection[str] | None = None,
 ) -> bool:
     """Whether a state's recorded `metrics` lack a figure asked for, or hold one taken on
     another number of rows. `rows` maps `<task>/n` to the rows the config scores; with the
-    demonstration, the generation tasks are scored a second time (`acc_demo`, `n_demo`)."""
+    demonstration, the generation tasks are scored a second time (`acc_demo`, `n_demo`).
+    `per_row`: the accuracies whose per-row results the state holds (its metadata's `rows`);
+    a generation accuracy without them is scored again, for the report's paired tests."""
     from sdftlab.evaluate.general import FORMULATIONS
     from sdftlab.evaluate.run import GENERATION_TASKS
 
@@ -233,6 +239,10 @@ def needs_evaluation(
     wanted = {f"{t}/{m}" for t in tasks for m in FORMULATIONS.get(t, ("acc",))}
     wanted |= {f"{t}/acc_demo" for t in demo_tasks}
     counts = {**rows, **{f"{t}/n_demo": rows[f"{t}/n"] for t in demo_tasks}}
+    if per_row is not None:
+        generated = {m for m in wanted if m.split("/")[0] in GENERATION_TASKS}
+        if not generated <= set(per_row):
+            return True
     return not wanted <= set(metrics) or any(metrics.get(k) != n for k, n in counts.items())
 
 
@@ -393,7 +403,8 @@ def evaluate_states(
     rows = {f"{t}/n": float(count_rows(p, limit=cfg.eval.limit)) for t, p in files.items()}
     for state in names:
         demo = state in cfg.eval.demonstration_for
-        if not needs_evaluation(lineage.meta(state).metrics, rows, with_demonstration=demo):
+        meta = lineage.meta(state)
+        if not needs_evaluation(meta.metrics, rows, with_demonstration=demo, per_row=meta.rows):
             continue
         log(f"   {state}")
         evaluate_on_worker(lineage, state, files, with_demonstration=demo,

@@ -1,0 +1,77 @@
+"""The report compares states on the rows they share: per-row results recorded with the
+metrics give paired differences (McNemar's exact p) in report.md and results.parquet."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from sdftlab.lineage import EvalRows, Lineage
+from sdftlab.report import write_report
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_tokenizer):
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True)  # fmt: skip
+    return Qwen2ForCausalLM(config).eval(), tiny_tokenizer
+
+
+def _rows(correct: str, first: int = 0) -> EvalRows:
+    uids = [f"q{i}" for i in range(first, first + len(correct))]
+    return EvalRows(uid=uids, unit=uids, correct=correct)
+
+
+def _record(store: Lineage, name: str, rows: EvalRows) -> None:
+    n = len(rows.correct)
+    store.record_metrics(name, {"science/acc": rows.correct.count("1") / n, "science/n": n},
+                         {"science/acc": rows})  # fmt: skip
+
+
+def test_paired_comparisons_on_shared_rows_in_the_report_and_results(tmp_path, tiny):
+    model, tok = tiny
+    store = Lineage(tmp_path / "lin")
+    for name, parents in (("expert", []), ("forgot", ["expert"]), ("rec", ["forgot", "expert"])):
+        store.save(name, model, tok, kind="sft", parents=parents)
+    # 50 rows: the expert alone right on 9, `forgot` alone on 2, both on 20, neither on 19
+    _record(store, "expert", _rows("1" * 20 + "0" * 19 + "1" * 9 + "0" * 2))
+    _record(store, "forgot", _rows("1" * 20 + "0" * 19 + "0" * 9 + "1" * 2))
+    # `rec` answered rows q10..q59: only q10..q49 are shared with the others
+    _record(store, "rec", _rows("1" * 50, first=10))
+    assert store.meta("expert").rows["science/acc"].correct.count("1") == 29
+
+    report = write_report(tmp_path / "out", store, ["expert", "forgot", "rec"], {},
+                          reference="expert", degraded="forgot", timings={},
+                          title="t")  # fmt: skip
+    text = report.read_text()
+    assert "## Paired comparisons on the same rows" in text
+    mcnemar = 2 * (1 + 11 + 55) / 2048  # 2·P(X ≤ 2), X ~ Binomial(11, ½)
+    assert "| forgot | expert | science/acc | -14.0 |" in text and f"{mcnemar:.3g}" in text
+    results = pd.read_parquet(report.parent / "results.parquet").set_index(["state", "metric"])
+    forgetting = results.loc[("forgot", "paired/expert/science/acc")]
+    assert forgetting["value"] == pytest.approx(-7 / 50)
+    assert forgetting["p_value"] == pytest.approx(mcnemar)
+    assert forgetting["ci_low"] < -7 / 50 < forgetting["ci_high"] and forgetting["n_rows"] == 50
+    regained = results.loc[("rec", "paired/forgot/science/acc")]
+    assert regained["n_rows"] == 40  # the shared rows only
+    assert regained["value"] == pytest.approx(1 - 12 / 40)  # `forgot` right on 12 of them
+    # each accuracy carries its Wilson interval and rows
+    expert = results.loc[("expert", "science/acc")]
+    assert expert["ci_low"] < 29 / 50 < expert["ci_high"] and expert["n_rows"] == 50
+
+
+def test_a_state_without_rows_is_left_out_of_the_comparisons(tmp_path, tiny):
+    model, tok = tiny
+    store = Lineage(tmp_path / "lin")
+    store.save("expert", model, tok, kind="sft", metrics={"science/acc": 0.5, "science/n": 4})
+    store.save("forgot", model, tok, kind="sft", parents=["expert"])
+    _record(store, "forgot", _rows("0101"))
+    report = write_report(tmp_path / "out", store, ["expert", "forgot"], {},
+                          reference="expert", degraded="forgot", timings={}, title="t")  # fmt: skip
+    assert "Paired comparisons" not in report.read_text()
+    results = pd.read_parquet(report.parent / "results.parquet")
+    assert not results["metric"].str.startswith("paired/").any()
