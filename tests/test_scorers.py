@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sdftlab.data.records import TaskExample, ToolCall, golden_response
+from sdftlab.data.templates import reaches_answer_format
 from sdftlab.errors import DataError
 from sdftlab.evaluate.scorers import (
     extract_science_answer,
@@ -313,3 +314,39 @@ def test_metrics_table_shows_accuracies_not_row_counts():
     table = metrics_table({"base": {"science/acc": 0.25, "science/n": 200.0, "mmlu/acc": 0.5}})
     assert table.splitlines()[0] == "| state | science/acc | mmlu/acc |"
     assert "| base | 25.0 | 50.0 |" in table
+
+
+@pytest.mark.parametrize(
+    "response",
+    ["Thinking... <answer>B</answer>", "<answer> C </answer> and then more",
+     "Action: get_weather\nAction Input: {\"city\": \"Oslo\"}", "Action: x"],
+)  # fmt: skip
+def test_a_response_a_scorer_can_read_reaches_the_answer_format(response: str) -> None:
+    readable = extract_science_answer(response) is not None or parse_tool_calls(response)[0]
+    assert readable and reaches_answer_format(response)
+
+
+@pytest.mark.parametrize(
+    "response", ["Thinking... <answer>B", "The answer is B.", "</answer><answer>", ""]
+)
+def test_a_response_cut_off_or_without_an_answer_does_not(response: str) -> None:
+    readable = extract_science_answer(response) is not None or parse_tool_calls(response)[0]
+    assert not readable and not reaches_answer_format(response)
+
+
+def test_rollout_counts_truncated_and_formatted_completions(tiny_tokenizer) -> None:
+    from sdftlab.distill.batch import rollout_counts
+
+    eos = tiny_tokenizer.eos_token_id
+    answered = tiny_tokenizer.encode("<answer>A</answer>", add_special_tokens=False)
+    rambling = tiny_tokenizer.encode("the the the the", add_special_tokens=False)
+    budget = max(len(answered), len(rambling)) + 1
+    completions = [
+        [*answered, eos],  # ended, readable
+        (rambling * budget)[:budget],  # cut at the budget
+        [*rambling, eos],  # ended, nothing to read
+    ]
+    counts = rollout_counts(completions, eos_id=eos, max_new_tokens=budget,
+                            decode=lambda rows: tiny_tokenizer.batch_decode(
+                                rows, skip_special_tokens=True))  # fmt: skip
+    assert counts == [3, 1, 1]

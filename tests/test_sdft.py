@@ -288,6 +288,11 @@ def test_recover_on_vllm_rollouts_writes_a_state_with_metrics(small_world):
     assert meta.parents == ["base"] and meta.kind == "sdft"
     assert meta.metrics["sdft/divergence"] >= 0 and meta.metrics["sdft/tokens_per_s"] > 0
     assert _changed(lineage, "base", "sdft-vllm") > 0
+    # the rollout diagnostics of the last steps: shares, and a budget of 12 tokens
+    m = meta.metrics
+    assert 0 <= m["sdft/truncated"] <= 1 and 0 <= m["sdft/answer_format"] <= 1
+    assert 0 < m["sdft/completion_len"] <= 12
+    assert m["sdft/truncated"] < 1 or m["sdft/completion_len"] == 12
 
 
 @pytest.mark.slow

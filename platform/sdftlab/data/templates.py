@@ -5,11 +5,19 @@ student's question, then the expert demonstration, then the instruction to answe
 The teacher sees it; the student sees the bare question.
 
     >>> teacher_messages(example)          # [..., {"role": "user", "content": DEMO_TEMPLATE...}]
+
+The answer formats the scorers read (science's `<answer>X</answer>`, a tool call's `Action:`
+line) are here too: `reaches_answer_format` tells a completion a scorer can read, right or
+wrong, from one cut off or rambling — SDFT's rollout diagnostics count it every step.
 """
 
 from __future__ import annotations
 
 from sdftlab.data.records import TaskExample
+
+ANSWER_OPEN = "<answer>"
+ANSWER_CLOSE = "</answer>"
+ACTION_MARKER = "Action:"
 
 DEMO_TEMPLATE = (
     "\n{prompt}\n\n"
@@ -32,3 +40,10 @@ def teacher_messages(example: TaskExample, template: str = DEMO_TEMPLATE) -> lis
         prompt=messages[last_user]["content"], demonstration=example.demonstration
     )
     return messages
+
+
+def reaches_answer_format(response: str) -> bool:
+    """Whether `response` holds an answer a task's scorer can read: a closed
+    `<answer>…</answer>` (science) or an `Action:` line (tool use)."""
+    start = response.rfind(ANSWER_OPEN)
+    return (start >= 0 and ANSWER_CLOSE in response[start:]) or ACTION_MARKER in response

@@ -16,13 +16,14 @@ any other layers asked for (the CKA term). The head itself runs later, in chunks
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from sdftlab.data.templates import reaches_answer_format
 from sdftlab.distill.losses import TopK
 from sdftlab.rollout.engines import Completion
 
@@ -169,3 +170,19 @@ def topk_tensors(rows: list[list[tuple[list[int], list[float]]]], c_max: int, k:
             idx[b, c, :n] = torch.tensor(ids[:n])
             val[b, c, :n] = torch.tensor(logps[:n])
     return TopK(idx, val)
+
+
+def rollout_counts(
+    completions: Sequence[Sequence[int]],
+    *,
+    eos_id: int,
+    max_new_tokens: int,
+    decode: Callable[[list[list[int]]], list[str]],
+) -> list[int]:
+    """[completions, truncated, in the answer format] of one step's rollouts: truncated ones
+    stopped at the token budget without an end-of-sequence token; the answer format is
+    `data.templates.reaches_answer_format` on the decoded text (a scorer could read an
+    answer, right or wrong)."""
+    texts = decode([list(c) for c in completions])
+    truncated = sum(len(c) >= max_new_tokens and c[-1] != eos_id for c in completions)
+    return [len(completions), int(truncated), sum(map(reaches_answer_format, texts))]

@@ -54,7 +54,12 @@ from sdftlab.cka.live import live_cka_text, live_probe
 from sdftlab.config import trust_remote_code
 from sdftlab.data.loaders import iter_jsonl, row_to_example, task_source
 from sdftlab.data.templates import student_messages, teacher_messages
-from sdftlab.distill.batch import RolloutBatch, from_demonstrations, from_rollouts
+from sdftlab.distill.batch import (
+    RolloutBatch,
+    from_demonstrations,
+    from_rollouts,
+    rollout_counts,
+)
 from sdftlab.distill.config import SPECIAL_TEACHERS, RecoverConfig
 from sdftlab.distill.step import StepResult, sdft_step
 from sdftlab.distill.teachers import (
@@ -311,6 +316,7 @@ class SDFTMethod:
 
         tokenizer = load_tokenizer(self.job.init_dir)
         self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        self.decode = partial(tokenizer.batch_decode, skip_special_tokens=True)
         model = build_student(self.cfg, self.job.init_dir, self.device)
         self.teacher = build_teacher(self.cfg, model, self.job, self.pad_id, self.device)
         return Parts(model, tokenizer, teacher_modules(self.teacher),
@@ -336,6 +342,7 @@ class SDFTMethod:
         self.rollouts = RolloutStream(cfg, engine, batches, self.rank)
         self.first, self.busy_s, self.sync_s, self.tokens = start, 0.0, 0.0, 0
         self.losses: list[float] = []
+        self.counts: list[list[int]] = []  # rollout diagnostics per step (`rollout_counts`)
 
     def batch(self, step: int, phases: Phases) -> RolloutBatch:
         return self.rollouts.take(step, phases)
@@ -357,21 +364,37 @@ class SDFTMethod:
     ) -> dict[str, Any]:
         """The running figures: loss (last 10 steps), completion tokens a second over the
         phases' busy time, the share of it spent syncing weights; the step's statistics and
-        phase times (the teacher's forward is inside `train_s`, shown as `teacher_s`)."""
+        phase times (the teacher's forward is inside `train_s`, shown as `teacher_s`); the
+        rollout diagnostics over the last 10 steps of every worker: the shares truncated at
+        the token budget and reaching the answer format."""
         seconds = {**seconds, "teacher_s": result.stats["teacher_s"]}
         self.busy_s += sum(v for k, v in seconds.items() if k != "teacher_s")
         self.sync_s += seconds["sync_s"]
         self.tokens += sum(len(c) for c in batch.completions)
         self.losses.append(result.loss)
+        self.counts.append(self._rollout_counts(batch))
+        rows, truncated, formatted = np.sum(self.counts[-10:], axis=0)
         return {
             "loss": float(np.mean(self.losses[-10:])),
             "tokens_per_s": self.tokens * self.world / max(self.busy_s, 1e-9),
             "step_s_mean": self.busy_s / (done - self.first),
             "sync_fraction": self.sync_s / max(self.busy_s, 1e-9),  # of the step time
             "completion_len": float(np.mean([len(c) for c in batch.completions])),
+            "truncated": truncated / rows,
+            "answer_format": formatted / rows,
             **result.stats,
             **seconds,
         }
+
+    def _rollout_counts(self, batch: RolloutBatch) -> list[int]:
+        """This step's `rollout_counts`, summed over the workers."""
+        counts = rollout_counts(batch.completions, eos_id=self.eos_id, decode=self.decode,
+                                max_new_tokens=self.cfg.rollout.max_new_tokens)  # fmt: skip
+        if self.world > 1:  # every rank reports each step, so every rank reaches this
+            summed = torch.tensor(counts, dtype=torch.int64, device=self.device)
+            torch.distributed.all_reduce(summed)
+            counts = summed.tolist()
+        return counts
 
     def progress(self, m: dict[str, Any]) -> str:
         """One progress line: step, loss, divergence, live CKA, throughput, importance ratio,
@@ -380,6 +403,8 @@ class SDFTMethod:
         return (
             f"[sdft] step {m['step']:4d}/{self.cfg.steps}  loss {m['loss']:.4f}  "
             f"kl {m['divergence']:.4f}{live_cka_text(m)}  {m['tokens_per_s']:6.0f} tok/s  "
+            f"len {m['completion_len']:.0f} trunc {m['truncated']:.0%} "
+            f"fmt {m['answer_format']:.0%}  "
             f"ratio {m.get('importance_ratio', 1.0):.3f}{drift}  rollout {m['rollout_s']:.2f}s  "
             f"teacher {m['teacher_s']:.2f}s  train {m['train_s']:.2f}s  "
             f"sync {m['sync_s'] * 1e3:.0f}ms  data {m.get('data_s', 0.0):.2f}s  "
@@ -529,6 +554,8 @@ def recover(
                 "sdft/seconds": seconds, "sdft/tokens_per_s": m["tokens_per_s"],
                 "sdft/sync_s": m.get("sync_s", 0.0), "sdft/step_s": m["step_s_mean"],
                 "sdft/sync_fraction": m["sync_fraction"], "sdft/peak_rss_gb": m["peak_rss_gb"],
+                "sdft/truncated": m["truncated"], "sdft/answer_format": m["answer_format"],
+                "sdft/completion_len": m["completion_len"],
             },
         )  # fmt: skip
     finally:

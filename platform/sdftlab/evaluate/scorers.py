@@ -53,10 +53,8 @@ from sdftlab.data.records import (
     ToolCall,
     parse_json_object,
 )
+from sdftlab.data.templates import ANSWER_CLOSE, ANSWER_OPEN
 from sdftlab.errors import DataError
-
-ANSWER_OPEN = "<answer>"
-ANSWER_CLOSE = "</answer>"
 
 _MARKER_RE = re.compile(r"Action( Input)?:")
 _FIELD_RE = re.compile(r"(?:Action(?: Input)?|Observation|Thought|Final Answer):")
