@@ -104,3 +104,17 @@ def tutor(small_world):
                 p.add_(0.05 * torch.randn_like(p))
         lineage.save("tutor", model, lineage.load_tokenizer("base"), kind="test", parents=["base"])
     return "tutor"
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tiny_tokenizer):
+    """(model, tokenizer): a 2-layer Qwen2 of random weights, for states whose weights do not
+    matter (the report's and the lineage's bookkeeping)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True)  # fmt: skip
+    return Qwen2ForCausalLM(config).eval(), tiny_tokenizer

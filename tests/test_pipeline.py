@@ -135,7 +135,7 @@ def test_forgetting_pipeline_reports_and_skips_finished_stages(small_world, tmp_
             "stages.sft_baseline={steps: 2, batch_size: 8}", "stages.rec_base=null",
             f"stages.rec_expert={{{TINY_SDFT}}}}}",
             "eval.limit=8", "cka.limit=8", f"report.dir={tmp_path / 'report'}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "eval.preflight_rows=4",
         ],
     )  # fmt: skip
     lines: list[str] = []
@@ -159,6 +159,9 @@ def test_forgetting_pipeline_reports_and_skips_finished_stages(small_world, tmp_
     # every state's answers are kept row by row, and the recovery compared on those rows
     assert len(lineage.meta("rec_expert").rows["science/acc"].correct) == 8
     assert "| rec_expert | forgot | science/acc |" in text
+    # the teacher's pre-flight, before the recovery trained: on the state and in the report
+    assert lineage.meta("rec_expert").metrics["preflight/science/n"] == 4
+    assert "| rec_expert | expert | science |" in text
     assert "paired/forgot/science/acc" in set(results[results["state"] == "rec_expert"]["metric"])
 
     # Resubmitted with the same config: every training stage is skipped.

@@ -5,20 +5,9 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from sdftlab.lineage import EvalRows, Lineage
 from sdftlab.report import write_report
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_tokenizer):
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         tie_word_embeddings=True)  # fmt: skip
-    return Qwen2ForCausalLM(config).eval(), tiny_tokenizer
 
 
 def _rows(correct: str, first: int = 0) -> EvalRows:
@@ -32,8 +21,8 @@ def _record(store: Lineage, name: str, rows: EvalRows) -> None:
                          {"science/acc": rows})  # fmt: skip
 
 
-def test_paired_comparisons_on_shared_rows_in_the_report_and_results(tmp_path, tiny):
-    model, tok = tiny
+def test_paired_comparisons_on_shared_rows_in_the_report_and_results(tmp_path, tiny_qwen):
+    model, tok = tiny_qwen
     store = Lineage(tmp_path / "lin")
     for name, parents in (("expert", []), ("forgot", ["expert"]), ("rec", ["forgot", "expert"])):
         store.save(name, model, tok, kind="sft", parents=parents)
@@ -64,8 +53,8 @@ def test_paired_comparisons_on_shared_rows_in_the_report_and_results(tmp_path, t
     assert expert["ci_low"] < 29 / 50 < expert["ci_high"] and expert["n_rows"] == 50
 
 
-def test_a_state_without_rows_is_left_out_of_the_comparisons(tmp_path, tiny):
-    model, tok = tiny
+def test_a_state_without_rows_is_left_out_of_the_comparisons(tmp_path, tiny_qwen):
+    model, tok = tiny_qwen
     store = Lineage(tmp_path / "lin")
     store.save("expert", model, tok, kind="sft", metrics={"science/acc": 0.5, "science/n": 4})
     store.save("forgot", model, tok, kind="sft", parents=["expert"])

@@ -15,6 +15,7 @@ from sdftlab.stats import (
     correlation,
     mcnemar_exact,
     paired_difference,
+    seed_interval,
     wilson_interval,
 )
 
@@ -150,3 +151,10 @@ def test_correlation_by_hand():
     assert correlation(x, y, "spearman").r == pytest.approx(0.8)  # ranks are the values
     with pytest.raises(ValueError, match="≥ 4 pairs"):
         correlation([1, 2, 3], [1, 2, 3])
+
+
+def test_seed_interval_by_hand():
+    mean, low, high = seed_interval([0.1, 0.2, 0.3])
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, 2) · sd / √n
+    assert (mean, low, high) == pytest.approx((0.2, 0.2 - half, 0.2 + half))
+    assert math.isnan(seed_interval([0.4])[1])

@@ -8,14 +8,24 @@ file behind, and other files in the directory (a run's `run.json`) are left alon
 
     results.parquet   one row per state × metric (state, kind, parents, metric, value, and
                       for accuracies ci_low, ci_high, n_rows, n_seeds; for the paired
-                      comparisons `paired/<versus>/<metric>` also p_value)
-    report.md         accuracy per stage and task with intervals, paired comparisons on the
-                      same rows, general capability, CKA and ΔCKA
+                      comparisons `paired/<versus>/<metric>` also p_value); with seeds, each
+                      stage over its seeds under the stage's name
+    summary.json      each stage's accuracy (mean, ci_low, ci_high, n_seeds, n_rows), the
+                      paired differences, ΔCKA per recovery, misalignment vs accuracy change
+    report.md         with seeds, the stages over their seeds first (`over_seeds`); then per
+                      seed (or once): accuracy per stage and task with intervals, paired
+                      comparisons on the same rows, the SDFT teachers' pre-flight, general
+                      capability, CKA and ΔCKA
     accuracy.png      accuracy by stage;  cka_by_layer.png;  misalignment_vs_accuracy.png
+                      (with seeds, one of each per seed: accuracy-s0.png, ...)
+
+The statistics are `sdftlab.stats`'; per-row results come from the states' metadata
+(`EvalRows`, recorded by every evaluation).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -24,13 +34,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from sdftlab.evaluate.general import GENERAL_METRICS, LOWER_IS_BETTER
 from sdftlab.evaluate.run import ACCURACY_SUFFIXES
 from sdftlab.lineage import Lineage
+from sdftlab.pipelines.seeds import Seeded
 from sdftlab.provenance import summary
-from sdftlab.stats import correlation, paired_difference, wilson_interval
+from sdftlab.stats import (
+    bootstrap_mean,
+    correlation,
+    paired_difference,
+    seed_interval,
+    wilson_interval,
+)
 
 TASK_COLUMNS = ("science/acc", "science/acc_demo", "tooluse/acc", "tooluse/acc_demo")
 # mmlu/acc, mmlu/acc_cloze, winogrande/acc (accuracies); english/bpb (bits per byte)
@@ -105,7 +123,7 @@ def paired_frame(comparisons: Sequence[Mapping[str, Any]], df: pd.DataFrame) -> 
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
 
-def paired_section(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
+def paired_section(comparisons: Sequence[Mapping[str, Any]], seeds: bool = False) -> list[str]:
     if not comparisons:
         return []
     lines = ["## Paired comparisons on the same rows", "",
@@ -115,6 +133,11 @@ def paired_section(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
         lines.append(f"| {c['state']} | {c['versus']} | {c['metric']} | {100 * c['diff']:+.1f} "
                      f"| {100 * c['low']:+.1f} to {100 * c['high']:+.1f} | {c['p_value']:.3g} "
                      f"| {c['test']} | {c['n_rows']} |")  # fmt: skip
+    if seeds:
+        return [*lines, "",
+                "Δ: the stage's accuracy minus the other's, seed by seed on the eval rows both "
+                "answered; the interval is the bootstrap's over seeds and rows, and so is p.",
+                ""]  # fmt: skip
     return [*lines, "",
             "Δ: the state's accuracy minus the other's, over the eval rows both answered; the "
             "interval is the paired bootstrap's (rows sharing a unit resampled together); p: "
@@ -196,6 +219,226 @@ def recovery_rows(
     return [*lines, ""]
 
 
+def preflight_section(lineage: Lineage, states: Sequence[str]) -> list[str]:
+    """Each SDFT state's teacher before training, without and with the demonstration
+    (`pipelines.preflight`)."""
+    lines = []
+    for state in states:
+        meta = lineage.meta(state)
+        tasks = [k.split("/")[1] for k in meta.metrics if k.startswith("preflight/") and
+                 k.endswith("/acc")]  # fmt: skip
+        teacher = meta.config.get("recover", {}).get("teacher", "?")
+        for task in tasks:
+            bare, demo = (meta.metrics[f"preflight/{task}/{m}"] for m in ("acc", "acc_demo"))
+            n = int(meta.metrics[f"preflight/{task}/n"])
+            lines.append(f"| {state} | {teacher} | {task} | {100 * bare:.1f} | {100 * demo:.1f} "
+                         f"| {100 * (demo - bare):+.1f} | {n} |")  # fmt: skip
+    if not lines:
+        return []
+    return ["## The teachers before recovery (pre-flight, %)", "",
+            "| state | teacher | task | without the demonstration | with it | gain | rows |",
+            "|---|---|---|---:|---:|---:|---:|", *lines, "",
+            "The teacher's greedy accuracy on the first rows of the recovery's training data, on "
+            "its rollout engine and budget: SDFT needs a teacher that gains from the "
+            "demonstration.", ""]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- over seeds
+
+
+def _aligned(
+    lineage: Lineage, groups: Sequence[Sequence[str]], metric: str
+) -> tuple[list[np.ndarray], list[str] | None] | None:
+    """Each group's per-row scores (one row of the array per state, i.e. per seed) on the
+    rows every state answered, and their units where rows share one; None without rows."""
+    scores = []
+    for group in groups:
+        recorded = [lineage.meta(state).rows.get(metric) for state in group]
+        if any(r is None for r in recorded):
+            return None
+        scores.append([r.scores() for r in recorded])
+    first = scores[0][0]
+    common = [uid for uid in first if all(uid in d for g in scores for d in g)]
+    if not common:
+        return None
+    units = [first[uid][0] for uid in common]
+    arrays = [np.array([[d[uid][1] for uid in common] for d in g]) for g in scores]
+    return arrays, units if len(set(units)) < len(units) else None
+
+
+def over_seeds(
+    lineage: Lineage, seeded: Seeded, reference: str, degraded: str, accuracy_metric: str
+) -> dict[str, Any]:
+    """Each stage over its seeds (summary.json): accuracy with its bootstrap interval over
+    seeds × rows, seed-paired differences against the reference and the degraded stage, ΔCKA
+    against the degraded stage with a t interval over seeds, and the misalignment–accuracy
+    correlation over every state."""
+    seeds = seeded.seeds or (None,)
+    stages = list(dict.fromkeys(seeded.stage_of.values()))
+    per_seed = {st: [seeded.state(st, s) for s in seeds] for st in stages}
+    out: dict[str, Any] = {"seeds": list(seeded.seeds), "stages": {}, "paired": [],
+                           "delta_cka": {}, "misalignment_vs_accuracy": None}  # fmt: skip
+    for stage in stages:
+        figures = {}
+        for metric in PAIRED_METRICS:
+            got = _aligned(lineage, [list(dict.fromkeys(per_seed[stage]))], metric)
+            if got is not None:
+                e = bootstrap_mean(got[0][0], got[1])
+                figures[metric] = {"mean": e.mean, "ci_low": e.low, "ci_high": e.high,
+                                   "n_seeds": e.n_seeds, "n_rows": e.n_rows,
+                                   "n_units": e.n_units}  # fmt: skip
+        out["stages"][stage] = figures
+    order = stages.index
+    for metric in PAIRED_METRICS:
+        for versus in dict.fromkeys((reference, degraded)):
+            for stage in stages[order(versus) + 1 :] if versus in stages else []:
+                pairs = list(dict.fromkeys(zip(per_seed[stage], per_seed[versus], strict=True)))
+                got = _aligned(lineage, [[a for a, _ in pairs], [b for _, b in pairs]], metric)
+                if got is not None:
+                    p = paired_difference(got[0][0], got[0][1], got[1])
+                    out["paired"].append({"state": stage, "versus": versus, "metric": metric,
+                                          "diff": p.diff, "low": p.low, "high": p.high,
+                                          "p_value": p.p_value, "test": p.test,
+                                          "n_rows": p.n_rows, "n_units": p.n_units,
+                                          "n_seeds": p.n_seeds})  # fmt: skip
+    out["delta_cka"] = _delta_cka(lineage, seeded, stages, reference, degraded)
+    out["misalignment_vs_accuracy"] = _misalignment(lineage, seeded, reference, accuracy_metric)
+    return out
+
+
+def _cka_last(lineage: Lineage, seeded: Seeded, state: str, reference: str) -> float | None:
+    """CKA of `state` to its seed's reference at the last layer (1 for the reference)."""
+    ref = seeded.reference_of(state, reference)
+    if state == ref:
+        return 1.0
+    return lineage.meta(state).metrics.get(f"cka/{lineage.label(ref)}/last_layer")
+
+
+def _delta_cka(
+    lineage: Lineage, seeded: Seeded, stages: list[str], reference: str, degraded: str
+) -> dict[str, Any]:
+    """Per stage after `degraded`: CKA to the reference (last layer) minus the degraded
+    state's, seed by seed; the mean and its t interval over seeds."""
+    out = {}
+    for stage in stages[stages.index(degraded) + 1 :] if degraded in stages else []:
+        deltas = []
+        for seed in seeded.seeds or (None,):
+            after = _cka_last(lineage, seeded, seeded.state(stage, seed), reference)
+            before = _cka_last(lineage, seeded, seeded.state(degraded, seed), reference)
+            if after is not None and before is not None:
+                deltas.append(after - before)
+        if deltas:
+            mean, low, high = seed_interval(deltas)
+            out[stage] = {"mean": mean, "ci_low": low, "ci_high": high, "n_seeds": len(deltas)}
+    return out
+
+
+def _misalignment(
+    lineage: Lineage, seeded: Seeded, reference: str, metric: str
+) -> dict[str, Any] | None:
+    """Pearson r between 1 − CKA (last layer) and the accuracy change against the state's own
+    seed's reference, over every state and seed, with its Fisher-z interval."""
+    xs, ys = [], []
+    for state in seeded.stages:
+        ref = seeded.reference_of(state, reference)
+        cka = _cka_last(lineage, seeded, state, reference)
+        acc, ref_acc = (lineage.meta(s).metrics.get(metric) for s in (state, ref))
+        if state != ref and None not in (cka, acc, ref_acc):
+            xs.append(1 - cka)
+            ys.append(acc - ref_acc)
+    if len(xs) < 4 or np.ptp(xs) == 0 or np.ptp(ys) == 0:
+        return None
+    c = correlation(xs, ys)
+    return {"r": c.r, "ci_low": c.low, "ci_high": c.high, "p_value": c.p_value, "n": c.n}
+
+
+def over_seeds_section(over: Mapping[str, Any]) -> list[str]:
+    """The stages over their seeds: accuracy, paired differences, ΔCKA, the correlation."""
+    seeds = ", ".join(map(str, over["seeds"]))
+    lines = [
+        f"## Over seeds ({len(over['seeds'])}: {seeds})",
+        "",
+        "| stage | metric | mean (%) | 95% CI | seeds | rows |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for stage, figures in over["stages"].items():
+        for metric, f in figures.items():
+            lines.append(
+                f"| {stage} | {metric} | {100 * f['mean']:.1f} | {100 * f['ci_low']:.1f}"
+                f"–{100 * f['ci_high']:.1f} | {f['n_seeds']} | {f['n_rows']} |"
+            )
+    lines += [
+        "",
+        "Intervals: the bootstrap over seeds and, crossed with them, eval rows (units "
+        "where rows share one).",
+        "",
+    ]
+    lines += paired_section(over["paired"], seeds=True)
+    if over["delta_cka"]:
+        lines += [
+            "| stage | ΔCKA, last layer | 95% CI (t over seeds) | seeds |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {st} | {d['mean']:+.4f} | {_signed(d['ci_low'])} to {_signed(d['ci_high'])} "
+            f"| {d['n_seeds']} |"
+            for st, d in over["delta_cka"].items()
+        ]
+        lines += [
+            "",
+            "ΔCKA: CKA to the seed's reference minus the degraded state's, seed by seed.",
+            "",
+        ]
+    m = over["misalignment_vs_accuracy"]
+    if m is not None:
+        lines += [
+            f"Misalignment (1 − CKA) against the accuracy change, over {m['n']} states "
+            f"of every seed: Pearson r = {m['r']:.2f} (95% CI {m['ci_low']:.2f} to "
+            f"{m['ci_high']:.2f}, p = {m['p_value']:.2g}).",
+            "",
+        ]
+    return lines
+
+
+def _signed(x: float) -> str:
+    return "–" if math.isnan(x) else f"{x:+.4f}"
+
+
+def over_seeds_frame(over: Mapping[str, Any]) -> pd.DataFrame:
+    """The stages' figures over seeds as results.parquet rows (state: the stage's name)."""
+    rows = [
+        {
+            "state": stage,
+            "kind": "over seeds",
+            "parents": "",
+            "metric": metric,
+            "value": f["mean"],
+            "ci_low": f["ci_low"],
+            "ci_high": f["ci_high"],
+            "n_rows": f["n_rows"],
+            "n_seeds": f["n_seeds"],
+        }
+        for stage, figures in over["stages"].items()
+        for metric, f in figures.items()
+    ]
+    rows += [
+        {
+            "state": c["state"],
+            "kind": "over seeds",
+            "parents": "",
+            "metric": f"paired/{c['versus']}/{c['metric']}",
+            "value": c["diff"],
+            "ci_low": c["low"],
+            "ci_high": c["high"],
+            "n_rows": c["n_rows"],
+            "n_seeds": c["n_seeds"],
+            "p_value": c["p_value"],
+        }
+        for c in over["paired"]
+    ]
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
 def write_report(
     out_dir: Path,
     lineage: Lineage,
@@ -208,37 +451,69 @@ def write_report(
     title: str,
     accuracy_metric: str = "science/acc",
     provenance: Mapping[str, Any] | None = None,
+    seeded: Seeded | None = None,
 ) -> Path:
-    """Write report.md, results.parquet and the figures into `out_dir`; returns report.md."""
-    df = results_frame(lineage, states)
-    wide = df.pivot_table(index="state", columns="metric", values="value").reindex(states)
-    comparisons = paired_comparisons(lineage, states, reference, degraded)
+    """Write report.md, results.parquet, summary.json and the figures into `out_dir`;
+    returns report.md. With `seeded` seeds, each stage's figures over its seeds come first,
+    then each seed's own tables and figures."""
+    seeded = seeded or Seeded(dict.fromkeys(states), {s: s for s in states},
+                              dict.fromkeys(states), ())  # fmt: skip
+    over = over_seeds(lineage, seeded, reference, degraded, accuracy_metric)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
     try:
-        pd.concat([df, paired_frame(comparisons, df)], ignore_index=True).to_parquet(
-            tmp / "results.parquet", index=False
-        )
-        plot_accuracy(wide, tmp / "accuracy.png")
         lines = [f"# {title}", ""]
         if provenance is not None:
             lines += [f"- {line}" for line in summary(dict(provenance))] + [""]
-        lines += accuracy_sections(wide, states, reference, degraded, accuracy_metric)
-        lines += paired_section(comparisons)
-        if cka_frames:
-            lines += cka_section(wide, states, cka_frames, lineage.label(reference), tmp,
-                                 reference=reference, degraded=degraded,
-                                 accuracy_metric=accuracy_metric)  # fmt: skip
+        frames = [over_seeds_frame(over)] if seeded.seeds else []
+        lines += over_seeds_section(over) if seeded.seeds else []
+        for seed in seeded.seeds or (None,):
+            part = [s for s in seeded.seed_states(seed) if s in states]
+            part_lines, frame = seed_part(
+                tmp, lineage, part, {k: v for k, v in cka_frames.items() if k in part},
+                reference=seeded.state(reference, seed), degraded=seeded.state(degraded, seed),
+                accuracy_metric=accuracy_metric, suffix="" if seed is None else f"-s{seed}",
+            )  # fmt: skip
+            lines += ([f"## Seed {seed}", ""] if seed is not None else []) + part_lines
+            frames.append(frame)
         lines += ["## Wall time per stage (s)", "", "| stage | seconds |", "|---|---:|"]
         lines += [f"| {k} | {'up to date, not rerun' if v == 0.0 else f'{v:.0f}'} |"
                   for k, v in timings.items()]  # fmt: skip
-        lines += ["", "Every metric: results.parquet (one row per state × metric)."]
+        lines += ["", "Every metric: results.parquet (one row per state × metric); each "
+                  "stage's figures with their intervals: summary.json."]  # fmt: skip
+        results = pd.concat(frames, ignore_index=True).drop_duplicates(["state", "metric"])
+        results.to_parquet(tmp / "results.parquet", index=False)
+        (tmp / "summary.json").write_text(json.dumps(over, indent=2, default=_json_float) + "\n")
         (tmp / "report.md").write_text("\n".join(lines) + "\n")
         for path in sorted(tmp.iterdir(), key=lambda p: p.name == "report.md"):  # report last
             os.replace(path, out_dir / path.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir / "report.md"
+
+
+def _json_float(x: Any) -> Any:
+    return None if isinstance(x, float) and math.isnan(x) else float(x)
+
+
+def seed_part(
+    figures: Path, lineage: Lineage, states: Sequence[str], cka_frames: Mapping[str, Any], *,
+    reference: str, degraded: str, accuracy_metric: str, suffix: str,
+) -> tuple[list[str], pd.DataFrame]:  # fmt: skip
+    """One seed's tables and figures (the states shared by every seed included): accuracy,
+    recovery, paired comparisons, general capability, CKA; and its results.parquet rows."""
+    df = results_frame(lineage, states)
+    wide = df.pivot_table(index="state", columns="metric", values="value").reindex(states)
+    comparisons = paired_comparisons(lineage, states, reference, degraded)
+    plot_accuracy(wide, figures / f"accuracy{suffix}.png")
+    lines = accuracy_sections(wide, states, reference, degraded, accuracy_metric, suffix)
+    lines += paired_section(comparisons)
+    lines += preflight_section(lineage, states)
+    if cka_frames:
+        lines += cka_section(wide, states, cka_frames, lineage.label(reference), figures,
+                             reference=reference, degraded=degraded,
+                             accuracy_metric=accuracy_metric, suffix=suffix)  # fmt: skip
+    return lines, pd.concat([df, paired_frame(comparisons, df)], ignore_index=True)
 
 
 def plot_accuracy(wide: pd.DataFrame, path: Path) -> None:
@@ -259,11 +534,12 @@ def plot_accuracy(wide: pd.DataFrame, path: Path) -> None:
 
 
 def accuracy_sections(
-    wide: pd.DataFrame, states: Sequence[str], reference: str, degraded: str, metric: str
-) -> list[str]:
+    wide: pd.DataFrame, states: Sequence[str], reference: str, degraded: str, metric: str,
+    suffix: str = "",
+) -> list[str]:  # fmt: skip
     """Task accuracy, the recovery table, general capability and held-out English."""
     lines = ["## Task accuracy (%)", "", accuracy_table(wide, TASK_COLUMNS), "",
-             "![accuracy by stage](accuracy.png)", ""]  # fmt: skip
+             f"![accuracy by stage](accuracy{suffix}.png)", ""]  # fmt: skip
     lines += recovery_rows(wide, states, reference=reference, degraded=degraded, metric=metric)
     if any(c in wide.columns for c in GENERAL_COLUMNS):
         lines += ["## General capability (%, lm-eval)", "", accuracy_table(wide, GENERAL_COLUMNS),
@@ -291,12 +567,13 @@ def accuracy_sections(
 def cka_section(
     wide: pd.DataFrame, states: Sequence[str], cka_frames: Mapping[str, pd.DataFrame],
     label: str, figures: Path, *, reference: str, degraded: str, accuracy_metric: str,
+    suffix: str = "",
 ) -> list[str]:  # fmt: skip
     """CKA to the reference (last layer, mean over layers, sequence form) with ΔCKA against
     the degraded state, the by-layer figure, and misalignment against the accuracy change."""
     from sdftlab.cka.plots import plot_cka_by_layer, plot_misalignment_vs_accuracy
 
-    plot_cka_by_layer(cka_frames, reference, figures / "cka_by_layer.png")
+    plot_cka_by_layer(cka_frames, reference, figures / f"cka_by_layer{suffix}.png")
     cka_col, mean_col = f"cka/{label}/last_layer", f"cka/{label}/mean_over_layers"
     base_cka = wide.loc[degraded, cka_col] if cka_col in wide.columns else float("nan")
     base_mean = wide.loc[degraded].get(mean_col, float("nan"))
@@ -306,8 +583,12 @@ def cka_section(
     points = []
     ref_acc = wide.loc[reference, accuracy_metric] if accuracy_metric in wide else None
     for state in states:
-        if state == reference or cka_col not in wide.columns:
-            continue
+        if (
+            state == reference
+            or cka_col not in wide.columns
+            or math.isnan(wide.loc[state, cka_col])
+        ):
+            continue  # a state shared by every seed is compared with the first seed's reference
         cka = wide.loc[state, cka_col]
         seq = wide.loc[state].get(f"cka/{label}/sequence_last_layer", float("nan"))
         mean = wide.loc[state].get(mean_col, float("nan"))
@@ -315,14 +596,15 @@ def cka_section(
                      f"{mean - base_mean:+.4f} | {seq:.4f} |")  # fmt: skip
         if ref_acc is not None and not math.isnan(wide.loc[state, accuracy_metric]):
             points.append((state, 1 - cka, wide.loc[state, accuracy_metric] - ref_acc))
-    lines += ["", "![CKA to the reference by layer](cka_by_layer.png)", ""]
+    lines += ["", f"![CKA to the reference by layer](cka_by_layer{suffix}.png)", ""]
     if points:
-        r = plot_misalignment_vs_accuracy(points, figures / "misalignment_vs_accuracy.png")
+        path = figures / f"misalignment_vs_accuracy{suffix}.png"
+        r = plot_misalignment_vs_accuracy(points, path)
         why = " (undefined: fewer than 3 states or a constant axis)" if math.isnan(r) else ""
         lines += [f"Pearson r between CKA misalignment (1 − CKA) and the change in "
                   f"{accuracy_metric} against `{reference}`: {r:.3f} over {len(points)} "
                   f"states{why}{_interval_of(points, r)}.", "",
-                  "![misalignment against the accuracy change](misalignment_vs_accuracy.png)",
+                  f"![misalignment against the accuracy change]({path.name})",
                   ""]  # fmt: skip
     return lines
 

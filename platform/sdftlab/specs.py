@@ -187,6 +187,12 @@ class EvalSpec(StrictModel):
     demonstration_for: list[str] = Field(
         [], description="states also scored with the demonstration in the prompt (teachers)"
     )
+    preflight_rows: int = Field(
+        16,
+        ge=0,
+        description="before each SDFT stage: its teacher's accuracy without and with the "
+        "demonstration on the first N rows of each training task (0: off)",
+    )
     generation: EvalEngineSpec = Field(
         EvalEngineSpec(), description="where answers are generated: transformers or a vLLM actor"
     )

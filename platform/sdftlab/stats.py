@@ -15,6 +15,8 @@
   share of resampled differences on the far side of zero).
 - `correlation(x, y)`: Pearson's or Spearman's r with a Fisher-z interval (Spearman's with
   Bonett and Wright's variance) and scipy's p-value.
+- `seed_interval(values)`: the mean of one figure per seed (a ΔCKA) with Student's t
+  interval over the seeds; (mean, nan, nan) for one seed.
 
 `tests/test_stats.py` simulates each interval's coverage and checks the tests against
 hand-computed cases.
@@ -195,3 +197,15 @@ def correlation(x: Sequence[float], y: Sequence[float], method: str = "pearson")
     z = math.atanh(max(-0.999999, min(0.999999, r)))
     half = Z95 * math.sqrt(variance)
     return Correlation(r, math.tanh(z - half), math.tanh(z + half), float(test.pvalue), n, method)
+
+
+def seed_interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """(mean, low, high): Student's t 95% interval of the mean over seeds."""
+    from scipy.stats import t
+
+    xs = np.asarray(values, dtype=np.float64)
+    mean = float(xs.mean())
+    if len(xs) < 2:
+        return mean, math.nan, math.nan
+    half = float(t.ppf(0.975, len(xs) - 1) * xs.std(ddof=1) / math.sqrt(len(xs)))
+    return mean, mean - half, mean + half

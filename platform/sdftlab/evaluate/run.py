@@ -198,6 +198,7 @@ def evaluate_on_worker(
     limit: int | None = None,
     engine: EvalEngineSpec | None = None,
     log: Callable[[str], None] = print,
+    record: bool = True,
 ) -> dict[str, float]:
     """`evaluate_state` in Ray tasks that hold `engine.cpus` CPUs and `engine.gpus` GPUs —
     GPU workers on a cluster, CPU workers here — never in the calling process (a job's
@@ -218,7 +219,9 @@ def evaluate_on_worker(
     for kinds in (GENERATION_TASKS, GENERAL_TASKS):
         part = {t: p for t, p in files.items() if t in kinds}
         if part:
-            got, lines = ray.get(task.remote(lineage, ref, part, with_demonstration, limit, spec))
+            got, lines = ray.get(
+                task.remote(lineage, ref, part, with_demonstration, limit, spec, record)
+            )
             metrics |= got
             for line in lines:
                 log(line)
@@ -232,11 +235,12 @@ def _evaluate_task(
     with_demonstration: bool,
     limit: int | None,
     spec: EvalEngineSpec,
+    record: bool,
 ) -> tuple[dict[str, float], list[str]]:
     lines: list[str] = []
     metrics = evaluate_state(
         lineage, ref, files, with_demonstration=with_demonstration, limit=limit, engine=spec,
-        log=lines.append, in_process=True,
+        log=lines.append, in_process=True, record=record,
     )  # fmt: skip
     return metrics, lines
 

@@ -21,6 +21,11 @@ reference, the report's degraded state — must be made by a stage of the same c
 stages must not form a cycle: `PipelineConfig` checks that (and every option) when the file
 is loaded, so a bad config fails before any work.
 
+`seeds: [0, 1, 2]` runs every training stage, and what is made from it, once per seed as
+`<name>.s<seed>` (`pipelines.seeds`); the report then gives each stage over its seeds.
+Before each SDFT stage trains, its teacher's accuracy without and with the demonstration is
+checked (`pipelines.preflight`, `eval.preflight_rows`).
+
 Stages run in dependency order (file order among independent ones). A stage whose state
 exists with the same options and is newer than its inputs is skipped, so a killed pipeline
 resubmitted continues after its last finished stage. Then every state is evaluated (task
@@ -52,6 +57,7 @@ from sdftlab import console
 from sdftlab.config import TRUST_REMOTE_CODE_ENV, StrictModel
 from sdftlab.errors import SdftlabError
 from sdftlab.lineage import Lineage
+from sdftlab.pipelines.seeds import Seeded, expand
 from sdftlab.pipelines.stages import KINDS, Job, Log, WorldStage, kind_of, options
 from sdftlab.specs import CKASpec, EvalSpec, ResourcesSpec
 from sdftlab.tracking import TrackingSpec
@@ -92,6 +98,12 @@ class PipelineConfig(StrictModel):
     stages: dict[str, Stage | None] = Field(
         min_length=1, description="state name → the stage that makes it (null: left out)"
     )
+    seeds: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None,
+        min_length=1,
+        description="run every training stage (and what is made from it) once per seed, as "
+        "<name>.s<seed>; the report gives each stage over its seeds (`pipelines.seeds`)",
+    )
     data_dir: str | None = Field(None, description="task files; default the world stage's")
     task_data: WorldConfig | None = Field(
         None,
@@ -115,9 +127,16 @@ class PipelineConfig(StrictModel):
     def _left_out(cls, stages: dict[str, Any]) -> dict[str, Any]:
         return {name: stage for name, stage in stages.items() if stage is not None}
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is not None and len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds {seeds} repeats a seed; list each seed once")
+        return seeds
+
     @model_validator(mode="after")
     def _a_graph(self) -> PipelineConfig:
-        order(self.stages)  # every input made by a stage, and no cycle
+        self.seeded()  # every input made by a stage, no cycle, no seeded name taken
         made = set(self.stages)
         named = [("cka.reference", self.cka.reference)]
         named += [("eval.demonstration_for", n) for n in self.eval.demonstration_for]
@@ -142,6 +161,10 @@ class PipelineConfig(StrictModel):
                     "`pretrain`; they must share seed, sizes and vocabulary (one task set)"
                 )
         return self
+
+    def seeded(self) -> Seeded:
+        """The states a run makes, in run order: the stages once per seed where they train."""
+        return expand(self.stages, order(self.stages), self.seeds)
 
 
 def _world_data(world: WorldStage) -> dict[str, Any]:
@@ -272,9 +295,9 @@ def run_pipeline(
     from sdftlab.plan import check, plan_pipeline
     from sdftlab.tracking import Tracker
 
-    names = order(cfg.stages)
+    seeded = cfg.seeded()
     lineage.check_writable()
-    plans = plan_pipeline(cfg, names, lineage, built_data_dir(cfg, home))
+    plans = plan_pipeline(cfg, order(cfg.stages), lineage, built_data_dir(cfg, home))
     check(plans, cfg.resources)  # a stage that cannot fit: refused now
     resolved = cfg.model_dump(mode="json", by_alias=True)
     prov = provenance.collect(resolved)
@@ -285,7 +308,7 @@ def run_pipeline(
                              provenance=prov)  # fmt: skip
     log(f"run {run_dir}")
     try:
-        out = _run(cfg, lineage, home, names, run_dir, prov, tracker, log)
+        out = _run(cfg, lineage, home, seeded, run_dir, prov, tracker, log)
     except BaseException as err:
         runs.finish_run(run_dir, "failed", error=f"{type(err).__name__}: {err}"[:1000])
         if tracker is not None:
@@ -325,10 +348,11 @@ def _quiet_progress(cfg: PipelineConfig) -> None:
 
 
 def _run(
-    cfg: PipelineConfig, lineage: Lineage, home: Path, names: list[str], run_dir: Path,
+    cfg: PipelineConfig, lineage: Lineage, home: Path, seeded: Seeded, run_dir: Path,
     prov: dict[str, Any], tracker: Any, log: Log,
 ) -> dict[str, Any]:  # fmt: skip
-    """The stages, evaluation, CKA and the report; each stage an MLflow child run."""
+    """The stages (once per seed where they train), evaluation, CKA and the report; each
+    state's stage an MLflow child run."""
     from sdftlab.report import write_report
     from sdftlab.world.build import build_world_data
 
@@ -339,8 +363,9 @@ def _run(
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
     if data_dir is None and cfg.task_data is not None:
         data_dir = build_world_data(cfg.task_data, home)
+    names = list(seeded.stages)
     for i, name in enumerate(names, 1):
-        stage = cfg.stages[name]
+        stage = seeded.stages[name]
         kind = kind_of(stage)
         label = f"stage {i}/{len(names)} {kind.describe(stage)}"
         done = not kind.caches_itself and up_to_date(
@@ -355,7 +380,7 @@ def _run(
             )
             callbacks = (tracker.train_callback(tracked[name]),)
         job = Job(name, stage, options(stage), lineage, data_dir, home,
-                  lambda m: log("   " + m), callbacks)  # fmt: skip
+                  lambda m: log("   " + m), callbacks, cfg.eval.preflight_rows)  # fmt: skip
         try:
             made = run_stage(label, name, done, partial(kind.run, job), log, timings)
         except BaseException:
@@ -366,30 +391,30 @@ def _run(
     assert data_dir is not None  # PipelineConfig: a world stage or data_dir
 
     t0 = time.perf_counter()
-    evaluate_states(cfg, lineage, names, data_dir, log)
+    evaluate_states(cfg, lineage, seeded, data_dir, log)
     timings["evaluation"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    frames = compare_to_reference(cfg, lineage, names, data_dir, log)
+    frames = compare_to_reference(cfg, lineage, seeded, data_dir, log)
     timings["cka"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
     if tracker is not None:
-        label = lineage.label(cfg.cka.reference)
         for state, run_id in tracked.items():
             tracker.log_metrics(run_id, lineage.meta(state).metrics)
             if state in frames:
+                label = lineage.label(seeded.reference_of(state, cfg.cka.reference))
                 tracker.log_cka(run_id, frames[state], label)
             tracker.end(run_id)
     report = write_report(
         run_dir, lineage, names, frames, reference=cfg.cka.reference,
         degraded=cfg.report.degraded or names[0], timings=timings,
         title=cfg.report.title or cfg.name, accuracy_metric=cfg.report.accuracy_metric,
-        provenance=prov,
+        provenance=prov, seeded=seeded,
     )  # fmt: skip
     return {"timings": timings, "report": report}
 
 
 def evaluate_states(
-    cfg: PipelineConfig, lineage: Lineage, names: list[str], data_dir: Path, log: Log
+    cfg: PipelineConfig, lineage: Lineage, seeded: Seeded, data_dir: Path, log: Log
 ) -> None:
     """Score every state whose recorded figures lack one asked for (or were taken on another
     number of rows): task accuracy, with the demonstration for `eval.demonstration_for`,
@@ -401,8 +426,8 @@ def evaluate_states(
     files = default_task_files(data_dir, cfg.eval.tasks)
     # A state's figures are reused only if they were taken on as many rows as asked for now.
     rows = {f"{t}/n": float(count_rows(p, limit=cfg.eval.limit)) for t, p in files.items()}
-    for state in names:
-        demo = state in cfg.eval.demonstration_for
+    for state in seeded.stages:
+        demo = seeded.stage_of[state] in cfg.eval.demonstration_for
         meta = lineage.meta(state)
         if not needs_evaluation(meta.metrics, rows, with_demonstration=demo, per_row=meta.rows):
             continue
@@ -413,9 +438,10 @@ def evaluate_states(
 
 
 def compare_to_reference(
-    cfg: PipelineConfig, lineage: Lineage, names: list[str], data_dir: Path, log: Log
+    cfg: PipelineConfig, lineage: Lineage, seeded: Seeded, data_dir: Path, log: Log
 ) -> dict[str, Any]:
-    """CKA of every state against `cka.reference`, layer by layer: {state: frame}."""
+    """CKA of every state against `cka.reference` (its own seed's), layer by layer:
+    {state: frame}."""
     from sdftlab.cka.pool import CKAOptions
     from sdftlab.cka.run import compare_states, load_examples
     from sdftlab.placement import cka_actors
@@ -427,10 +453,11 @@ def compare_to_reference(
     where = {} if pool is None else {
         "actors": pool.count, "cpus_per_actor": pool.cpus, "gpus_per_actor": pool.gpus,
     }  # fmt: skip
+    references = {s: seeded.reference_of(s, cfg.cka.reference) for s in seeded.stages}
     return {
-        s: compare_states(lineage, s, cfg.cka.reference, examples, opts, **where)
-        for s in names
-        if s != cfg.cka.reference
+        s: compare_states(lineage, s, reference, examples, opts, **where)
+        for s, reference in references.items()
+        if s != reference
     }
 
 

@@ -88,6 +88,7 @@ class Job:
     home: Path
     log: Log
     callbacks: tuple[Any, ...] = ()  # Ray Train callbacks of a training stage (tracking)
+    preflight_rows: int = 0  # an SDFT stage's teacher pre-flight (`pipelines.preflight`)
 
 
 def outside_teacher(teacher: str) -> bool:
@@ -127,9 +128,14 @@ def _run_sft(job: Job) -> None:
 
 def _run_sdft(job: Job) -> None:
     from sdftlab.distill.sdft import recover
+    from sdftlab.pipelines.preflight import teacher_preflight
 
+    checked = teacher_preflight(job.lineage, job.stage.source, job.options, job.data_dir,
+                                job.preflight_rows, job.log)  # fmt: skip
     recover(job.lineage, job.stage.source, job.name, job.options, data_dir=job.data_dir,
             log=job.log, overwrite=True, callbacks=job.callbacks)  # fmt: skip
+    if checked:
+        job.lineage.record_metrics(job.name, checked)
 
 
 def _run_quantize(job: Job) -> None:
