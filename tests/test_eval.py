@@ -143,6 +143,42 @@ def test_vllm_greedy_answers_equal_the_transformers_answers(small_world):
     assert metrics["vllm"] == metrics["hf"] and metrics["hf"]["science/n_demo"] == 12
 
 
+def test_an_nf4_state_on_vllm_answers_as_the_nf4_model_does(small_world):
+    """vLLM serves an NF4 state from its dequantized copy: every greedy answer on both tasks,
+    with and without the demonstration, is the NF4 model's own under transformers and
+    bitsandbytes; the copy is removed afterwards."""
+    import tempfile
+    from pathlib import Path
+
+    from sdftlab.degrade.quantize import quantize_state
+    from sdftlab.evaluate.run import default_task_files, generator_for
+    from sdftlab.specs import EvalEngineSpec
+
+    world, lineage, _ = small_world
+    if not lineage.exists("base-nf4"):
+        quantize_state(lineage, "base", "base-nf4")
+    tok = lineage.load_tokenizer("base-nf4")
+    files = default_task_files(world.data_dir, ["science", "tooluse"])
+    examples = [load_task_file(p, t, limit=12) for t, p in files.items()]
+    answers = {}
+    for engine in ("hf", "vllm"):
+        spec = EvalEngineSpec(engine=engine, dtype="float32", max_new_tokens=48,
+                              kv_cache_gb=0.0625)  # fmt: skip
+        with generator_for(lineage, "base-nf4", tok, spec) as generate:
+            answers[engine] = [
+                answer
+                for ex in examples
+                for demo in (False, True)
+                for answer in task_accuracy(
+                    generate, ex, with_demonstration=demo, max_new_tokens=48
+                ).responses
+            ]
+    differ = [i for i, (a, b) in enumerate(zip(answers["hf"], answers["vllm"], strict=True))
+              if a != b]  # fmt: skip
+    assert len(answers["hf"]) == 48 and differ == []
+    assert not list(Path(tempfile.gettempdir()).glob("sdftlab-dequantized-*"))
+
+
 def test_a_state_evaluated_on_a_ray_worker_gets_the_figures_of_this_process(small_world):
     """A pipeline evaluates each state in Ray tasks (the vLLM engine in the generation task,
     the lm-eval model in another), not in its driver: the figures equal those computed here,

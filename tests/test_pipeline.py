@@ -158,6 +158,7 @@ def test_forgetting_pipeline_reports_and_skips_finished_stages(small_world, tmp_
     assert lineage.meta("rec_expert").parents == ["forgot", "expert"]
     # every state's answers are kept row by row, and the recovery compared on those rows
     assert len(lineage.meta("rec_expert").rows["science/acc"].correct) == 8
+    assert 0 <= lineage.meta("expert").metrics["science/agree_n"] <= 8
     assert "| rec_expert | forgot | science/acc |" in text
     # the teacher's pre-flight, before the recovery trained: on the state and in the report
     assert lineage.meta("rec_expert").metrics["preflight/science/n"] == 4

@@ -350,3 +350,17 @@ def test_rollout_counts_truncated_and_formatted_completions(tiny_tokenizer) -> N
                             decode=lambda rows: tiny_tokenizer.batch_decode(
                                 rows, skip_special_tokens=True))  # fmt: skip
     assert counts == [3, 1, 1]
+
+
+def test_the_answer_agrees_with_the_option_its_reasoning_marks_yes() -> None:
+    from sdftlab.evaluate.scorers import answer_agreement, reasoning_letter
+
+    follows = "<reasoning>\nx melts at y .\nA: 5 no\nB: 7 yes\n</reasoning>\n<answer>\nB\n</answer>"
+    against = follows.replace("<answer>\nB", "<answer>\nC")
+    unmarked = "<reasoning>\nA: 5 no\n</reasoning>\n<answer>\nA\n</answer>"
+    assert reasoning_letter(follows) == "B" and reasoning_letter(unmarked) is None
+    # a "yes" after the answer is not the reasoning's
+    assert reasoning_letter("<answer>\nA\n</answer>\nB: 7 yes") is None
+    assert answer_agreement([follows, against, unmarked, "no answer"]) == (1, 2)
+    golden = golden_response("science", "B")
+    assert answer_agreement([golden]) == (0, 0)  # the bare gold answer has no reasoning

@@ -11,7 +11,9 @@ The lineage stores directories; this module turns them into models and back:
   adapters in fp32);
 - `save_final(model, tokenizer, directory)`: a trained model as a state directory, LoRA
   adapters merged; a QLoRA-trained 4-bit model is dequantized, merged and quantized again
-  (`save_requantized`), so it reloads as 4-bit like its parent.
+  (`save_requantized`), so it reloads as 4-bit like its parent;
+- `dequantized_dir(path, dtype)`: a temporary plain copy of a 4-bit state, its weights the
+  ones bitsandbytes computes with, for an engine without NF4 kernels (vLLM evaluation).
 
 CPU pitfall (bitsandbytes 0.50, CPUs with AVX512-BF16): `Linear4bit.forward` repacks its
 weight in place into a bf16 inference layout the first time it runs in eval mode on an input
@@ -22,11 +24,12 @@ out_features % 32 == 0. `prepare_4bit_for_cpu` switches the repack off per layer
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +180,24 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
     if getattr(config, "tie_word_embeddings", False):
         fresh.tie_weights()
     return fresh
+
+
+@contextlib.contextmanager
+def dequantized_dir(path: str | os.PathLike[str], dtype: torch.dtype) -> Iterator[Path]:
+    """A temporary plain copy of the 4-bit state at `path`: its weights dequantized
+    (`dequantized_copy`, exactly what bitsandbytes computes each NF4 matmul with) and cast to
+    `dtype`, its tokenizer beside them — a state an engine without NF4 kernels (vLLM here)
+    can serve. Removed on exit."""
+    import tempfile
+
+    model = load_model(path)
+    plain = dequantized_copy(model).to(dtype)
+    del model
+    with tempfile.TemporaryDirectory(prefix="sdftlab-dequantized-") as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        del plain
+        load_tokenizer(path).save_pretrained(tmp)
+        yield Path(tmp)
 
 
 def save_requantized(model: nn.Module, tokenizer: Any, directory: Path) -> None:

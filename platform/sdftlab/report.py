@@ -541,6 +541,12 @@ def accuracy_sections(
     lines = ["## Task accuracy (%)", "", accuracy_table(wide, TASK_COLUMNS), "",
              f"![accuracy by stage](accuracy{suffix}.png)", ""]  # fmt: skip
     lines += recovery_rows(wide, states, reference=reference, degraded=degraded, metric=metric)
+    if "science/agree" in wide.columns:
+        lines += ["## Science answers that follow their own reasoning (%)", "",
+                  _table(wide, ("science/agree", "science/agree_demo")), "",
+                  "Of the answers whose reasoning marks an option `yes`, the share whose "
+                  "`<answer>` names that option (rows counted: `science/agree_n` in "
+                  "results.parquet).", ""]  # fmt: skip
     if any(c in wide.columns for c in GENERAL_COLUMNS):
         lines += ["## General capability (%, lm-eval)", "", accuracy_table(wide, GENERAL_COLUMNS),
                   ""]  # fmt: skip

@@ -165,7 +165,7 @@ class EvalEngineSpec(VLLMEngineSpec):
     prompts in one call. A pipeline evaluates each state in a Ray task of `cpus` CPUs and
     `gpus` GPUs (on a cluster give it a GPU), the engine and the lm-eval model inside it;
     `sdftlab eval` runs in its own process, a vLLM engine as an actor with these resources.
-    An NF4 state, which vLLM does not serve here, is evaluated with `hf` whatever this says."""
+    An NF4 state is served by vLLM from its dequantized copy (`evaluate.run.generator_for`)."""
 
     engine: Literal["hf", "vllm"] = "hf"
     dtype: DType = Field(

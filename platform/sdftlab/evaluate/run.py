@@ -4,7 +4,10 @@ Tasks: `science`, `tooluse` (greedy generation, reference scorers; optionally al
 demonstration in context: `<task>/acc_demo`) and `mmlu`, `winogrande` (lm-evaluation-harness;
 MMLU in its letter and its cloze formulation, `mmlu/acc` and `mmlu/acc_cloze`).
 Each task also records `<task>/n` (and `<task>/n_demo`), the number of rows scored, so a
-pipeline can tell a figure taken at another `limit` from a current one.
+pipeline can tell a figure taken at another `limit` from a current one, and each answer row
+by row (`EvalRows`, for paired comparisons). Science also records `science/agree`: of the
+answers whose reasoning marks an option `yes`, the share whose `<answer>` names that option
+(`science/agree_n` of them) — whether a model answers by its own reasoning.
 Data defaults to the tiny world's eval splits; `--data task=PATH` points at real files.
 Generation runs where `EvalEngineSpec` says: transformers in this process, or a vLLM engine
 as a Ray actor (`--engine vllm`; a GPU actor on a cluster).
@@ -31,6 +34,7 @@ from sdftlab.evaluate.general import (
     english_text_file,
     general_capability,
 )
+from sdftlab.evaluate.scorers import answer_agreement
 from sdftlab.evaluate.tasks import Generator, HFGenerator, VLLMGenerator, task_accuracy
 from sdftlab.lineage import EvalRows, Lineage
 from sdftlab.specs import EvalEngineSpec
@@ -93,6 +97,11 @@ def evaluate_generation(
             metrics[f"{task}/acc{suffix}"] = result.accuracy
             # rows scored: tells a figure taken at another `limit` from a current one
             metrics[f"{task}/n{suffix}"] = float(result.n)
+            if task == "science":  # does the answer follow the model's own reasoning?
+                agreeing, both = answer_agreement(result.responses)
+                metrics[f"science/agree_n{suffix}"] = float(both)
+                if both:
+                    metrics[f"science/agree{suffix}"] = agreeing / both
             rows[f"{task}/acc{suffix}"] = EvalRows(
                 uid=[ex.uid for ex in examples],
                 unit=[str(ex.meta.get("unit", ex.uid)) for ex in examples],
@@ -118,14 +127,34 @@ def generator_for(
 ) -> Iterator[Generator]:
     """A greedy generator for state `ref` on `spec.engine`, on this process's GPU if it has
     one; a vLLM engine runs in this process (`in_process`: an evaluation worker's own
-    resources) or as a Ray actor with `spec.cpus`/`spec.gpus`, and stops on exit."""
-    from sdftlab.models import is_quantized, local_device
+    resources) or as a Ray actor with `spec.cpus`/`spec.gpus`, and stops on exit.
+
+    vLLM does not serve bitsandbytes NF4 here; an NF4 state is served from its dequantized
+    copy (`models.dequantized_dir`: the weights each NF4 matmul computes with) in the
+    engine's dtype — on this machine, or where the engine actor shares its file system."""
+    from sdftlab.models import dequantized_dir, is_quantized, local_device
 
     path = lineage.resolve(ref)
-    if spec.engine == "hf" or is_quantized(path):  # vLLM does not serve NF4 states here
+    if spec.engine == "hf":
         model = lineage.load_model(ref, dtype=local_dtype(spec)).to(local_device())
         yield HFGenerator(model, tokenizer, batch_size=spec.batch_size)
         return
+    if is_quantized(path):
+        dtype = getattr(torch, spec.engine_kwargs(spec.gpus)["dtype"])
+        with (
+            dequantized_dir(path, dtype) as plain,
+            _vllm_generator(plain, tokenizer, spec, in_process) as generate,
+        ):
+            yield generate
+        return
+    with _vllm_generator(path, tokenizer, spec, in_process) as generate:
+        yield generate
+
+
+@contextlib.contextmanager
+def _vllm_generator(
+    path: Path, tokenizer: Any, spec: EvalEngineSpec, in_process: bool
+) -> Iterator[Generator]:
     if in_process:
         from sdftlab.rollout.engines import VLLMEngine
 

@@ -83,6 +83,26 @@ def score_science(response: str, answer: str) -> bool:
     return extract_science_answer(response) == answer
 
 
+_MARKED_YES_RE = re.compile(r"(?m)^\s*([A-Z]):[^\n]*\byes\s*$")
+
+
+def reasoning_letter(response: str) -> str | None:
+    """The option the reasoning before the last ``<answer>`` marks ``yes`` (its last such
+    line, ``B: rock yes``, the tiny world's science format), or None where it marks none."""
+    end = response.rfind(ANSWER_OPEN)
+    marked = _MARKED_YES_RE.findall(response[: end if end >= 0 else len(response)])
+    return marked[-1] if marked else None
+
+
+def answer_agreement(responses: Sequence[str]) -> tuple[int, int]:
+    """(agreeing, both): of the responses with a letter in ``<answer>`` and an option their
+    reasoning marks ``yes``, how many name the same letter — whether a model answers by its
+    own reasoning."""
+    pairs = [(reasoning_letter(r), extract_science_answer(r)) for r in responses]
+    both = [(m, a) for m, a in pairs if m is not None and a is not None]
+    return sum(m == a for m, a in both), len(both)
+
+
 # --------------------------------------------------------------------------- tooluse
 
 
