@@ -64,3 +64,36 @@ def test_a_state_without_rows_is_left_out_of_the_comparisons(tmp_path, tiny_qwen
     assert "Paired comparisons" not in report.read_text()
     results = pd.read_parquet(report.parent / "results.parquet")
     assert not results["metric"].str.startswith("paired/").any()
+
+
+def _frame(values: list[float], sequence: list[float]) -> pd.DataFrame:
+    """A comparison's result as `compare_states` returns it: layer 0 (embeddings) and the
+    decoder layers, diagonal pairs, both forms."""
+    import json
+
+    n = len(values)
+    frame = pd.DataFrame({"layer_a": range(n + 1), "layer_b": range(n + 1),
+                          "cka": [1.0, *values], "sequence_cka": [1.0, *sequence]})  # fmt: skip
+    frame.attrs["cka"] = json.dumps({"depth_a": n, "depth_b": n})
+    return frame
+
+
+def test_the_cka_conclusions_are_checked_at_every_layer_and_in_both_forms():
+    from sdftlab.report import cka_robustness
+
+    frames = {
+        "forgot": _frame([0.8, 0.7, 0.6], [0.5, 0.5, 0.5]),
+        "rec": _frame([0.9, 0.6, 0.7], [0.4, 0.4, 0.4]),  # up at layers 1 and 3, down at 2
+        "sft": _frame([0.95, 0.9, 0.9], [0.6, 0.7, 0.8]),
+    }
+    wide = pd.DataFrame({"science/acc": [0.6, 0.3, 0.5, 0.55]},
+                        index=["expert", "forgot", "rec", "sft"])  # fmt: skip
+    lines = cka_robustness(frames, ["expert", "forgot", "rec", "sft"], "forgot", wide,
+                           "science/acc", ref_acc=0.6)  # fmt: skip
+    text = "\n".join(lines)
+    assert "| rec | pooled | 2 of 3 | -0.1000 to +0.1000 |" in text
+    assert "| rec | per sequence | 0 of 3 | -0.1000 to -0.1000 |" in text
+    assert "| sft | per sequence | 3 of 3 |" in text
+    # at every layer, in both forms, the less aligned state lost more science here
+    assert "| all 3 states | pooled | r(1 − CKA, Δscience/acc) < 0 at 3 of 3 layers |" in text
+    assert cka_robustness(frames, ["expert", "rec"], "base", wide, "science/acc", 0.6) == []

@@ -243,6 +243,56 @@ def preflight_section(lineage: Lineage, states: Sequence[str]) -> list[str]:
             "demonstration.", ""]  # fmt: skip
 
 
+CKA_FORMS = (("pooled", "cka"), ("per sequence", "sequence_cka"))
+
+
+def _by_layer(frame: pd.DataFrame) -> pd.DataFrame:
+    """A comparison's decoder layers (diagonal pairs, the embedding left out), both forms."""
+    from sdftlab.cka.capture import diagonal_rows
+
+    diag = diagonal_rows(frame)
+    return diag[diag["layer_a"] >= 1].set_index("layer_a")[[c for _, c in CKA_FORMS]]
+
+
+def cka_robustness(
+    cka_frames: Mapping[str, pd.DataFrame], states: Sequence[str], degraded: str,
+    wide: pd.DataFrame, accuracy_metric: str, ref_acc: float | None,
+) -> list[str]:  # fmt: skip
+    """Whether the two CKA predictions hold at every decoder layer and in both forms (the
+    pooled rows and the per-sequence tokens), or only at some: (1) a recovery raises CKA to
+    the reference above the degraded state's (ΔCKA > 0); (2) misalignment (1 − CKA) goes with
+    a larger accuracy loss (Pearson r < 0 across the states)."""
+    if degraded not in cka_frames:
+        return []
+    base = _by_layer(cka_frames[degraded])
+    after = [s for s in states[list(states).index(degraded) + 1 :] if s in cka_frames]
+    lines = ["| state | form | layers with ΔCKA > 0 | ΔCKA, lowest to highest layer value |",
+             "|---|---|---:|---:|"]  # fmt: skip
+    for state in after:
+        layers = _by_layer(cka_frames[state])
+        for form, column in CKA_FORMS:
+            delta = (layers[column] - base[column]).dropna()
+            lines.append(f"| {state} | {form} | {int((delta > 0).sum())} of {len(delta)} | "
+                         f"{delta.min():+.4f} to {delta.max():+.4f} |")  # fmt: skip
+    known = ref_acc is not None and accuracy_metric in wide.columns
+    scored = [s for s in cka_frames if known and not math.isnan(wide.loc[s, accuracy_metric])]
+    if len(scored) >= 3:
+        change = np.array([wide.loc[s, accuracy_metric] - ref_acc for s in scored])
+        for form, column in CKA_FORMS:
+            table = pd.concat([_by_layer(cka_frames[s])[column] for s in scored], axis=1)
+            rs = [np.corrcoef(1 - row.to_numpy(), change)[0, 1] for _, row in table.iterrows()
+                  if np.ptp(row.to_numpy()) > 0 and np.ptp(change) > 0]  # fmt: skip
+            negative = sum(r < 0 for r in rs)
+            lines.append(f"| all {len(scored)} states | {form} | r(1 − CKA, Δ{accuracy_metric}) "
+                         f"< 0 at {negative} of {len(rs)} layers | |")  # fmt: skip
+    return ["### Do the CKA conclusions hold at every layer?", "", *lines, "",
+            "ΔCKA against the degraded state at each decoder layer (diagonal pairs), in the "
+            "pooled form (one row per example) and the per-sequence form (each example's "
+            "tokens); the last rows: at how many layers misalignment goes with the accuracy "
+            "loss across the states. A conclusion that holds at some layers only is not one "
+            "this comparison supports.", ""]  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- over seeds
 
 
@@ -603,6 +653,7 @@ def cka_section(
         if ref_acc is not None and not math.isnan(wide.loc[state, accuracy_metric]):
             points.append((state, 1 - cka, wide.loc[state, accuracy_metric] - ref_acc))
     lines += ["", f"![CKA to the reference by layer](cka_by_layer{suffix}.png)", ""]
+    lines += cka_robustness(cka_frames, states, degraded, wide, accuracy_metric, ref_acc)
     if points:
         path = figures / f"misalignment_vs_accuracy{suffix}.png"
         r = plot_misalignment_vs_accuracy(points, path)
