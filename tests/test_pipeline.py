@@ -398,3 +398,30 @@ def test_compression_pipeline_runs_end_to_end_and_reports(small_world, tmp_path)
     assert lineage.meta("pruned").config["importance"] == "taylor"
     assert lineage.load_model("pruned_rec").config.intermediate_size == 96
     assert lineage.meta("nf4_rec").parents == ["nf4", "expert"]
+
+
+def test_a_sweeps_cka_selection_is_judged_against_the_best_trials_interval():
+    """Six trials: live CKA at step 2 ranks them as their final accuracy does, so the early
+    pick is the best; the summary gives the rank correlation's interval and how often a random
+    pick lands within the best trial's interval."""
+    from sdftlab.sweep import selection, summary_lines
+
+    cfg = load_config(SweepConfig, CONFIGS / "sweep_teacher_lr.yaml")
+    ids = [f"t{i}" for i in range(6)]
+    acc = [0.10, 0.20, 0.30, 0.40, 0.55, 0.60]
+    df = pd.DataFrame({"trial_id": ids, "science/acc": acc, "science/n": [100.0] * 6,
+                       f"cka/{cfg.cka.reference}/last_layer": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
+                       "step": [4] * 6})  # fmt: skip
+    live = f"live_cka/{cfg.cka.reference}/last_layer"
+    history = pd.DataFrame({"trial_id": ids * 2, "step": [2] * 6 + [4] * 6,
+                            live: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6] * 2})  # fmt: skip
+    s = selection(cfg, df, history)
+    assert s["best_by_early_cka"] == "t5" and s["early_cka_picks_best"]
+    assert s["spearman_early_cka_vs_accuracy"] == pytest.approx(1.0)
+    low, high = s["spearman_cka_vs_accuracy_ci"]
+    assert low < 1.0 and high == pytest.approx(1.0)
+    # the best (60% of 100 rows) has a Wilson interval from ~50%: trials t4 and t5 are in it
+    assert s["early_cka_pick_within_best_ci"] and s["random_pick_within_best_ci"] == pytest.approx(
+        2 / 6
+    )
+    assert any("a trial picked at random does 33% of the time" in line for line in summary_lines(s))

@@ -18,8 +18,10 @@ again. Results: `trials.parquet` (one row per trial: parameters, steps run, metr
 `live_cka.parquet` (every trial's live CKA, step by step), `best_recover.yaml` (a
 ready-to-run `recover:` config), `tradeoff.png` (task accuracy vs general capability), and in
 `summary.json` (and printed): the Spearman rank correlation of CKA — final, and at the first
-measurement — with the task accuracy across trials, the trial each would select against the
-one accuracy selects, and the trial-steps run against a FIFO sweep's.
+measurement — with the task accuracy across trials (with a 95% Fisher-z interval and p from 4
+trials up), the trial each would select against the one accuracy selects, whether that trial
+scores within the best trial's 95% interval (and how often a random pick does), and the
+trial-steps run against a FIFO sweep's.
 
     sdftlab sweep jobs/configs/sweep_teacher_lr.yaml
     ray job submit --working-dir . -- python jobs/sweep.py jobs/configs/sweep_teacher_lr.yaml
@@ -352,6 +354,8 @@ def selection(cfg: SweepConfig, df: Any, history: Any) -> dict[str, Any]:
         out["best_by_accuracy"] = _argmax(finished, acc_col)
         out["best_by_cka"] = _argmax(finished, cka_col)
         out["cka_picks_best"] = out["best_by_cka"] == out["best_by_accuracy"]
+        out |= _interval("cka_vs_accuracy", finished[cka_col], finished[acc_col])
+        out |= _near_best(finished, acc_col, out["best_by_cka"], "cka")
     if len(history):
         first, last = int(history["step"].min()), int(history["step"].max())
         early = history[history["step"] == first].set_index("trial_id")[live_col]
@@ -368,7 +372,9 @@ def selection(cfg: SweepConfig, df: Any, history: Any) -> dict[str, Any]:
             out["spearman_early_cka_vs_accuracy"] = spearman(
                 early[both.index].tolist(), both[acc_col].tolist()
             )
+            out |= _interval("early_cka_vs_accuracy", early[both.index], both[acc_col])
             out["early_cka_picks_best"] = out["best_by_early_cka"] == out["best_by_accuracy"]
+            out |= _near_best(finished, acc_col, out["best_by_early_cka"], "early_cka")
     planned = df["config/steps"] if "config/steps" in df else [cfg.recover.steps] * len(df)
     planned = [int(x) for x in planned]
     if "step" in df:
@@ -381,6 +387,37 @@ def selection(cfg: SweepConfig, df: Any, history: Any) -> dict[str, Any]:
         cost = sum(min(k, n) for n in planned) + max(chosen - k, 0)
         out["steps_saved_selecting_by_early_cka"] = 1 - cost / max(out["trial_steps_fifo"], 1)
     return out
+
+
+def _interval(name: str, x: Any, y: Any) -> dict[str, Any]:
+    """Spearman's r of x and y with its 95% Fisher-z interval and p, from 4 trials up."""
+    import numpy as np
+
+    from sdftlab.stats import correlation
+
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(xs) < 4 or np.ptp(xs) == 0 or np.ptp(ys) == 0:
+        return {}
+    c = correlation(xs, ys, "spearman")
+    return {f"spearman_{name}_ci": [c.low, c.high], f"spearman_{name}_p": c.p_value}
+
+
+def _near_best(finished: Any, acc_col: str, picked: str, by: str) -> dict[str, Any]:
+    """Whether the trial `picked` (by CKA) scores within the best trial's 95% Wilson interval
+    over its eval rows, and how often a trial drawn at random does."""
+    from sdftlab.stats import wilson_interval
+
+    n_col = acc_col.replace("/acc", "/n")
+    if n_col not in finished:
+        return {}
+    best = finished.loc[finished[acc_col].idxmax()]
+    low, _ = wilson_interval(best[acc_col] * best[n_col], best[n_col])
+    chosen = finished.set_index("trial_id").loc[picked, acc_col]
+    return {
+        "best_accuracy_ci_low": low,
+        f"{by}_pick_within_best_ci": bool(chosen >= low),
+        "random_pick_within_best_ci": float((finished[acc_col] >= low).mean()),
+    }
 
 
 def _argmax(df: Any, column: str) -> str:
@@ -468,6 +505,17 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
             f"Spearman, live CKA at step {s['first_measurement_step']} vs "
             f"{s['accuracy']}: {s['spearman_early_cka_vs_accuracy']:.3f}"
         )
+    for name, what in (("cka_vs_accuracy", "final CKA"), ("early_cka_vs_accuracy", "early CKA")):
+        if f"spearman_{name}_ci" in s:
+            low, high = s[f"spearman_{name}_ci"]
+            lines.append(f"  ({what}: 95% CI {low:.2f} to {high:.2f}, p = "
+                         f"{s[f'spearman_{name}_p']:.2g})")  # fmt: skip
+    for by, what in (("cka", "final CKA"), ("early_cka", "early CKA")):
+        if f"{by}_pick_within_best_ci" in s:
+            verdict = "within" if s[f"{by}_pick_within_best_ci"] else "below"
+            lines.append(f"the trial {what} picks scores {verdict} the best trial's 95% "
+                         f"interval; a trial picked at random does "
+                         f"{s['random_pick_within_best_ci']:.0%} of the time")  # fmt: skip
     if "best_by_accuracy" in s:
         lines.append(
             f"best by {s['accuracy']}: {s['best_by_accuracy']}; by final CKA: "
