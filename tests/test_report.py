@@ -97,3 +97,22 @@ def test_the_cka_conclusions_are_checked_at_every_layer_and_in_both_forms():
     # at every layer, in both forms, the less aligned state lost more science here
     assert "| all 3 states | pooled | r(1 − CKA, Δscience/acc) < 0 at 3 of 3 layers |" in text
     assert cka_robustness(frames, ["expert", "rec"], "base", wide, "science/acc", 0.6) == []
+
+
+def test_summary_json_is_plain_json_with_null_for_an_interval_one_seed_cannot_give(
+    tmp_path, tiny_qwen
+):
+    import json
+
+    model, tok = tiny_qwen
+    store = Lineage(tmp_path / "lin")
+    for name in ("expert", "forgot", "rec"):
+        store.save(name, model, tok, kind="sft")
+        _record(store, name, _rows("1100"))
+        store.record_metrics(name, {"cka/expert/last_layer": 0.9})
+    report = write_report(tmp_path / "out", store, ["expert", "forgot", "rec"], {},
+                          reference="expert", degraded="forgot", timings={}, title="t")  # fmt: skip
+    text = (report.parent / "summary.json").read_text()
+    summary = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+    assert summary["delta_cka"]["rec"]["ci_low"] is None and summary["seeds"] == []
+    assert summary["stages"]["rec"]["science/acc"]["n_seeds"] == 1

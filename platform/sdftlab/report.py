@@ -533,7 +533,7 @@ def write_report(
                   "stage's figures with their intervals: summary.json."]  # fmt: skip
         results = pd.concat(frames, ignore_index=True).drop_duplicates(["state", "metric"])
         results.to_parquet(tmp / "results.parquet", index=False)
-        (tmp / "summary.json").write_text(json.dumps(over, indent=2, default=_json_float) + "\n")
+        (tmp / "summary.json").write_text(json.dumps(_json(over), indent=2) + "\n")
         (tmp / "report.md").write_text("\n".join(lines) + "\n")
         for path in sorted(tmp.iterdir(), key=lambda p: p.name == "report.md"):  # report last
             os.replace(path, out_dir / path.name)
@@ -542,8 +542,15 @@ def write_report(
     return out_dir / "report.md"
 
 
-def _json_float(x: Any) -> Any:
-    return None if isinstance(x, float) and math.isnan(x) else float(x)
+def _json(value: Any) -> Any:
+    """Plain JSON: NaN (an interval one seed cannot give) as null, numpy numbers as floats."""
+    if isinstance(value, Mapping):
+        return {k: _json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def seed_part(
