@@ -81,45 +81,42 @@ def paired_comparisons(
     """Each state after `reference` against it, and each after `degraded` against that, on
     the rows both were evaluated on (`paired_difference`: a paired bootstrap interval,
     resampling units where rows share one, and McNemar's exact p otherwise)."""
-    order = list(states)
     out = []
     for metric in PAIRED_METRICS:
-        for versus in dict.fromkeys((reference, degraded)):
-            if versus not in order:
-                continue
-            for state in order[order.index(versus) + 1 :]:
-                compared = _paired(lineage, state, versus, metric)
-                if compared is not None:
-                    out.append(compared)
+        for state, versus in _versus(states, reference, degraded):
+            if compared := _compare(lineage, [(state, versus)], state, versus, metric):
+                out.append(compared)
     return out
 
 
-def _paired(lineage: Lineage, state: str, versus: str, metric: str) -> dict[str, Any] | None:
-    mine, theirs = lineage.meta(state).rows.get(metric), lineage.meta(versus).rows.get(metric)
-    if mine is None or theirs is None:
+def _versus(order: Sequence[str], reference: str, degraded: str) -> list[tuple[str, str]]:
+    """(state, versus): each state after `reference` against it, then each after `degraded`."""
+    order = list(order)
+    return [(state, versus) for versus in dict.fromkeys((reference, degraded)) if versus in order
+            for state in order[order.index(versus) + 1 :]]  # fmt: skip
+
+
+def _compare(
+    lineage: Lineage, pairs: Sequence[tuple[str, str]], state: str, versus: str, metric: str
+) -> dict[str, Any] | None:
+    """`paired_difference` of the pairs' states (one pair a seed) on the rows all answered."""
+    got = _aligned(lineage, [[a for a, _ in pairs], [b for _, b in pairs]], metric)
+    if got is None:
         return None
-    other = theirs.scores()
-    common = [(unit, score, other[uid][1]) for uid, (unit, score) in mine.scores().items()
-              if uid in other]  # fmt: skip
-    if not common:
-        return None
-    units = [u for u, _, _ in common]
-    shared = len(set(units)) < len(units)
-    p = paired_difference([a for _, a, _ in common], [b for _, _, b in common],
-                          units if shared else None)  # fmt: skip
+    p = paired_difference(got[0][0], got[0][1], got[1])
     return {"state": state, "versus": versus, "metric": metric, "diff": p.diff, "low": p.low,
             "high": p.high, "p_value": p.p_value, "test": p.test, "n_rows": p.n_rows,
-            "n_units": p.n_units}  # fmt: skip
+            "n_units": p.n_units, "n_seeds": p.n_seeds}  # fmt: skip
 
 
-def paired_frame(comparisons: Sequence[Mapping[str, Any]], df: pd.DataFrame) -> pd.DataFrame:
+def paired_frame(
+    comparisons: Sequence[Mapping[str, Any]], kind: Mapping[str, str], parents: Mapping[str, str]
+) -> pd.DataFrame:
     """The comparisons as results.parquet rows: metric `paired/<versus>/<metric>`."""
-    meta = df.drop_duplicates("state").set_index("state")
-    rows = [{"state": c["state"], "kind": meta.loc[c["state"], "kind"],
-             "parents": meta.loc[c["state"], "parents"],
+    rows = [{"state": c["state"], "kind": kind[c["state"]], "parents": parents[c["state"]],
              "metric": f"paired/{c['versus']}/{c['metric']}", "value": c["diff"],
-             "ci_low": c["low"], "ci_high": c["high"], "n_rows": c["n_rows"], "n_seeds": 1,
-             "p_value": c["p_value"]} for c in comparisons if c["state"] in meta.index]  # fmt: skip
+             "ci_low": c["low"], "ci_high": c["high"], "n_rows": c["n_rows"],
+             "n_seeds": c["n_seeds"], "p_value": c["p_value"]} for c in comparisons]  # fmt: skip
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
 
@@ -338,19 +335,11 @@ def over_seeds(
                                    "n_seeds": e.n_seeds, "n_rows": e.n_rows,
                                    "n_units": e.n_units}  # fmt: skip
         out["stages"][stage] = figures
-    order = stages.index
     for metric in PAIRED_METRICS:
-        for versus in dict.fromkeys((reference, degraded)):
-            for stage in stages[order(versus) + 1 :] if versus in stages else []:
-                pairs = list(dict.fromkeys(zip(per_seed[stage], per_seed[versus], strict=True)))
-                got = _aligned(lineage, [[a for a, _ in pairs], [b for _, b in pairs]], metric)
-                if got is not None:
-                    p = paired_difference(got[0][0], got[0][1], got[1])
-                    out["paired"].append({"state": stage, "versus": versus, "metric": metric,
-                                          "diff": p.diff, "low": p.low, "high": p.high,
-                                          "p_value": p.p_value, "test": p.test,
-                                          "n_rows": p.n_rows, "n_units": p.n_units,
-                                          "n_seeds": p.n_seeds})  # fmt: skip
+        for stage, versus in _versus(stages, reference, degraded):
+            pairs = list(dict.fromkeys(zip(per_seed[stage], per_seed[versus], strict=True)))
+            if compared := _compare(lineage, pairs, stage, versus, metric):
+                out["paired"].append(compared)
     out["delta_cka"] = _delta_cka(lineage, seeded, stages, reference, degraded)
     out["misalignment_vs_accuracy"] = _misalignment(lineage, seeded, reference, accuracy_metric)
     return out
@@ -471,22 +460,10 @@ def over_seeds_frame(over: Mapping[str, Any]) -> pd.DataFrame:
         for stage, figures in over["stages"].items()
         for metric, f in figures.items()
     ]
-    rows += [
-        {
-            "state": c["state"],
-            "kind": "over seeds",
-            "parents": "",
-            "metric": f"paired/{c['versus']}/{c['metric']}",
-            "value": c["diff"],
-            "ci_low": c["low"],
-            "ci_high": c["high"],
-            "n_rows": c["n_rows"],
-            "n_seeds": c["n_seeds"],
-            "p_value": c["p_value"],
-        }
-        for c in over["paired"]
-    ]
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    stages = {c["state"] for c in over["paired"]}
+    paired = paired_frame(over["paired"], dict.fromkeys(stages, "over seeds"),
+                          dict.fromkeys(stages, ""))  # fmt: skip
+    return pd.concat([pd.DataFrame(rows, columns=RESULT_COLUMNS), paired], ignore_index=True)
 
 
 def write_report(
@@ -506,8 +483,7 @@ def write_report(
     """Write report.md, results.parquet, summary.json and the figures into `out_dir`;
     returns report.md. With `seeded` seeds, each stage's figures over its seeds come first,
     then each seed's own tables and figures."""
-    seeded = seeded or Seeded(dict.fromkeys(states), {s: s for s in states},
-                              dict.fromkeys(states), ())  # fmt: skip
+    seeded = seeded or Seeded.of(dict.fromkeys(states))
     over = over_seeds(lineage, seeded, reference, degraded, accuracy_metric)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
@@ -519,10 +495,15 @@ def write_report(
         lines += over_seeds_section(over) if seeded.seeds else []
         for seed in seeded.seeds or (None,):
             part = [s for s in seeded.seed_states(seed) if s in states]
+            ref, deg = seeded.state(reference, seed), seeded.state(degraded, seed)
+            if seed is None:  # one seed: the very comparisons `over_seeds` made
+                comparisons = over["paired"]
+            else:
+                comparisons = paired_comparisons(lineage, part, ref, deg)
             part_lines, frame = seed_part(
                 tmp, lineage, part, {k: v for k, v in cka_frames.items() if k in part},
-                reference=seeded.state(reference, seed), degraded=seeded.state(degraded, seed),
-                accuracy_metric=accuracy_metric, suffix="" if seed is None else f"-s{seed}",
+                comparisons, reference=ref, degraded=deg, accuracy_metric=accuracy_metric,
+                suffix="" if seed is None else f"-s{seed}",
             )  # fmt: skip
             lines += ([f"## Seed {seed}", ""] if seed is not None else []) + part_lines
             frames.append(frame)
@@ -554,14 +535,15 @@ def _json(value: Any) -> Any:
 
 
 def seed_part(
-    figures: Path, lineage: Lineage, states: Sequence[str], cka_frames: Mapping[str, Any], *,
-    reference: str, degraded: str, accuracy_metric: str, suffix: str,
+    figures: Path, lineage: Lineage, states: Sequence[str], cka_frames: Mapping[str, Any],
+    comparisons: Sequence[Mapping[str, Any]], *, reference: str, degraded: str,
+    accuracy_metric: str, suffix: str,
 ) -> tuple[list[str], pd.DataFrame]:  # fmt: skip
     """One seed's tables and figures (the states shared by every seed included): accuracy,
-    recovery, paired comparisons, general capability, CKA; and its results.parquet rows."""
+    recovery, its paired `comparisons`, general capability, CKA; and its results.parquet
+    rows."""
     df = results_frame(lineage, states)
     wide = df.pivot_table(index="state", columns="metric", values="value").reindex(states)
-    comparisons = paired_comparisons(lineage, states, reference, degraded)
     plot_accuracy(wide, figures / f"accuracy{suffix}.png")
     lines = accuracy_sections(wide, states, reference, degraded, accuracy_metric, suffix)
     lines += paired_section(comparisons)
@@ -570,7 +552,9 @@ def seed_part(
         lines += cka_section(wide, states, cka_frames, lineage.label(reference), figures,
                              reference=reference, degraded=degraded,
                              accuracy_metric=accuracy_metric, suffix=suffix)  # fmt: skip
-    return lines, pd.concat([df, paired_frame(comparisons, df)], ignore_index=True)
+    meta = df.drop_duplicates("state").set_index("state")
+    paired = paired_frame(comparisons, meta["kind"], meta["parents"])
+    return lines, pd.concat([df, paired], ignore_index=True)
 
 
 def plot_accuracy(wide: pd.DataFrame, path: Path) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sdftlab.pipelines.stages import kind_of, options
+from sdftlab.pipelines.stages import kind_of
 
 
 def seeded_name(name: str, seed: int) -> str:
@@ -39,6 +39,11 @@ class Seeded:
     stage_of: dict[str, str]  # state → the config's stage name
     seed_of: dict[str, int | None]  # state → its seed (None: made once, shared)
     seeds: tuple[int, ...]  # () without `seeds:`
+
+    @classmethod
+    def of(cls, stages: dict[str, Any]) -> Seeded:
+        """No seeds: each stage makes its own one state."""
+        return cls(dict(stages), {n: n for n in stages}, dict.fromkeys(stages), ())
 
     def state(self, stage: str, seed: int | None) -> str:
         """The state `stage` makes for `seed` (the shared one if the stage is not seeded)."""
@@ -70,8 +75,7 @@ def expand(stages: dict[str, Any], in_order: list[str], seeds: list[int] | None)
     """`stages` (in dependency order `in_order`) once per seed where they train or read a
     seeded state; the identity without seeds."""
     if not seeds:
-        return Seeded({n: stages[n] for n in in_order}, {n: n for n in in_order},
-                      dict.fromkeys(in_order), ())  # fmt: skip
+        return Seeded.of({n: stages[n] for n in in_order})
     seeded: set[str] = set()
     for name in in_order:
         reads = kind_of(stages[name]).reads(stages[name])
@@ -98,7 +102,7 @@ def expand(stages: dict[str, Any], in_order: list[str], seeds: list[int] | None)
 def _for_seed(stage: Any, seed: int, seeded: set[str]) -> Any:
     """The stage with `seed` (a training stage) reading the seed's copies of seeded states."""
     data = stage.model_dump(by_alias=True)
-    if hasattr(options(stage), "seed"):
+    if _trains(stage):
         data["seed"] = seed
     for key in ("from", "teacher"):
         if isinstance(data.get(key), str) and data[key] in seeded:
