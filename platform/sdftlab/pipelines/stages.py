@@ -127,9 +127,11 @@ def _run_sft(job: Job) -> None:
 
 
 def _run_sdft(job: Job) -> None:
-    from sdftlab.distill.sdft import recover
+    from sdftlab.distill.sdft import check_recovery, recover
     from sdftlab.pipelines.preflight import teacher_preflight
 
+    if job.preflight_rows:  # a stage `recover` would refuse is refused before the pre-flight
+        check_recovery(job.lineage, job.stage.source, job.name, job.options, overwrite=True)
     checked = teacher_preflight(job.lineage, job.stage.source, job.options, job.data_dir,
                                 job.preflight_rows, job.log)  # fmt: skip
     recover(job.lineage, job.stage.source, job.name, job.options, data_dir=job.data_dir,
